@@ -1,0 +1,68 @@
+"""What several commands share: loading the registry and turning known errors into clean exits."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from moa.engine import EngineError
+from serving.registry import Registry, RegistryError, load_registry
+from serving.store import ModelNotAvailable
+
+# A private copy of stderr: engine output is redirected away from fd 2 (see quiet_engines), ours is not.
+console = Console(file=os.fdopen(os.dup(2), "w", buffering=1, closefd=True))
+ConfigOption = typer.Option(None, "--config", "-c", help="models.yaml to use (default: $MOA_CONFIG or the repository's).")
+
+
+def registry(config: Path | None) -> Registry:
+    try:
+        return load_registry(config)
+    except RegistryError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Known failures print one clear message and exit non-zero instead of a traceback."""
+    from serving.pull import PullError  # light module, but keep import cost off --help
+
+    try:
+        yield
+    except (KeyError, ValueError, ModelNotAvailable, PullError, EngineError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        console.print(f"[red]error:[/red] {message}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@contextmanager
+def quiet_engines(enabled: bool, name: str) -> Iterator[Path | None]:
+    """Send engine processes' stderr (vLLM warnings, weight-loading bars) to a log file under $MOA_HOME.
+
+    Engine processes inherit fd 2 when they are spawned, so pointing fd 2 at a file
+    for the engines' lifetime keeps the terminal to the answer and our own messages.
+    """
+    if not enabled:
+        yield None
+        return
+    from serving.store import moa_home
+
+    log_dir = moa_home() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with log_path.open("ab") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield log_path
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -1,0 +1,30 @@
+"""Engines: one per model, built from its models.yaml entry.
+
+Backends are imported lazily so that, say, the openai backend works on a machine
+without torch or vLLM installed.
+"""
+
+from __future__ import annotations
+
+from moa.engine import Engine
+from serving.registry import ModelSpec
+from serving.store import resolve
+
+
+def create_engine(spec: ModelSpec, *, cpu_threads_bind: str | None = None,
+                  gpu_memory_utilization: float | None = None) -> Engine:
+    """Build (not start) the engine for one model; weights must already be on disk."""
+    if spec.backend == "vllm":
+        from serving.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(spec, resolve(spec), cpu_threads_bind=cpu_threads_bind,
+                          gpu_memory_utilization=gpu_memory_utilization)
+    if spec.backend == "openai":
+        from serving.engines.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(spec)
+    if spec.backend == "transformers":
+        from serving.engines.transformers_engine import TransformersEngine
+
+        return TransformersEngine(spec, resolve(spec))
+    raise ValueError(f"model {spec.name!r}: unknown backend {spec.backend!r}")

