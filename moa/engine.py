@@ -41,6 +41,8 @@ class SamplingParams:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n={self.n} needs temperature > 0: greedy samples would all be identical")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1:
@@ -99,9 +101,26 @@ class EngineStats:
     restarts: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
+    def begin(self) -> None:
+        self.started += 1
+        self.running += 1
+
+    def end(self, outcome: Literal["finished", "aborted", "error"]) -> None:
+        self.running -= 1
+        if outcome == "finished":
+            self.finished += 1
+        elif outcome == "aborted":
+            self.aborted += 1
+        else:
+            self.errors += 1
+
 
 class EngineError(RuntimeError):
     """An engine could not serve a request; the message names the model and the cause."""
+
+
+class InvalidRequest(ValueError):
+    """The request itself is wrong (bad messages, prompt beyond the context): the caller's fault, a 4xx."""
 
 
 @runtime_checkable
@@ -137,6 +156,13 @@ class Engine(Protocol):
     ) -> AsyncIterator[StreamEvent]: ...
 
 
+def finish_reason(reason: str | None) -> FinishReason | None:
+    """Map a backend's finish reason onto ours ("stop_sequence", "eos" and the like become "stop")."""
+    if reason is None:
+        return None
+    return reason if reason in ("stop", "length", "abort") else "stop"  # type: ignore[return-value]
+
+
 async def collect(events: AsyncIterator[StreamEvent]) -> Generation:
     """Drain a stream and return its final Generation (for engines whose native form is a stream)."""
     final: Generation | None = None
@@ -151,10 +177,10 @@ async def collect(events: AsyncIterator[StreamEvent]) -> Generation:
 def validate_messages(messages: Sequence[ChatMessage]) -> None:
     """Reject conversations an engine cannot template, with a message a user can act on."""
     if not messages:
-        raise ValueError("messages must contain at least one message")
+        raise InvalidRequest("messages must contain at least one message")
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ("system", "user", "assistant"):
-            raise ValueError(f"messages[{i}].role must be system, user or assistant, got {role!r}")
+            raise InvalidRequest(f"messages[{i}].role must be system, user or assistant, got {role!r}")
         if not isinstance(message.get("content"), str):
-            raise ValueError(f"messages[{i}].content must be a string")
+            raise InvalidRequest(f"messages[{i}].content must be a string")

@@ -83,6 +83,8 @@ class Endpoint(_Strict):
     model: str | None = None  # served model name; defaults to the entry's name
     api_key_env: str | None = None  # environment variable holding the key
     timeout_s: float = 600.0
+    # Ask for vLLM's extensions (per-choice token ids); turn off for servers other than vLLM.
+    vllm_extensions: bool = True
 
 
 class EngineArgs(_Strict):

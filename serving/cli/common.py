@@ -24,7 +24,7 @@ def registry(config: Path | None) -> Registry:
     try:
         return load_registry(config)
     except RegistryError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -37,7 +37,7 @@ def user_errors() -> Iterator[None]:
         yield
     except (KeyError, ValueError, ModelNotAvailable, PullError, EngineError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        console.print(f"[red]error:[/red] {message}", highlight=False)
+        console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 

