@@ -190,6 +190,8 @@ class TransformersEngine:
             batch = [j for j in batch if not j.cancelled]
             if not batch:
                 continue
+            self.stats.extra["batches"] = self.stats.extra.get("batches", 0) + 1
+            self.stats.extra["largest_batch"] = max(self.stats.extra.get("largest_batch", 0), len(batch))
             try:
                 self._run(batch)
             except Exception as exc:  # report to every waiting request; keep serving the others

@@ -46,7 +46,6 @@ def build_engine_args(spec: ModelSpec, model_path: Path, *, gpu_memory_utilizati
         "enable_prefix_caching": e.enable_prefix_caching,
         "tensor_parallel_size": e.tensor_parallel_size,
         "pipeline_parallel_size": e.pipeline_parallel_size,
-        "disable_log_stats": True,
     }
     if e.max_num_seqs is not None:
         args["max_num_seqs"] = e.max_num_seqs

@@ -101,6 +101,7 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs = build_engine_args(self.spec, self.model.path, gpu_memory_utilization=self._gpu_memory_utilization)
+        kwargs.setdefault("disable_log_stats", True)  # moa keeps its own metrics; vLLM's periodic log is noise
         env = {"VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP", "127.0.0.1")}
         if on_cpu() and self._cpu_threads_bind:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_threads_bind

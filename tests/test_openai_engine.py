@@ -1,0 +1,152 @@
+"""The `openai` engine against a real vLLM OpenAI server, started by a fixture."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from moa.engine import Delta, EngineError, InvalidRequest, SamplingParams
+from serving.engines.openai_engine import OpenAIEngine
+from serving.engines.vllm_args import server_command
+from serving.registry import Endpoint, ModelSpec
+from serving.store import resolve
+from tests.conftest import FRANCE, SMALL
+
+pytestmark = pytest.mark.vllm
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(registry, local_model, tmp_path_factory):
+    """A vLLM OpenAI server for SmolLM2, with the same engine arguments moa uses in-process."""
+    spec = local_model(SMALL)
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    cmd = server_command(spec, resolve(spec).path, port=port, python=sys.executable)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "VLLM_HOST_IP": "127.0.0.1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM server did not become healthy:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+async def remote(vllm_server):
+    spec = ModelSpec(name="smol-remote", backend="openai",
+                     endpoint=Endpoint(base_url=f"{vllm_server}/v1", model=SMALL))
+    engine = OpenAIEngine(spec)
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+def running_on_server(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("vllm:num_requests_running")]
+    return sum(values)
+
+
+async def test_greedy_answer_is_paris(remote):
+    result = await remote.generate(FRANCE, SamplingParams(temperature=0, max_tokens=24))
+    assert "Paris" in result.texts[0]
+    assert result.prompt_tokens > 5 and result.completion_tokens > 0
+    assert result.ttft_s is not None and result.ttft_s <= result.total_s
+
+
+async def test_n_is_passed_and_tokens_are_counted_per_choice(remote):
+    result = await remote.generate(FRANCE, SamplingParams(n=3, temperature=1.0, max_tokens=16, seed=11))
+    assert len(result.completions) == 3
+    assert all(c.completion_tokens > 0 for c in result.completions)
+    again = await remote.generate(FRANCE, SamplingParams(n=3, temperature=1.0, max_tokens=16, seed=11))
+    assert again.texts == result.texts
+
+
+async def test_stream_matches_final(remote):
+    text, final = "", None
+    async for event in remote.stream(FRANCE, SamplingParams(temperature=0, max_tokens=24)):
+        if isinstance(event, Delta):
+            text += event.text
+        else:
+            final = event
+    assert final is not None and final.texts[0] == text and "Paris" in text
+
+
+async def test_cached_prompt_tokens_are_reported(remote):
+    system = {"role": "system", "content": "You answer briefly and precisely. " * 80}
+    await remote.generate([system, {"role": "user", "content": "Name a colour."}], SamplingParams(max_tokens=4))
+    second = await remote.generate([system, {"role": "user", "content": "Name a fruit."}], SamplingParams(max_tokens=4))
+    assert second.cached_prompt_tokens >= 256
+
+
+async def test_cancel_closes_the_connection_and_the_server_aborts(remote, vllm_server):
+    got_token = asyncio.Event()
+
+    async def consume():
+        async for event in remote.stream(FRANCE, SamplingParams(temperature=1.0, max_tokens=2000, seed=1)):
+            if isinstance(event, Delta) and event.text:
+                got_token.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(got_token.wait(), 30)
+    assert running_on_server(vllm_server) == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(50):
+        if running_on_server(vllm_server) == 0:
+            break
+        await asyncio.sleep(0.2)
+    assert running_on_server(vllm_server) == 0
+    assert remote.stats.aborted >= 1 and remote.stats.running == 0
+
+
+async def test_server_side_rejection_is_an_invalid_request(remote):
+    with pytest.raises(InvalidRequest, match="smol-remote"):
+        await remote.generate(FRANCE, SamplingParams(max_tokens=100_000))
+
+
+async def test_wrong_served_name_fails_at_start(vllm_server):
+    spec = ModelSpec(name="x", backend="openai", endpoint=Endpoint(base_url=f"{vllm_server}/v1", model="nope"))
+    with pytest.raises(EngineError, match="serves \\['smollm2-135m'\\], not 'nope'"):
+        await OpenAIEngine(spec).start()
+
+
+async def test_unreachable_server_fails_at_start():
+    spec = ModelSpec(name="gone", backend="openai",
+                     endpoint=Endpoint(base_url=f"http://127.0.0.1:{free_port()}/v1", timeout_s=5))
+    with pytest.raises(EngineError, match="model 'gone': the server at .* does not answer"):
+        await OpenAIEngine(spec).start()
