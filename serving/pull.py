@@ -155,9 +155,15 @@ def convert_gguf(gguf: Path, dest: Path, *, name: str) -> None:
             f"model {name!r}: converting GGUF needs torch, transformers and gguf "
             "(pip install 'moa-stack[convert]')"
         ) from exc
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # the CLI draws its own progress
+    # The CLI draws its own progress: silence transformers' bars, including the raw tqdm of the GGUF reader.
+    hf_logging.disable_progress_bar()
+    if hasattr(gguf_utils, "tqdm"):
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
     try:
         quant = GgufConfig(gguf_file=gguf.name, dequantize=True)
         model = AutoModelForCausalLM.from_pretrained(
