@@ -118,3 +118,20 @@ async def test_qwen_half_billion_answers(registry, local_model):
     async with EnginePool(registry, [QWEN_SMALL]) as pool:
         result = await pool[QWEN_SMALL].generate(FRANCE, SamplingParams(temperature=0, max_tokens=24))
     assert "Paris" in result.texts[0]
+
+
+async def test_dead_engine_core_is_detected_and_restarted(smol):
+    import psutil
+
+    cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline() + [p.name()])]
+    assert cores, "no EngineCore process found"
+    for proc in cores:
+        proc.kill()
+    for _ in range(100):  # vLLM's monitor notices the dead process and marks the client errored
+        if smol._llm.errored:
+            break
+        await asyncio.sleep(0.1)
+    assert smol._llm.errored
+    result = await smol.generate(FRANCE, SamplingParams(temperature=0, max_tokens=24))
+    assert "Paris" in result.texts[0]
+    assert smol.stats.restarts == 1

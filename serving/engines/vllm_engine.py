@@ -182,7 +182,8 @@ class VLLMEngine:
         self.stats.begin()
         outcome = "error"
         try:
-            async for out in self._llm.generate({"prompt_token_ids": prompt_ids}, self._sampling_params(params), rid):
+            engine_input = self._llm.renderer.render_cmpl([{"prompt_token_ids": prompt_ids}])[0]
+            async for out in self._llm.generate(engine_input, self._sampling_params(params), rid):
                 cached = out.num_cached_tokens or cached
                 for piece in out.outputs:
                     if ttft is None and piece.token_ids:
