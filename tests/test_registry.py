@@ -136,6 +136,7 @@ def test_server_command_mirrors_engine_arguments(tmp_path):
 
 
 def test_split_cores_gives_engines_disjoint_cores():
+    assert split_cores(0, [0, 1]) == []
     assert split_cores(1, [0, 1]) == ["0,1"]
     assert split_cores(2, [0, 1, 2, 3]) == ["0,1", "2,3"]
     assert split_cores(3, [0, 1, 2, 3]) == ["0,1", "2", "3"]

@@ -60,7 +60,7 @@ class VLLMEngine:
     """One model served by an in-process vLLM AsyncLLM.
 
     A dead engine core (the CPU worker can die on some sampling paths) is detected
-    on the next request and restarted once, so one bad batch does not take the
+    on the next request and restarted, so one bad batch does not take the
     model offline for good.
     """
 
