@@ -85,3 +85,20 @@ async def test_bad_input_is_an_invalid_request(hf):
         await hf.generate([], SamplingParams())
     with pytest.raises(InvalidRequest, match="context length"):
         await hf.generate(FRANCE, SamplingParams(max_tokens=100_000))
+
+
+@pytest.mark.parametrize(("quantization", "layer"), [("bitsandbytes", "Linear4bit"), ("bitsandbytes-8bit", "Linear8bitLt")])
+async def test_bitsandbytes_configs_quantize_and_answer(registry, local_model, quantization, layer):
+    from serving.engines.transformers_engine import TransformersEngine
+    from serving.store import resolve
+
+    base = local_model(NAME)
+    spec = base.model_copy(update={"engine": base.engine.model_copy(update={"quantization": quantization})})
+    engine = TransformersEngine(spec, resolve(spec))
+    await engine.start()
+    try:
+        assert type(engine._model.model.layers[0].mlp.down_proj).__name__ == layer
+        result = await engine.generate(FRANCE, SamplingParams(temperature=0, max_tokens=16))
+        assert "Paris" in result.texts[0]
+    finally:
+        await engine.close()

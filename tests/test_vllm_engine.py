@@ -113,11 +113,24 @@ async def test_prompt_beyond_context_is_an_invalid_request(smol):
         await smol.generate([{"role": "robot", "content": "hi"}], SamplingParams())
 
 
-async def test_qwen_half_billion_answers(registry, local_model):
+async def test_qwen_half_billion_answers_and_leaves_no_orphan_process(registry, local_model):
+    import psutil
+
     local_model(QWEN_SMALL)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     async with EnginePool(registry, [QWEN_SMALL]) as pool:
+        # multiprocessing's resource tracker is one helper per Python process, not an engine's.
+        during = {p.pid for p in psutil.Process().children(recursive=True)
+                  if "resource_tracker" not in " ".join(p.cmdline())} - before
         result = await pool[QWEN_SMALL].generate(FRANCE, SamplingParams(temperature=0, max_tokens=24))
     assert "Paris" in result.texts[0]
+    assert during, "the engine runs in its own processes"
+    for _ in range(100):
+        alive = [pid for pid in during if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+        if not alive:
+            break
+        await asyncio.sleep(0.1)
+    assert alive == [], [psutil.Process(pid).cmdline()[:4] for pid in alive]
 
 
 async def test_dead_engine_core_is_detected_and_restarted(smol):

@@ -96,7 +96,9 @@ class TransformersEngine:
     def _load(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # weight-loading bars; a server's log is no place for them
         e = self.spec.engine
         kwargs: dict[str, Any] = {"dtype": getattr(torch, e.dtype) if e.dtype != "auto" else "auto"}
         if e.quantization in ("bitsandbytes", "bitsandbytes-8bit"):
