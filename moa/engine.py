@@ -156,6 +156,18 @@ class Engine(Protocol):
     ) -> AsyncIterator[StreamEvent]: ...
 
 
+class StreamingEngine:
+    """Base for engines whose native form is a stream: `generate` drains `stream`."""
+
+    def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
+               request_id: str | None = None) -> AsyncIterator[StreamEvent]:
+        raise NotImplementedError
+
+    async def generate(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
+                       request_id: str | None = None) -> Generation:
+        return await collect(self.stream(messages, params, request_id=request_id))
+
+
 def finish_reason(reason: str | None) -> FinishReason | None:
     """Map a backend's finish reason onto ours ("stop_sequence", "eos" and the like become "stop")."""
     if reason is None:

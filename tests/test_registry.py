@@ -53,12 +53,14 @@ def test_good_file_round_trips(tmp_path):
 @pytest.mark.parametrize(
     ("patch", "expected"),
     [
-        (("max_model_len: 2048", "max_model_len: lots"), ["model 'tiny'", "models.tiny.engine.max_model_len", "integer"]),
+        (("max_model_len: 2048", "max_model_len: lots"),
+         ["model 'tiny'", "models.tiny.engine.max_model_len", "integer"]),
         (("dtype: bfloat16", "dtype: bfloat17"), ["model 'tiny'", "engine.dtype"]),
         (("cpu_kv_cache_gib: 0.5", "cpu_kv_cahce_gib: 0.5"), ["model 'tiny'", "cpu_kv_cahce_gib", "xtra"]),
         (("backend: vllm", "backend: llamacpp"), ["model 'tiny'", "models.tiny.backend"]),
         (("kind: hf-dir, path: /models/tiny", "kind: s3, path: /models/tiny"), ["model 'tiny'", "source"]),
-        (("endpoint: {base_url: \"http://127.0.0.1:9/v1\", model: served-name}", "tags: []"), ["model 'remote'", "endpoint"]),
+        (("endpoint: {base_url: \"http://127.0.0.1:9/v1\", model: served-name}", "tags: []"),
+         ["model 'remote'", "endpoint"]),
         (("default_model: tiny", "default_model: huge"), ["default_model 'huge'", "tiny"]),
     ],
 )

@@ -66,7 +66,7 @@ async def test_stream_and_cancel(hf):
     started = asyncio.Event()
 
     async def consume():
-        async for event in hf.stream(FRANCE, SamplingParams(temperature=1.0, max_tokens=3000)):
+        async for _ in hf.stream(FRANCE, SamplingParams(temperature=1.0, max_tokens=3000)):
             started.set()
 
     task = asyncio.create_task(consume())
@@ -87,7 +87,8 @@ async def test_bad_input_is_an_invalid_request(hf):
         await hf.generate(FRANCE, SamplingParams(max_tokens=100_000))
 
 
-@pytest.mark.parametrize(("quantization", "layer"), [("bitsandbytes", "Linear4bit"), ("bitsandbytes-8bit", "Linear8bitLt")])
+@pytest.mark.parametrize(("quantization", "layer"),
+                         [("bitsandbytes", "Linear4bit"), ("bitsandbytes-8bit", "Linear8bitLt")])
 async def test_bitsandbytes_configs_quantize_and_answer(registry, local_model, quantization, layer):
     from serving.engines.transformers_engine import TransformersEngine
     from serving.store import resolve

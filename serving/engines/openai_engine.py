@@ -25,7 +25,7 @@ from moa.engine import (
     InvalidRequest,
     SamplingParams,
     StreamEvent,
-    collect,
+    StreamingEngine,
     finish_reason,
     validate_messages,
 )
@@ -34,7 +34,7 @@ from serving.registry import ModelSpec
 _ids = itertools.count()
 
 
-class OpenAIEngine:
+class OpenAIEngine(StreamingEngine):
     def __init__(self, spec: ModelSpec) -> None:
         assert spec.endpoint is not None
         self.name = spec.name
@@ -59,7 +59,8 @@ class OpenAIEngine:
         except Exception as exc:
             await self.close()
             raise EngineError(
-                f"model {self.name!r}: the server at {self.endpoint.base_url} does not answer ({type(exc).__name__}: {exc})"
+                f"model {self.name!r}: the server at {self.endpoint.base_url} does not answer "
+                f"({type(exc).__name__}: {exc})"
             ) from exc
         served = [m.id for m in models.data]
         if self.served_model not in served:
@@ -73,10 +74,6 @@ class OpenAIEngine:
         client, self._client = self._client, None
         if client is not None:
             await client.close()
-
-    async def generate(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
-                       request_id: str | None = None) -> Generation:
-        return await collect(self.stream(messages, params, request_id=request_id))
 
     async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
                      request_id: str | None = None) -> AsyncIterator[StreamEvent]:

@@ -57,7 +57,7 @@ class EnginePool:
         local_vllm = [s for s in self.specs if s.backend == "vllm"]
         # An explicit VLLM_CPU_OMP_THREADS_BIND from the user wins over ours.
         binds = {} if os.environ.get("VLLM_CPU_OMP_THREADS_BIND") else dict(
-            zip((s.name for s in local_vllm), split_cores(len(local_vllm))))
+            zip((s.name for s in local_vllm), split_cores(len(local_vllm)), strict=True))
         gpu_share = round(0.9 / len(local_vllm), 3) if local_vllm else None
         try:
             for spec in self.specs:

@@ -29,7 +29,7 @@ from moa.engine import (
     InvalidRequest,
     SamplingParams,
     StreamEvent,
-    collect,
+    StreamingEngine,
     validate_messages,
 )
 from serving.registry import ModelSpec
@@ -68,7 +68,7 @@ class _Row:
         self.finish: str | None = None
 
 
-class TransformersEngine:
+class TransformersEngine(StreamingEngine):
     def __init__(self, spec: ModelSpec, model: LocalModel) -> None:
         self.name = spec.name
         self.spec = spec
@@ -133,10 +133,6 @@ class TransformersEngine:
         self._model = None
 
     # -- requests ------------------------------------------------------------------
-
-    async def generate(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
-                       request_id: str | None = None) -> Generation:
-        return await collect(self.stream(messages, params, request_id=request_id))
 
     async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
                      request_id: str | None = None) -> AsyncIterator[StreamEvent]:
@@ -248,7 +244,7 @@ class TransformersEngine:
                 if not self.prompt_seen:  # generate() first puts the prompt ids
                     self.prompt_seen = True
                     return
-                for row, token in zip(rows, value.reshape(-1).tolist()):
+                for row, token in zip(rows, value.reshape(-1).tolist(), strict=True):
                     if row.finish is None:
                         engine._advance(row, token, eos, params)
 

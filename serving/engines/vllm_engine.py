@@ -29,7 +29,7 @@ from moa.engine import (
     InvalidRequest,
     SamplingParams,
     StreamEvent,
-    collect,
+    StreamingEngine,
     finish_reason,
     validate_messages,
 )
@@ -56,7 +56,7 @@ def _environ(values: dict[str, str]):
                 os.environ[key] = value
 
 
-class VLLMEngine:
+class VLLMEngine(StreamingEngine):
     """One model served by an in-process vLLM AsyncLLM.
 
     A dead engine core (the CPU worker can die on some sampling paths) is detected
@@ -158,10 +158,6 @@ class VLLMEngine:
             stop=list(params.stop) or None,
             output_kind=RequestOutputKind.DELTA,
         )
-
-    async def generate(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
-                       request_id: str | None = None) -> Generation:
-        return await collect(self.stream(messages, params, request_id=request_id))
 
     async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
                      request_id: str | None = None) -> AsyncIterator[StreamEvent]:
