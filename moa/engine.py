@@ -35,6 +35,8 @@ class SamplingParams:
     max_tokens: int = 256
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Constrain the output to this JSON schema (guided decoding where the engine supports it).
+    json_schema: dict | None = field(default=None, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -162,6 +164,10 @@ class StreamingEngine:
     def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
                request_id: str | None = None) -> AsyncIterator[StreamEvent]:
         raise NotImplementedError
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens `text` takes in this model (reference budgets); engines with a tokenizer override it."""
+        return max(1, len(text) // 4)
 
     async def generate(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
                        request_id: str | None = None) -> Generation:

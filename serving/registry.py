@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from moa.presets import PresetError, parse_pipelines
+from moa.steps import Pipeline
 
 Backend = Literal["vllm", "openai", "transformers"]
 Quantization = Literal["bitsandbytes", "bitsandbytes-8bit", "awq", "gptq", "fp8", "compressed-tensors"]
@@ -137,9 +140,10 @@ class ModelSpec(_Strict):
 class Registry(_Strict):
     default_model: str
     models: dict[str, ModelSpec]
-    # Filled by the orchestrator issue; kept as raw data until its schema lands.
+    # Named pipelines (presets) as data; parsed into moa Pipeline values at load (moa/presets.py).
     pipelines: dict[str, Any] = Field(default_factory=dict)
     path: Path | None = None
+    _parsed: dict[str, Pipeline] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -157,6 +161,20 @@ class Registry(_Strict):
         if self.default_model not in self.models:
             raise ValueError(f"default_model {self.default_model!r} is not one of the models: {sorted(self.models)}")
         return self
+
+    def pipeline(self, name: str) -> Pipeline:
+        try:
+            return self._parsed[name]
+        except KeyError:
+            where = f" in {self.path}" if self.path else ""
+            raise KeyError(f"unknown pipeline {name!r}{where}; known: {', '.join(sorted(self._parsed))}") from None
+
+    @property
+    def pipeline_names(self) -> list[str]:
+        return list(self._parsed)
+
+    def prices(self) -> dict[str, tuple[float, float]]:
+        return {name: (m.price.prompt, m.price.completion) for name, m in self.models.items()}
 
     def get(self, name: str) -> ModelSpec:
         try:
@@ -194,7 +212,12 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
         registry = Registry.model_validate(data)
     except ValidationError as exc:
         raise RegistryError(_format_errors(file, exc)) from None
-    return registry.model_copy(update={"path": file})
+    registry = registry.model_copy(update={"path": file})
+    try:
+        registry._parsed = parse_pipelines(registry.pipelines, registry.models)
+    except PresetError as exc:
+        raise RegistryError(f"{file}: {exc}") from None
+    return registry
 
 
 def _format_errors(file: Path, exc: ValidationError) -> str:

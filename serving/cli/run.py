@@ -1,4 +1,4 @@
-"""`moa run`: answer one question with a local model, streaming the answer."""
+"""`moa run`: answer one question with a pipeline or a single model, streaming the answer."""
 
 from __future__ import annotations
 
@@ -6,44 +6,72 @@ import asyncio
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
 
 from serving.cli.common import ConfigOption, console, quiet_engines, registry, user_errors
+from serving.cli.trace_table import trace_table
 
 
 def run(
     question: str = typer.Argument(..., help="The question (a one-message conversation)."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Model from models.yaml (default: default_model)."),
+    pipeline: str | None = typer.Option(None, "--pipeline", "-p", help="Pipeline (preset) from models.yaml."),
+    model: str | None = typer.Option(None, "--model", "-m",
+                                     help="One model from models.yaml (default: default_model)."),
     system: str | None = typer.Option(None, "--system", help="Optional system message."),
-    n: int = typer.Option(1, "--n", min=1, help="Number of samples, drawn in one engine request."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 is greedy."),
+    n: int = typer.Option(1, "--n", min=1, help="Model mode: samples drawn in one engine request."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="Model mode: 0 is greedy."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
-    max_tokens: int = typer.Option(256, "--max-tokens", min=1),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1,
+                                          help="Model mode: default 256. Pipelines: caps every step."),
     seed: int | None = typer.Option(None, "--seed", help="Sample i uses seed + i."),
+    swap: list[str] = typer.Option([], "--swap", help="Pipelines: run with a model replaced, e.g. "
+                                   "--swap qwen2.5-coder-1.5b=qwen2.5-coder-0.5b (repeatable)."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Pipelines: per engine call, seconds."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole result (texts, tokens, timings) as JSON."),
+    show_trace: bool = typer.Option(False, "--trace", help="Pipelines: print every engine call as a table."),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Answer QUESTION with a local model (pulled on first use), streaming the answer to stdout."""
-    from moa.engine import SamplingParams
-
+    """Answer QUESTION with a pipeline (--pipeline) or one local model, streaming the answer to stdout."""
     reg = registry(config)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     with user_errors():
-        spec = reg.get(model or reg.default_model)
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-        _ensure_local(spec)
-        with quiet_engines(not os.environ.get("MOA_VERBOSE"), spec.name) as log_path:
+        if pipeline and model:
+            raise ValueError("give --pipeline or --model, not both")
+        if pipeline:
+            pipe = reg.pipeline(pipeline)
+            mapping = dict(_parse_swap(s) for s in swap)
+            for name in mapping.values():
+                reg.get(name)
+            pipe = pipe.with_models(mapping)
+            if max_tokens is not None:
+                pipe = pipe.with_max_tokens(max_tokens)
+            names = list(pipe.models())
+        else:
+            from moa.engine import SamplingParams
+
+            spec = reg.get(model or reg.default_model)
+            params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens or 256,
+                                    seed=seed)
+            names = [spec.name]
+        for name in names:
+            _ensure_local(reg.get(name))
+        with quiet_engines(not os.environ.get("MOA_VERBOSE"), "-".join(names)[:100]) as log_path:
             try:
-                result = asyncio.run(_answer(reg, spec.name, messages, params, stream=not as_json))
+                if pipeline:
+                    result = asyncio.run(_run_pipeline(reg, pipe, messages, seed=seed, timeout=timeout,
+                                                       stream=not as_json))
+                else:
+                    result = asyncio.run(_answer(reg, spec.name, messages, params, stream=not as_json))
             except Exception:
                 if log_path:
                     console.print(f"engine log: {log_path}", highlight=False, soft_wrap=True)
                 raise
-    if as_json:
-        from dataclasses import asdict
-
+    if pipeline:
+        _report_pipeline(result, as_json, show_trace)
+    elif as_json:
         print(json.dumps(asdict(result), indent=2))
     else:
         console.print(
@@ -55,6 +83,13 @@ def run(
         )
 
 
+def _parse_swap(text: str) -> tuple[str, str]:
+    old, sep, new = text.partition("=")
+    if not sep or not old or not new:
+        raise ValueError(f"--swap expects OLD=NEW, got {text!r}")
+    return old, new
+
+
 def _ensure_local(spec) -> None:
     from serving.pull import pull
     from serving.store import is_pulled
@@ -63,6 +98,58 @@ def _ensure_local(spec) -> None:
         console.print(f"{spec.name} is not on this machine yet: pulling it once (moa models pull {spec.name})")
         with console.status(f"pulling {spec.name}…"):
             pull(spec)
+
+
+async def _run_pipeline(reg, pipe, messages, *, seed, timeout, stream: bool):
+    from moa.runner import RunResult, iter_run
+    from moa.trace import AnswerDelta, CallFinished, StepStarted
+    from serving.engines.pool import EnginePool
+
+    with console.status(f"starting {len(pipe.models())} engine(s): {', '.join(pipe.models())}…"):
+        pool = EnginePool(reg, pipe.models())
+        await pool.start()
+    try:
+        result = None
+        status = console.status(f"{pipe.name}: running…")
+        status.start()
+        answering = False
+        async for event in iter_run(pipe, messages, pool.engines, prices=reg.prices(), seed=seed,
+                                    timeout_s=timeout):
+            if isinstance(event, RunResult):
+                result = event
+            elif isinstance(event, AnswerDelta) and stream:
+                if not answering:
+                    status.stop()
+                    answering = True
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif isinstance(event, StepStarted) and not answering:
+                status.update(f"{pipe.name}: layer {event.layer} ({event.step})…")
+            elif isinstance(event, CallFinished) and not answering:
+                status.update(f"{pipe.name}: layer {event.layer} ({event.step}) — {event.model} {event.status}")
+        status.stop()
+        if stream:
+            if not answering:  # the last step was a transform (vote, rank): nothing streamed
+                sys.stdout.write(result.answer)
+            sys.stdout.write("\n")
+        return result
+    finally:
+        await pool.close()
+
+
+def _report_pipeline(result, as_json: bool, show_trace: bool) -> None:
+    if as_json:
+        print(json.dumps({"answer": result.answer, "data": result.data, "trace": result.trace.to_dict()}, indent=2))
+        return
+    if result.data and len(result.data) > 1:
+        console.print_json(data=result.data)
+    usage = result.usage
+    console.print(
+        f"[dim]{result.trace.pipeline}: {usage.calls} engine calls, {usage.prompt_tokens} prompt tokens "
+        f"({usage.cached_prompt_tokens} cached), {usage.completion_tokens} completion tokens, "
+        f"{result.trace.total_s:.1f} s[/dim]", highlight=False, soft_wrap=True)
+    if show_trace:
+        console.print(trace_table(result.trace))
 
 
 async def _answer(reg, name, messages, params, *, stream: bool):
@@ -79,8 +166,6 @@ async def _answer(reg, name, messages, params, *, stream: bool):
         result: Generation | None = None
         async for event in engine.stream(messages, params):
             if isinstance(event, Delta):
-                if params.n > 1 and event.text == "" and event.finish_reason:
-                    continue
                 if params.n == 1:
                     sys.stdout.write(event.text)
                     sys.stdout.flush()

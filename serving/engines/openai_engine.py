@@ -103,6 +103,10 @@ class OpenAIEngine(StreamingEngine):
                 stop=list(params.stop) or None,
                 stream=True,
                 stream_options={"include_usage": True},
+                response_format=(
+                    {"type": "json_schema", "json_schema": {"name": "output", "schema": params.json_schema}}
+                    if params.json_schema else None
+                ),
                 extra_body=body or None,
                 extra_headers={"X-Request-Id": request_id} if request_id else None,
             )

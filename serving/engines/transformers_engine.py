@@ -134,11 +134,19 @@ class TransformersEngine(StreamingEngine):
 
     # -- requests ------------------------------------------------------------------
 
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokenizer.encode(text, add_special_tokens=False))
+
     async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
                      request_id: str | None = None) -> AsyncIterator[StreamEvent]:
         if self._worker is None:
             raise EngineError(f"model {self.name!r}: engine is not started")
         validate_messages(messages)
+        if params.json_schema is not None:
+            raise InvalidRequest(
+                f"model {self.name!r}: the transformers backend has no guided decoding for JSON schemas; "
+                "use a vllm (or openai) backend model for structured output such as the council strategy"
+            )
         ids = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
         prompt_ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         if self.max_model_len and len(prompt_ids) + params.max_tokens > self.max_model_len:

@@ -145,11 +145,15 @@ class VLLMEngine(StreamingEngine):
             ids = ids["input_ids"]
         return list(ids)
 
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokenizer.encode(text, add_special_tokens=False))
+
     def _sampling_params(self, params: SamplingParams) -> Any:
         from vllm import SamplingParams as VSamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         return VSamplingParams(
+            structured_outputs=StructuredOutputsParams(json=params.json_schema) if params.json_schema else None,
             n=params.n,
             temperature=params.temperature,
             top_p=params.top_p,

@@ -1,0 +1,124 @@
+"""What a pipeline run did: every engine call and step, with timings, tokens, cost and errors.
+
+Everything here is plain data that serialises to JSON (`Trace.to_dict`), and the
+progress events are what a server forwards to a streaming client.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class CallRecord:
+    step: str
+    layer: int
+    model: str
+    n: int
+    start_s: float  # seconds since the run started
+    end_s: float | None = None
+    ttft_s: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    cost_usd: float = 0.0
+    status: str = "running"  # ok | error | timeout | aborted
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class StepRecord:
+    step: str
+    layer: int
+    start_s: float
+    end_s: float | None = None
+    inputs: int = 0
+    outputs: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Usage:
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    cost_usd: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class Trace:
+    pipeline: str
+    started_at: float = field(default_factory=time.time)
+    _t0: float = field(default_factory=time.perf_counter, repr=False)
+    calls: list[CallRecord] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
+    total_s: float | None = None
+
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def usage(self) -> Usage:
+        u = Usage()
+        for c in self.calls:
+            u.calls += 1
+            u.prompt_tokens += c.prompt_tokens
+            u.completion_tokens += c.completion_tokens
+            u.cached_prompt_tokens += c.cached_prompt_tokens
+            u.cost_usd += c.cost_usd
+        return u
+
+    def to_dict(self) -> dict[str, Any]:
+        usage = self.usage()
+        return {
+            "pipeline": self.pipeline,
+            "started_at": self.started_at,
+            "total_s": self.total_s,
+            "usage": {**asdict(usage), "total_tokens": usage.total_tokens},
+            "steps": [asdict(s) for s in self.steps],
+            "calls": [asdict(c) for c in self.calls],
+        }
+
+
+# -- progress events ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StepStarted:
+    step: str
+    layer: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallFinished:
+    """An engine call ended (a proposal is in, or failed)."""
+
+    step: str
+    layer: int
+    model: str
+    status: str
+    responses: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepFinished:
+    step: str
+    layer: int
+    responses: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerDelta:
+    """A chunk of the final answer, streamed by the pipeline's last LLM step."""
+
+    text: str
+
+
+Event = StepStarted | CallFinished | StepFinished | AnswerDelta

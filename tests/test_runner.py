@@ -1,0 +1,279 @@
+"""The orchestrator's rules, asserted on a scripted engine that records every call."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moa.prompts import STRATEGIES, format_references
+from moa.runner import PipelineError, iter_run, run
+from moa.steps import (
+    Aggregate,
+    AggregateSeq,
+    Dropout,
+    Filter,
+    MajorityVote,
+    Map,
+    Pipeline,
+    Propose,
+    Rank,
+    ReferenceBudget,
+    Refine,
+    Sample,
+    Shuffle,
+    Synthesize,
+    Take,
+    Vote,
+)
+from moa.trace import AnswerDelta, CallFinished, StepFinished, StepStarted
+from tests.scripted import ScriptedEngine
+
+Q = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+def engines(*names: str, **kwargs) -> dict[str, ScriptedEngine]:
+    return {n: ScriptedEngine(n, **kwargs) for n in names}
+
+
+def pipe(*steps) -> Pipeline:
+    return Pipeline("test", tuple(steps))
+
+
+async def test_repeated_model_is_one_request_with_n_and_seeds_per_sample():
+    es = engines("a", "b")
+    result = await run(pipe(Propose(models=("a", "a", "a", "b"), temperature=0.7)), Q, es, seed=10)
+    assert [(c.params.n, c.params.seed) for c in es["a"].calls] == [(3, 10)]
+    assert [(c.params.n, c.params.seed) for c in es["b"].calls] == [(1, 13)]  # samples are seeded 10..13
+    assert [r.text for r in result.responses[0]] == [
+        "a answer 0 seed 10", "a answer 1 seed 11", "a answer 2 seed 12", "b answer 0 seed 13"]
+    assert es["a"].calls[0].messages == Q  # the conversation itself, untouched
+
+
+async def test_samples_and_diversity_options():
+    es = engines("a")
+    await run(pipe(Propose(models=("a",), samples=4)), Q, es)
+    assert [c.params.n for c in es["a"].calls] == [4]
+    es = engines("a")
+    await run(pipe(Propose(models=("a",), samples=3, temperature=0.5, temperature_offsets=(0.0, 0.2, 0.4),
+                           role_prompts=("You are terse.", "You are careful."))), Q, es, seed=1)
+    assert [c.params.n for c in es["a"].calls] == [1, 1, 1]
+    assert [c.params.temperature for c in es["a"].calls] == pytest.approx([0.5, 0.7, 0.9])
+    assert [c.params.seed for c in es["a"].calls] == [1, 2, 3]
+    assert [c.messages[0]["content"] for c in es["a"].calls] == ["You are terse.", "You are careful.", "You are terse."]
+    assert all(c.messages[1:] == Q for c in es["a"].calls)
+
+
+async def test_aggregate_prompt_layout_before_and_after():
+    es = engines("a", "b", "agg")
+    before = await run(pipe(Propose(models=("a", "b")), Aggregate(model="agg", layout="before")), Q, es)
+    msgs = es["agg"].calls[0].messages
+    refs = format_references(["a answer 0", "b answer 0"])
+    assert msgs == [{"role": "system", "content": f"{STRATEGIES['moa'].instruction}\n\n{refs}"}, *Q]
+    assert before.answer == "agg answer 0"
+
+    es = engines("a", "b", "agg")
+    await run(pipe(Propose(models=("a", "b")), Aggregate(model="agg", layout="after")), Q, es)
+    msgs = es["agg"].calls[0].messages
+    assert len(msgs) == 1 and msgs[0]["role"] == "user"
+    # Starts exactly like the proposal prompt, so the proposer's KV cache is reused.
+    assert msgs[0]["content"].startswith(Q[0]["content"] + "\n\n" + STRATEGIES["moa"].instruction)
+    assert msgs[0]["content"].endswith(refs)
+
+
+async def test_existing_system_message_is_kept_first():
+    es = engines("a", "agg")
+    convo = [{"role": "system", "content": "Be brief."}, *Q]
+    await run(pipe(Propose(models=("a",)), Aggregate(model="agg")), convo, es)
+    assert es["agg"].calls[0].messages[0]["content"].startswith("Be brief.\n\n")
+    assert es["a"].calls[0].messages == convo
+
+
+async def test_reference_order_is_pipeline_order_not_completion_order():
+    es = {"slow": ScriptedEngine("slow", delay_s=0.05), "fast": ScriptedEngine("fast"), "agg": ScriptedEngine("agg")}
+    await run(pipe(Propose(models=("slow", "fast")), Aggregate(model="agg")), Q, es)
+    content = es["agg"].calls[0].messages[0]["content"]
+    assert content.index("slow answer") < content.index("fast answer")
+
+
+async def test_reference_budget_trims_per_reference_and_in_total():
+    long = " ".join(f"w{i}" for i in range(20))
+    es = {"a": ScriptedEngine("a", reply=lambda m, p, i: long),
+          "b": ScriptedEngine("b", reply=lambda m, p, i: "x " * 9 + "x"), "agg": ScriptedEngine("agg")}
+    result = await run(pipe(Propose(models=("a", "b")),
+                            Aggregate(model="agg", budget=ReferenceBudget(per_reference=12, total=11))), Q, es)
+    content = es["agg"].calls[0].messages[0]["content"]
+    # per reference: a 20 -> 12; total: 12 + 10 = 22 > 11, scaled by 0.5 -> 6 and 5
+    assert "w5" in content and "w6" not in content and "…[truncated]" in content
+    notes = result.trace.steps[1].notes
+    assert notes == ["agg: reference 1 trimmed from 20 to 6 tokens", "agg: reference 2 trimmed from 10 to 5 tokens"]
+
+
+async def test_quorum_across_requests_aborts_the_straggler_in_the_engine():
+    es = {"a": ScriptedEngine("a"), "b": ScriptedEngine("b"), "slow": ScriptedEngine("slow", delay_s=5)}
+    result = await run(pipe(Propose(models=("a", "slow", "b"), quorum=2)), Q, es)
+    assert [r.model for r in result.responses[0]] == ["a", "b"]
+    assert es["slow"].calls[0].aborted and es["slow"].stats.running == 0
+    assert "quorum 2 reached: aborted 1 pending call(s)" in result.trace.steps[0].notes
+    assert [c.status for c in result.trace.calls] == ["ok", "aborted", "ok"]
+
+
+async def test_quorum_within_one_n_request_stops_the_remaining_samples():
+    es = {"a": ScriptedEngine("a", delay_s=0.02)}
+    result = await run(pipe(Propose(models=("a",), samples=5, quorum=2)), Q, es)
+    assert [r.text for r in result.responses[0]] == ["a answer 0", "a answer 1"]
+    assert es["a"].calls[0].params.n == 5 and es["a"].calls[0].aborted and not es["a"].calls[0].finished
+
+
+async def test_call_timeout_is_recorded_and_aborted():
+    es = {"a": ScriptedEngine("a"), "slow": ScriptedEngine("slow", delay_s=5)}
+    result = await run(pipe(Propose(models=("a", "slow"), timeout_s=0.05)), Q, es)
+    assert [r.model for r in result.responses[0]] == ["a"]
+    slow = [c for c in result.trace.calls if c.model == "slow"][0]
+    assert slow.status == "timeout" and "0.05 s" in slow.error
+    assert es["slow"].calls[0].aborted
+
+
+async def test_min_success_failure_names_each_model_and_cause():
+    es = {"a": ScriptedEngine("a"), "bad": ScriptedEngine("bad", fail="out of memory")}
+    with pytest.raises(PipelineError) as err:
+        await run(pipe(Propose(models=("a", "bad"), min_success=2)), Q, es)
+    assert "step 1 (propose)" in str(err.value) and "bad: EngineError: model 'bad': out of memory" in str(err.value)
+
+
+async def test_total_failure_is_a_clear_error():
+    es = {"x": ScriptedEngine("x", fail="dead"), "y": ScriptedEngine("y", fail="gone")}
+    with pytest.raises(PipelineError, match="x: .*dead.*y: .*gone|y: .*gone.*x: .*dead"):
+        await run(pipe(Propose(models=("x", "y")), Aggregate(model="x")), Q, es)
+
+
+async def test_failed_layer_keeps_previous_responses():
+    es = {"a": ScriptedEngine("a"), "b": ScriptedEngine("b"), "bad": ScriptedEngine("bad", fail="boom")}
+    result = await run(pipe(Propose(models=("a", "b")), Synthesize(models=("bad",)), Aggregate(model="bad")), Q, es)
+    assert result.answer == "a answer 0"
+    assert [len(r) for r in result.responses] == [2, 2, 2]
+    assert any("layer failed" in n for n in result.trace.steps[1].notes)
+    assert any("layer failed" in n for n in result.trace.steps[2].notes)
+    assert sum(c.status == "error" for c in result.trace.calls) == 2
+
+
+async def test_synthesize_layer_each_model_sees_all_references():
+    es = engines("a", "b")
+    result = await run(pipe(Propose(models=("a", "b")), Synthesize(models=("a", "b"), strategy="consensus")), Q, es)
+    for name in ("a", "b"):
+        content = es[name].calls[1].messages[0]["content"]
+        assert content.startswith(STRATEGIES["consensus"].instruction)
+        assert "a answer 0" in content and "b answer 0" in content
+    assert [r.layer for r in result.responses[1]] == [2, 2]
+
+
+async def test_chain_runs_in_order_each_seeing_only_the_previous_answer():
+    es = {"a": ScriptedEngine("a"), "b": ScriptedEngine("b", reply=lambda m, p, i: "b improved"),
+          "c": ScriptedEngine("c", reply=lambda m, p, i: "c improved")}
+    result = await run(pipe(Propose(models=("a",)), Synthesize(models=("b", "c"), strategy="chain")), Q, es)
+    assert "a answer 0" in es["b"].calls[0].messages[0]["content"]
+    c_prompt = es["c"].calls[0].messages[0]["content"]
+    assert "b improved" in c_prompt and "a answer 0" not in c_prompt
+    assert result.answer == "c improved"
+
+
+async def test_self_moa_seq_folds_windows_carrying_the_running_aggregate():
+    es = {"a": ScriptedEngine("a"), "agg": ScriptedEngine("agg", reply=lambda m, p, i: f"fold{len(es['agg'].calls)}")}
+    result = await run(pipe(Propose(models=("a",), samples=6), AggregateSeq(model="agg", window=3)), Q, es)
+    first, second = (c.messages[0]["content"] for c in es["agg"].calls)
+    assert all(f"a answer {i}" in first for i in range(3)) and "a answer 3" not in first
+    assert "fold1" in second and all(f"a answer {i}" in second for i in range(3, 6))
+    assert second.index("fold1") < second.index("a answer 3")
+    assert result.answer == "fold2"
+
+
+async def test_rank_and_vote_use_the_judges_numbers():
+    es = {"a": ScriptedEngine("a"), "judge": ScriptedEngine("judge", reply=lambda m, p, i: "3, 1, 2")}
+    result = await run(pipe(Propose(models=("a",), samples=3), Rank(model="judge", k=2)), Q, es)
+    assert [r.text for r in result.responses[-1]] == ["a answer 2", "a answer 0"]
+    es["judge"].reply = lambda m, p, i: "Answer 2 is the majority."
+    result = await run(pipe(Propose(models=("a",), samples=3), Vote(model="judge")), Q, es)
+    assert result.answer == "a answer 1"
+    es["judge"].reply = lambda m, p, i: "none"
+    result = await run(pipe(Propose(models=("a",), samples=3), Vote(model="judge")), Q, es)
+    assert result.answer == "a answer 0" and "no valid number" in result.trace.steps[1].notes[0]
+
+
+async def test_refine_rewrites_each_response_round_robin():
+    es = {"a": ScriptedEngine("a"), "r1": ScriptedEngine("r1"), "r2": ScriptedEngine("r2")}
+    result = await run(pipe(Propose(models=("a",), samples=3), Refine(models=("r1", "r2"))), Q, es)
+    assert [r.model for r in result.responses[1]] == ["r1", "r2", "r1"]
+    assert "a answer 1" in es["r2"].calls[0].messages[0]["content"]
+
+
+async def test_majority_vote_keeps_the_most_common_answer_without_a_call():
+    replies = ["So 2 + 2 = 4.", "It is 5", "The answer is 4.0", "four"]
+    es = {"a": ScriptedEngine("a", reply=lambda m, p, i: replies[i])}
+    result = await run(pipe(Propose(models=("a",), samples=4), MajorityVote(normalize="number")), Q, es)
+    assert result.answer == "So 2 + 2 = 4." and len(es["a"].calls) == 1
+    assert "votes: {'4': 2, '5': 1}" in result.trace.steps[1].notes
+
+
+async def test_transforms():
+    es = engines("a")
+    base = Propose(models=("a",), samples=6)
+    shuffled = await run(pipe(base, Shuffle(seed=3)), Q, es)
+    again = await run(pipe(base, Shuffle(seed=3)), Q, es)
+    assert [r.text for r in shuffled.responses[1]] == [r.text for r in again.responses[1]]
+    assert sorted(r.text for r in shuffled.responses[1]) == sorted(r.text for r in shuffled.responses[0])
+    dropped = await run(pipe(base, Dropout(rate=1.0, seed=1)), Q, es)
+    assert len(dropped.responses[1]) == 1  # never everything
+    assert len((await run(pipe(base, Sample(k=2, seed=0)), Q, es)).responses[1]) == 2
+    assert [r.text for r in (await run(pipe(base, Take(k=2)), Q, es)).responses[1]] == ["a answer 0", "a answer 1"]
+    kept = await run(pipe(base, Filter(pattern=r"answer [24]")), Q, es)
+    assert [r.text for r in kept.responses[1]] == ["a answer 2", "a answer 4"]
+    es["a"].reply = lambda m, p, i: f"  Working...\nThe answer is: {i}  "
+    mapped = await run(pipe(Propose(models=("a",), samples=2), Map(op="final_answer")), Q, es)
+    assert [r.text for r in mapped.responses[1]] == ["0", "1"]
+
+
+async def test_council_uses_a_json_schema_and_returns_structure():
+    verdict = {"final_answer": "4", "agreement": ["2+2=4"], "disagreement": [], "follow_up_questions": [],
+               "confidence": 0.9}
+    es = {"a": ScriptedEngine("a"), "chair": ScriptedEngine("chair", reply=lambda m, p, i: json.dumps(verdict))}
+    events = []
+    result = await run(pipe(Propose(models=("a",), samples=2), Aggregate(model="chair", strategy="council")), Q, es,
+                       on_event=events.append)
+    assert es["chair"].calls[0].params.json_schema["required"][0] == "final_answer"
+    assert result.answer == "4" and result.data == verdict
+    assert [e.text for e in events if isinstance(e, AnswerDelta)] == ["4"]  # the answer, not raw JSON
+
+
+async def test_trace_usage_cost_and_events():
+    es = engines("a", "b", "agg")
+    events = []
+    result = await run(pipe(Propose(models=("a", "b")), Aggregate(model="agg")), Q, es,
+                       prices={"agg": (1.0, 2.0)}, on_event=events.append)
+    calls = result.trace.calls
+    assert [c.model for c in calls] == ["a", "b", "agg"]
+    assert all(c.status == "ok" and c.end_s >= c.start_s and c.completion_tokens == 3 for c in calls)
+    agg = calls[2]
+    assert agg.cost_usd == pytest.approx((agg.prompt_tokens * 1.0 + agg.completion_tokens * 2.0) / 1e6)
+    assert result.usage.calls == 3 and result.usage.cost_usd == pytest.approx(agg.cost_usd)
+    json.dumps(result.trace.to_dict())  # serialisable
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[0] == "StepStarted" and kinds[-1] == "StepFinished"
+    assert sum(isinstance(e, CallFinished) for e in events) == 3
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == "agg answer 0"
+    assert [e.layer for e in events if isinstance(e, (StepStarted, StepFinished))] == [1, 1, 2, 2]
+
+
+async def test_iter_run_streams_events_then_the_result():
+    es = engines("a", "agg")
+    items = [item async for item in iter_run(pipe(Propose(models=("a",)), Aggregate(model="agg")), Q, es)]
+    assert type(items[-1]).__name__ == "RunResult" and items[-1].answer == "agg answer 0"
+    assert any(isinstance(i, AnswerDelta) for i in items)
+
+
+async def test_bad_conversations_are_rejected():
+    from moa.engine import InvalidRequest
+
+    with pytest.raises(InvalidRequest):
+        await run(pipe(Propose(models=("a",))), [], engines("a"))
+    with pytest.raises(InvalidRequest, match="end with a user message"):
+        await run(pipe(Propose(models=("a",))), [*Q, {"role": "assistant", "content": "4"}], engines("a"))
