@@ -8,6 +8,7 @@ import pytest
 
 from moa.prompts import STRATEGIES, format_references
 from moa.runner import PipelineError, iter_run, run
+from moa.scripted import ScriptedEngine
 from moa.steps import (
     Aggregate,
     AggregateSeq,
@@ -27,7 +28,6 @@ from moa.steps import (
     Vote,
 )
 from moa.trace import AnswerDelta, CallFinished, StepFinished, StepStarted
-from tests.scripted import ScriptedEngine
 
 Q = [{"role": "user", "content": "What is 2 + 2?"}]
 

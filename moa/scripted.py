@@ -1,4 +1,4 @@
-"""A scripted, deterministic engine that records every call: for orchestration unit tests only.
+"""A scripted, deterministic engine that records every call: for orchestration tests and benchmarks.
 
 Real-engine tests live beside these; this engine exists so that exact prompts,
 reference order, n-collapsing, seeds and aborts can be asserted cheaply.
