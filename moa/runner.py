@@ -182,10 +182,13 @@ class _Run:
                         break  # quorum: closing the stream aborts the other samples in the engine
         finally:
             await stream.aclose()
+        # The request was cut (quorum) before the engine's own counts arrived: count with its tokenizer.
         kept = tuple(sorted(finished))
         counts = [engine_count(engine, texts[i]) for i in kept]
+        record.note = "quorum reached: the other samples were aborted; tokens re-counted without the template"
+        prompt = sum(engine_count(engine, m["content"]) for m in messages)
         return Generation(engine.name, tuple(Completion(j, texts[i], counts[j], "stop") for j, i in enumerate(kept)),
-                          prompt_tokens=0, cached_prompt_tokens=0, ttft_s=record.ttft_s,
+                          prompt_tokens=prompt, cached_prompt_tokens=0, ttft_s=record.ttft_s,
                           total_s=self.trace.now() - started)
 
     def params(self, step: LLMStep, *, n: int = 1, temperature: float | None = None, seed: int | None = None,

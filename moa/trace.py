@@ -26,6 +26,7 @@ class CallRecord:
     cost_usd: float = 0.0
     status: str = "running"  # ok | error | timeout | aborted
     error: str | None = None
+    note: str | None = None
 
 
 @dataclass(slots=True)

@@ -123,6 +123,8 @@ async def test_quorum_within_one_n_request_stops_the_remaining_samples():
     result = await run(pipe(Propose(models=("a",), samples=5, quorum=2)), Q, es)
     assert [r.text for r in result.responses[0]] == ["a answer 0", "a answer 1"]
     assert es["a"].calls[0].params.n == 5 and es["a"].calls[0].aborted and not es["a"].calls[0].finished
+    call = result.trace.calls[0]
+    assert call.status == "ok" and call.completion_tokens == 6 and call.prompt_tokens > 0 and "quorum" in call.note
 
 
 async def test_call_timeout_is_recorded_and_aborted():
