@@ -37,3 +37,14 @@ def local_model(registry):
         return spec
 
     return ensure
+
+
+@pytest.fixture(scope="session")
+async def small_pool(registry, local_model):
+    """vLLM engines for the two small embedded models, shared by the pipeline and server tests."""
+    from serving.engines.pool import EnginePool
+
+    local_model(SMALL)
+    local_model(QWEN_SMALL)
+    async with EnginePool(registry, [QWEN_SMALL, SMALL]) as pool:
+        yield pool.engines

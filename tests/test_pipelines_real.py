@@ -11,8 +11,7 @@ import json
 import pytest
 
 from moa.runner import run
-from serving.engines.pool import EnginePool
-from tests.conftest import FRANCE, QWEN_SMALL, SMALL
+from tests.conftest import FRANCE, QWEN_SMALL
 
 pytestmark = pytest.mark.vllm
 SWAP = {"qwen2.5-coder-1.5b": QWEN_SMALL}
@@ -21,11 +20,8 @@ PRESETS = ["together-moa", "moa-lite", "moa", "self-moa", "self-moa-seq", "robus
 
 
 @pytest.fixture(scope="module")
-async def pool(registry, local_model):
-    local_model(SMALL)
-    local_model(QWEN_SMALL)
-    async with EnginePool(registry, [QWEN_SMALL, SMALL]) as engines:
-        yield engines.engines
+def pool(small_pool):
+    return small_pool
 
 
 @pytest.mark.parametrize("name", PRESETS)

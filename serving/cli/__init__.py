@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from serving.cli import models, run
+from serving.cli import models, run, serve
 
 app = typer.Typer(
     name="moa",
@@ -18,6 +18,7 @@ app = typer.Typer(
 )
 app.add_typer(models.app, name="models")
 app.command("run")(run.run)
+app.command("serve")(serve.serve)
 
 
 @app.callback()

@@ -1,0 +1,39 @@
+"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, with the right status."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+         413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": TYPES.get(status, "server_error"), "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body(status, message, param, code), status_code=status, headers=headers)
+
+
+async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
+
+
+async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI says 422; OpenAI clients expect 400 with the offending parameter named."""
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    return error_response(400, message, param=param, code="invalid_value")

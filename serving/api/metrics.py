@@ -1,0 +1,25 @@
+"""Prometheus metrics for the server (one registry per app, so tests can build several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("moa_requests", "Requests by model and HTTP status", ["model", "status"], registry=r)
+        self.latency = Histogram("moa_request_latency_seconds", "End-to-end latency", ["model"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("moa_ttft_seconds", "Time to the first answer token", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("moa_tokens", "Tokens over all engine calls", ["model", "kind"], registry=r)
+        self.engine_calls = Counter("moa_engine_calls", "Engine calls made for requests", ["engine", "status"],
+                                    registry=r)
+        self.in_flight = Gauge("moa_requests_in_flight", "Requests being served", registry=r)
+        self.queued = Gauge("moa_requests_queued", "Requests waiting for a slot", registry=r)
+        self.aborted = Counter("moa_requests_aborted", "Requests aborted (client gone, timeout)", ["model", "reason"],
+                               registry=r)

@@ -1,0 +1,68 @@
+"""OpenAI-compatible request bodies, plus the `moa` extension object a client sends as extra_body."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class MoAOptions(BaseModel):
+    """Per-request overrides of a pipeline (`extra_body={"moa": {...}}`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    proposers: list[str] | None = Field(default=None, min_length=1)
+    aggregator: str | None = None
+    layers: int | None = Field(default=None, ge=1, le=8)
+    strategy: Literal["moa", "consensus", "council", "best-of", "chain", "self-moa"] | None = None
+    quorum: int | None = Field(default=None, ge=1)
+    events: bool = False  # stream progress events as extra chunks (choices: [])
+    trace: bool = False  # include every engine call in the response's `moa.trace`
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs=false, ...)
+
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    n: int = Field(default=1, ge=1, le=16)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    moa: MoAOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        values = [value] if isinstance(value, str) else value
+        if len(values) > 4 or any(not v for v in values):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return values
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens

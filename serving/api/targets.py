@@ -1,0 +1,69 @@
+"""What a request's `model` names: a base model (straight to its engine) or a pipeline, with overrides."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from moa.steps import LLM_STEPS, Aggregate, AggregateSeq, Pipeline, Propose, Synthesize, _Synthesis
+from serving.api.errors import APIError
+from serving.api.schemas import MoAOptions
+
+
+def apply_overrides(pipeline: Pipeline, options: MoAOptions, served: set[str]) -> Pipeline:
+    """The pipeline with a request's proposers / aggregator / layers / strategy / quorum applied."""
+    for name in [*(options.proposers or []), *([options.aggregator] if options.aggregator else [])]:
+        if name not in served:
+            raise APIError(400, f"moa: model {name!r} is not served here; served: {', '.join(sorted(served))}",
+                           param="moa", code="model_not_served")
+    steps = list(pipeline.steps)
+    propose_at = next(i for i, s in enumerate(steps) if isinstance(s, Propose))
+    if options.proposers:
+        steps[propose_at] = replace(steps[propose_at], models=tuple(options.proposers))
+    if options.quorum is not None:
+        total = len(steps[propose_at].models) * steps[propose_at].samples
+        if options.quorum > total:
+            raise APIError(400, f"moa.quorum {options.quorum} exceeds the {total} proposals", param="moa.quorum")
+        steps[propose_at] = replace(steps[propose_at], quorum=options.quorum)
+    if options.aggregator:
+        last = [i for i, s in enumerate(steps) if isinstance(s, (Aggregate, AggregateSeq))]
+        if last:
+            steps[last[-1]] = replace(steps[last[-1]], model=options.aggregator)
+        else:
+            steps.append(Aggregate(model=options.aggregator))
+    if options.layers is not None:
+        steps = _with_layers(steps, options.layers, propose_at)
+    if options.strategy:
+        steps = [replace(s, strategy=options.strategy) if isinstance(s, _Synthesis) else s for s in steps]
+    return replace(pipeline, steps=tuple(steps))
+
+
+def _with_layers(steps: list, layers: int, propose_at: int) -> list:
+    """LLM layers = propose + synthesize layers + aggregate; add or drop synthesize layers to match."""
+    has_aggregate = any(isinstance(s, (Aggregate, AggregateSeq)) for s in steps)
+    fixed = 1 + int(has_aggregate)
+    want = layers - fixed
+    if want < 0:
+        raise APIError(400, f"moa.layers must be at least {fixed} for this pipeline", param="moa.layers")
+    synth = [i for i, s in enumerate(steps) if isinstance(s, Synthesize)]
+    if len(synth) > want:
+        drop = set(synth[want:])
+        return [s for i, s in enumerate(steps) if i not in drop]
+    template = steps[synth[-1]] if synth else Synthesize(models=steps[propose_at].models,
+                                                         max_tokens=steps[propose_at].max_tokens)
+    at = (synth[-1] + 1) if synth else propose_at + 1
+    return steps[:at] + [template] * (want - len(synth)) + steps[at:]
+
+
+def describe(pipeline: Pipeline) -> dict:
+    """A pipeline for /v1/models: its steps and models."""
+    steps = []
+    for step in pipeline.steps:
+        entry: dict = {"step": type(step).__name__.lower()}
+        if isinstance(step, LLM_STEPS):
+            entry["models"] = list(step.models_used())
+        for key in ("samples", "strategy", "quorum", "window", "k", "rate", "normalize"):
+            if hasattr(step, key) and getattr(step, key) is not None:
+                entry[key] = getattr(step, key)
+        steps.append(entry)
+    return {"kind": "pipeline", "description": pipeline.description, "models": list(pipeline.models()),
+            "steps": steps}

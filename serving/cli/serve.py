@@ -1,0 +1,49 @@
+"""`moa serve`: the OpenAI-compatible endpoint for local models and MoA pipelines."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from serving.cli.common import ConfigOption, console, registry, user_errors
+
+
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000, "--port"),
+    model: list[str] = typer.Option([], "--model", "-m", help="Serve this model (repeatable)."),
+    pipeline: list[str] = typer.Option([], "--pipeline", "-p", help="Serve this pipeline (repeatable)."),
+    swap: list[str] = typer.Option([], "--swap", help="Run pipelines with a model replaced: OLD=NEW (repeatable)."),
+    api_key: list[str] = typer.Option([], "--api-key", help="Accepted Bearer key (repeatable); also $MOA_API_KEYS."),
+    max_concurrency: int = typer.Option(16, "--max-concurrency", min=1, help="Requests served at once."),
+    max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests waiting for a slot; beyond: 429."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Per request, seconds; beyond: 504 and aborted."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Serve models and pipelines over an OpenAI-compatible API (default: the default model and every pipeline)."""
+    import uvicorn
+
+    from serving.api.app import ServerSettings, create_app
+    from serving.cli.run import _ensure_local, _parse_swap
+
+    reg = registry(config)
+    with user_errors():
+        mapping = dict(_parse_swap(s) for s in swap)
+        names = pipeline or reg.pipeline_names
+        pipelines = {name: reg.pipeline(name).with_models(mapping) for name in names}
+        models = list(dict.fromkeys(model or [reg.default_model]))
+        for name in {*models, *(m for p in pipelines.values() for m in p.models())}:
+            _ensure_local(reg.get(name))
+        keys = [*api_key, *[k for k in os.environ.get("MOA_API_KEYS", "").split(",") if k]]
+    if host not in ("127.0.0.1", "localhost", "::1") and not keys:
+        console.print(f"[bold red]WARNING: binding {host} with no API key: anyone who can reach this machine "
+                      "can use its models. Pass --api-key or set MOA_API_KEYS.[/bold red]")
+    settings = ServerSettings(api_keys=keys, max_concurrency=max_concurrency, max_queue=max_queue,
+                              request_timeout_s=timeout)
+    app = create_app(reg, models=models, pipelines=pipelines, settings=settings)
+    console.print(f"moa serve: http://{host}:{port}/v1 — models {models}, pipelines {list(pipelines)}; "
+                  "engines start one by one, GET /ready answers 200 when all are up", highlight=False,
+                  soft_wrap=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,255 @@
+"""The OpenAI-compatible server, driven by the official `openai` client and raw HTTP, on real vLLM engines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+from contextlib import asynccontextmanager
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from serving.api.app import ServerSettings, create_app
+from tests.conftest import QWEN_SMALL, SMALL
+
+pytestmark = pytest.mark.vllm
+SWAP = {"qwen2.5-coder-1.5b": QWEN_SMALL}
+PIPELINES = ["moa-lite", "self-moa", "council", "self-consistency"]
+Q = [{"role": "user", "content": "What is the capital of France?"}]
+ESSAY = [{"role": "user", "content": "Write a very long, detailed essay on the history of Paris."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@asynccontextmanager
+async def serving(registry, engines, settings: ServerSettings | None = None, *, ready: bool = True):
+    pipelines = {n: registry.pipeline(n).with_models(SWAP) for n in PIPELINES}
+    app = create_app(registry, models=[QWEN_SMALL, SMALL], pipelines=pipelines, settings=settings,
+                     engines=engines if ready else None)
+    if not ready:  # no engines: the app would start its own; keep it "starting" instead
+        app.router.lifespan_context = _idle_lifespan
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        await task
+
+
+@asynccontextmanager
+async def _idle_lifespan(app):
+    yield
+
+
+@pytest.fixture(scope="module")
+async def server(registry, small_pool):
+    async with serving(registry, small_pool, ServerSettings(max_concurrency=8, max_queue=32)) as (url, app):
+        yield url, app
+
+
+@pytest.fixture
+def client(server):
+    return openai.AsyncOpenAI(base_url=f"{server[0]}/v1", api_key="none", max_retries=0)
+
+
+async def test_health_ready_and_models(server):
+    url, _ = server
+    async with httpx.AsyncClient(base_url=url) as http:
+        assert (await http.get("/health")).json() == {"status": "ok"}
+        assert (await http.get("/ready")).status_code == 200
+    models = await openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x").models.list()
+    ids = {m.id: m for m in models.data}
+    assert {QWEN_SMALL, SMALL, *PIPELINES} <= set(ids)
+    lite = ids["moa-lite"].model_extra["moa"]
+    assert lite["kind"] == "pipeline" and [s["step"] for s in lite["steps"]] == ["propose", "aggregate"]
+    assert set(lite["models"]) == {QWEN_SMALL, SMALL}
+
+
+async def test_base_model_with_the_async_client(client):
+    out = await client.chat.completions.create(model=SMALL, messages=Q, temperature=0, max_tokens=24)
+    assert "Paris" in out.choices[0].message.content and out.object == "chat.completion"
+    assert out.usage.prompt_tokens > 0 and out.usage.completion_tokens > 0
+    many = await client.chat.completions.create(model=SMALL, messages=Q, n=3, temperature=0.9, max_tokens=12,
+                                                seed=4)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+
+
+async def test_pipeline_with_the_sync_client(server):
+    def call():
+        sync = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="none", max_retries=0)
+        return sync.chat.completions.create(model="moa-lite", messages=Q, max_tokens=24,
+                                            extra_body={"moa": {"trace": True}})
+
+    out = await asyncio.to_thread(call)
+    assert out.choices[0].message.content.strip() and out.model == "moa-lite"
+    moa = out.model_extra["moa"]
+    assert moa["engine_calls"] == len(moa["trace"]["calls"]) == 3  # qwen x2 collapsed to one n=2 call
+    assert out.usage.total_tokens == moa["trace"]["usage"]["total_tokens"]
+    assert [layer["step"] for layer in moa["layers"]] == ["propose", "aggregate"]
+
+
+async def test_overrides_in_extra_body(client):
+    out = await client.chat.completions.create(
+        model="moa-lite", messages=Q, max_tokens=16,
+        extra_body={"moa": {"proposers": [SMALL, SMALL, SMALL], "aggregator": SMALL, "layers": 4,
+                            "strategy": "consensus", "quorum": 2, "trace": True}})
+    calls = out.model_extra["moa"]["trace"]["calls"]
+    assert {c["model"] for c in calls} == {SMALL}
+    # 4 layers: one n=3 proposal request, two synthesize layers of the three proposers, one aggregate.
+    assert [(c["layer"], c["step"], c["n"]) for c in calls] == [
+        (1, "propose", 3), *[(2, "synthesize", 1)] * 3, *[(3, "synthesize", 1)] * 3, (4, "aggregate", 1)]
+
+
+async def test_streaming_base_model_and_usage(client):
+    stream = await client.chat.completions.create(model=SMALL, messages=Q, temperature=0, max_tokens=24, stream=True,
+                                                  stream_options={"include_usage": True})
+    text, usage = "", None
+    async for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if chunk.usage:
+            usage = chunk.usage
+    assert "Paris" in text and usage.completion_tokens > 0
+
+
+async def test_streaming_pipeline_with_progress_events(client):
+    stream = await client.chat.completions.create(model="self-moa", messages=Q, max_tokens=16, stream=True,
+                                                  extra_body={"moa": {"events": True}})
+    text, events, summary = "", [], None
+    async for chunk in stream:  # progress events are chunks with choices: [] and a `moa` field
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        elif "event" in (chunk.model_extra.get("moa") or {}):
+            events.append(chunk.model_extra["moa"]["event"])
+        elif chunk.model_extra.get("moa"):
+            summary = chunk.model_extra["moa"]
+    assert text.strip()
+    assert events[0] == "layer_started" and "call_finished" in events and events[-1] == "layer_finished"
+    assert summary["engine_calls"] == 2
+
+
+async def test_sse_wire_format_byte_for_byte(server):
+    url, _ = server
+    body = {"model": SMALL, "messages": Q, "temperature": 0, "max_tokens": 8, "stream": True}
+    async with httpx.AsyncClient(base_url=url) as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join([part async for part in r.aiter_bytes()])
+    ids = set(re.findall(rb'"id":"(chatcmpl-[0-9a-f]{32})"', raw))
+    created = set(re.findall(rb'"created":(\d+)', raw))
+    assert len(ids) == 1 and len(created) == 1
+    normal = raw.replace(ids.pop(), b"ID").replace(b'"created":' + created.pop(), b'"created":0')
+    head = b'{"id":"ID","object":"chat.completion.chunk","created":0,"model":"smollm2-135m","choices":'
+    words = ["The", " capital", " of", " France", " is", " Paris", "."]
+    expected = b"data: " + head + b'[{"index":0,"delta":{"role":"assistant","content":"The"},' \
+        b'"finish_reason":null,"logprobs":null}]}\n\n'
+    for word in words[1:]:
+        expected += b"data: " + head + b'[{"index":0,"delta":{"content":' + json.dumps(word).encode() + \
+            b'},"finish_reason":null,"logprobs":null}]}\n\n'
+    expected += b"data: " + head + b'[{"index":0,"delta":{"content":""},"finish_reason":"stop","logprobs":null}]}\n\n'
+    expected += b"data: [DONE]\n\n"
+    assert normal == expected
+
+
+@pytest.mark.parametrize(("kwargs", "status", "fragment"), [
+    ({"model": "nope"}, 404, "neither a served model nor a pipeline"),
+    ({"n": 0}, 400, "n"),
+    ({"temperature": 3}, 400, "temperature"),
+    ({"top_p": 0}, 400, "top_p"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    ({"messages": [{"role": "user"}]}, 400, "content"),
+    ({"max_tokens": 100_000}, 400, "context length"),
+    ({"n": 2, "temperature": 0}, 400, "n > 1"),
+    ({"model": "moa-lite", "n": 2}, 400, "n must be 1 for a pipeline"),
+    ({"model": "moa-lite", "extra_body": {"moa": {"proposers": ["ghost"]}}}, 400, "'ghost' is not served"),
+    ({"model": "moa-lite", "extra_body": {"moa": {"colour": "red"}}}, 400, "colour"),
+])
+async def test_errors_map_to_openai_statuses(client, kwargs, status, fragment):
+    args = {"model": SMALL, "messages": Q, "max_tokens": 8, **kwargs}
+    with pytest.raises(openai.APIStatusError) as err:
+        await client.chat.completions.create(**args)
+    assert err.value.status_code == status
+    assert fragment in err.value.body["message"] or fragment in (err.value.body.get("param") or "")
+    assert err.value.body["type"]
+
+
+async def test_oversized_body_is_413(server):
+    async with httpx.AsyncClient(base_url=server[0]) as http:
+        huge = {"model": SMALL, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+        r = await http.post("/v1/chat/completions", json=huge)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+async def wait_idle(engines, seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.1)):
+        if all(e.running_requests == 0 for e in engines.values()):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError({n: e.running_requests for n, e in engines.items()})
+
+
+async def test_client_disconnect_aborts_engine_work(server, small_pool):
+    url, _ = server
+    body = {"model": QWEN_SMALL, "messages": ESSAY, "temperature": 1.0, "max_tokens": 2000, "stream": True}
+    async with httpx.AsyncClient(base_url=url) as http:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            async for _ in r.aiter_bytes():
+                break
+        await wait_idle(small_pool)
+        # Non-streaming pipeline: the client gives up after a second; the server cancels the whole run.
+        req = {"model": "self-moa", "messages": ESSAY, "max_tokens": 2000}
+        task = asyncio.create_task(http.post("/v1/chat/completions", json=req, timeout=60))
+        await asyncio.sleep(1.5)
+        assert small_pool[QWEN_SMALL].running_requests >= 1
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await wait_idle(small_pool)
+        metrics = (await http.get("/metrics")).text
+    assert 'moa_requests_aborted_total{model="qwen2.5-coder-0.5b",reason="client_gone"} 1.0' in metrics
+    assert 'moa_requests_aborted_total{model="self-moa",reason="client_gone"} 1.0' in metrics
+
+
+async def test_metrics_count_requests_tokens_and_calls(server, client):
+    await client.chat.completions.create(model="self-consistency", messages=Q, max_tokens=8)
+    async with httpx.AsyncClient(base_url=server[0]) as http:
+        text = (await http.get("/metrics")).text
+    assert 'moa_requests_total{model="self-consistency",status="200"} 1.0' in text
+    assert re.search(r'moa_tokens_total\{kind="completion",model="self-consistency"\} [1-9]', text)
+    assert re.search(r'moa_engine_calls_total\{engine="qwen2.5-coder-0.5b",status="ok"\} [1-9]', text)
+    assert "moa_request_latency_seconds_bucket" in text and "moa_requests_in_flight 0.0" in text
+
+
+async def test_auth_busy_timeout_and_not_ready(registry, small_pool):
+    settings = ServerSettings(api_keys=["secret"], max_concurrency=1, max_queue=0, request_timeout_s=3)
+    async with serving(registry, small_pool, settings) as (url, _):
+        anonymous = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            await anonymous.chat.completions.create(model=SMALL, messages=Q)
+        authed = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="secret", max_retries=0)
+        long = authed.chat.completions.create(model=QWEN_SMALL, messages=ESSAY, max_tokens=2000, temperature=1.0)
+        first = asyncio.create_task(long)
+        await asyncio.sleep(0.5)
+        with pytest.raises(openai.RateLimitError) as busy:
+            await authed.chat.completions.create(model=SMALL, messages=Q, max_tokens=4)
+        assert busy.value.response.headers["retry-after"] == "1"
+        with pytest.raises(openai.APIStatusError) as slow:
+            await first  # runs past the 3 s request timeout
+        assert slow.value.status_code == 504
+        await wait_idle(small_pool)
+    async with serving(registry, None, ready=False) as (url, _):
+        async with httpx.AsyncClient(base_url=url) as http:
+            assert (await http.get("/ready")).status_code == 503
+            r = await http.post("/v1/chat/completions", json={"model": SMALL, "messages": Q})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
