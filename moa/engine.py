@@ -129,6 +129,8 @@ class InvalidRequest(ValueError):
 class Engine(Protocol):
     """An engine serves one model.
 
+    `messages` is a conversation, templated with the model's chat template; a plain
+    string is a raw prompt sent as is (OpenAI's /v1/completions).
     Cancellation is asyncio cancellation: cancelling the task awaiting
     `generate`, or closing the iterator returned by `stream`, aborts the request
     inside the engine so no work leaks.
@@ -192,8 +194,12 @@ async def collect(events: AsyncIterator[StreamEvent]) -> Generation:
     return final
 
 
-def validate_messages(messages: Sequence[ChatMessage]) -> None:
+def validate_messages(messages: Sequence[ChatMessage] | str) -> None:
     """Reject conversations an engine cannot template, with a message a user can act on."""
+    if isinstance(messages, str):
+        if not messages:
+            raise InvalidRequest("prompt must not be empty")
+        return
     if not messages:
         raise InvalidRequest("messages must contain at least one message")
     for i, message in enumerate(messages):

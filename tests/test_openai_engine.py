@@ -150,3 +150,8 @@ async def test_unreachable_server_fails_at_start():
                      endpoint=Endpoint(base_url=f"http://127.0.0.1:{free_port()}/v1", timeout_s=5))
     with pytest.raises(EngineError, match="model 'gone': the server at .* does not answer"):
         await OpenAIEngine(spec).start()
+
+
+async def test_raw_prompt_uses_the_completions_api(remote):
+    result = await remote.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=6))
+    assert "Paris" in result.texts[0] and result.prompt_tokens == 5

@@ -253,3 +253,16 @@ async def test_auth_busy_timeout_and_not_ready(registry, small_pool):
             assert (await http.get("/ready")).status_code == 503
             r = await http.post("/v1/chat/completions", json={"model": SMALL, "messages": Q})
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
+
+
+async def test_completions_endpoint_for_base_models(client):
+    out = await client.completions.create(model=SMALL, prompt="The capital of France is", temperature=0,
+                                          max_tokens=6)
+    assert out.object == "text_completion" and "Paris" in out.choices[0].text
+    assert out.usage.prompt_tokens == 5  # raw prompt: no chat template around it
+    stream = await client.completions.create(model=SMALL, prompt="The capital of France is", temperature=0,
+                                             max_tokens=6, stream=True)
+    text = "".join([c.choices[0].text async for c in stream if c.choices])
+    assert text == out.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="pipeline"):
+        await client.completions.create(model="moa-lite", prompt="hi")

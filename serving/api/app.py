@@ -27,7 +27,7 @@ from moa.steps import Pipeline
 from moa.trace import AnswerDelta, CallFinished, Event, StepFinished, StepStarted
 from serving.api.errors import APIError, api_error_handler, body, error_response, validation_handler
 from serving.api.metrics import Metrics
-from serving.api.schemas import ChatCompletionRequest, MoAOptions
+from serving.api.schemas import ChatCompletionRequest, CompletionRequest, MoAOptions
 from serving.api.targets import apply_overrides, describe
 from serving.registry import Registry
 
@@ -146,20 +146,36 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
                  for name, p in state.pipelines.items()]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest, request: Request):
+    def check_target(model: str) -> None:
         if not state.ready:
             raise APIError(503, "engines are starting; retry when GET /ready answers 200",
                            headers={"Retry-After": "5"})
-        if req.model not in state.models and req.model not in state.pipelines:
+        if model not in state.models and model not in state.pipelines:
             known = ", ".join([*state.models, *state.pipelines])
-            raise APIError(404, f"model {req.model!r} is neither a served model nor a pipeline; served: {known}",
+            raise APIError(404, f"model {model!r} is neither a served model nor a pipeline; served: {known}",
                            param="model", code="model_not_found")
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request):
+        check_target(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         if req.model in state.pipelines:
             job = _pipeline_job(state, req, messages)
         else:
             job = _model_job(state, req, messages)
+        return await respond(req, job, request)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        check_target(req.model)
+        if req.model in state.pipelines:
+            raise APIError(400, f"{req.model!r} is a pipeline: pipelines answer conversations, use "
+                                "/v1/chat/completions", param="model")
+        job = _model_job(state, req, req.prompt)
+        job.kind = "text"
+        return await respond(req, job, request)
+
+    async def respond(req, job: _Job, request: Request):
         if req.stream:
             # The slot is taken inside the stream, so a response that never starts holds none.
             state.check_capacity()
@@ -198,8 +214,8 @@ class _Job:
     options: MoAOptions = field(default_factory=MoAOptions)
 
 
-def _model_job(state: ServerState, req: ChatCompletionRequest, messages: list) -> _Job:
-    if req.moa is not None:
+def _model_job(state: ServerState, req: ChatCompletionRequest | CompletionRequest, messages: list | str) -> _Job:
+    if getattr(req, "moa", None) is not None:
         raise APIError(400, "moa options apply to pipelines only", param="moa")
     if req.n > 1 and req.temperature == 0:
         raise APIError(400, "n > 1 needs temperature > 0 (greedy samples would be identical)", param="n")
@@ -269,6 +285,14 @@ async def _disconnected(request: Request) -> None:
 async def _run_job(state: ServerState, job: _Job, req: ChatCompletionRequest) -> dict:
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    if job.kind == "text":
+        generation = await job.engine.generate(job.messages, job.params, request_id=rid)
+        _count_model(state, req.model, generation)
+        choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+                   for c in generation.completions]
+        return {"id": f"cmpl-{rid[9:]}", "object": "text_completion", "created": created, "model": req.model,
+                "choices": choices, "usage": _usage(generation.prompt_tokens, generation.completion_tokens,
+                                                    generation.cached_prompt_tokens)}
     if job.kind == "model":
         generation = await job.engine.generate(job.messages, job.params, request_id=rid)
         _count_model(state, req.model, generation)
@@ -354,11 +378,27 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, job: _Job) -> 
         return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                      "choices": choices, **extra})
 
+    def text_chunk(choices: list, **extra) -> bytes:
+        return _sse({"id": f"cmpl-{rid[9:]}", "object": "text_completion", "created": created, "model": req.model,
+                     "choices": choices, **extra})
+
     await state.admit(check=False)  # capacity was checked before the response started
     state.metrics.in_flight.inc()
     try:
         async with asyncio.timeout(state.settings.request_timeout_s):
-            if job.kind == "model":
+            if job.kind == "text":
+                async for event in job.engine.stream(job.messages, job.params, request_id=rid):
+                    if isinstance(event, Delta):
+                        if first_token is None and event.text:
+                            first_token = time.perf_counter() - started
+                        yield text_chunk([{"index": event.index, "text": event.text,
+                                           "finish_reason": event.finish_reason, "logprobs": None}])
+                    else:
+                        _count_model(state, req.model, event)
+                        if req.stream_options and req.stream_options.include_usage:
+                            yield text_chunk([], usage=_usage(event.prompt_tokens, event.completion_tokens,
+                                                              event.cached_prompt_tokens))
+            elif job.kind == "model":
                 roles_sent: set[int] = set()
                 async for event in job.engine.stream(job.messages, job.params, request_id=rid):
                     if isinstance(event, Delta):

@@ -38,21 +38,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class _Sampling(BaseModel):
+    """Fields both OpenAI endpoints share, validated the same way."""
+
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs=false, ...)
 
     model: str
-    messages: list[Message] = Field(min_length=1)
     n: int = Field(default=1, ge=1, le=16)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    moa: MoAOptions | None = None
 
     @field_validator("stop")
     @classmethod
@@ -64,5 +62,22 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("stop takes up to 4 non-empty strings")
         return values
 
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    moa: MoAOptions | None = None
+
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    """/v1/completions: a raw prompt to a base model (no chat template)."""
+
+    prompt: str = Field(min_length=1)
+    max_tokens: int = Field(default=16, ge=1)
+
+    def token_limit(self) -> int:
+        return self.max_tokens

@@ -46,4 +46,6 @@ def serve(
     console.print(f"moa serve: http://{host}:{port}/v1 — models {models}, pipelines {list(pipelines)}; "
                   "engines start one by one, GET /ready answers 200 when all are up", highlight=False,
                   soft_wrap=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # On Ctrl-C uvicorn stops accepting, lets in-flight requests finish for up to 30 s, then cancels them
+    # (which aborts their engine work); the lifespan then closes every engine.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)

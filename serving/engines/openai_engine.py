@@ -92,31 +92,30 @@ class OpenAIEngine(StreamingEngine):
         self.stats.begin()
         outcome = "error"
         try:
-            stream = await self._client.chat.completions.create(
-                model=self.served_model,
-                messages=list(messages),
-                n=params.n,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                max_tokens=params.max_tokens,
-                seed=params.seed,
-                stop=list(params.stop) or None,
-                stream=True,
-                stream_options={"include_usage": True},
-                response_format=(
-                    {"type": "json_schema", "json_schema": {"name": "output", "schema": params.json_schema}}
-                    if params.json_schema else None
-                ),
-                extra_body=body or None,
+            common = dict(
+                model=self.served_model, n=params.n, temperature=params.temperature, top_p=params.top_p,
+                max_tokens=params.max_tokens, seed=params.seed, stop=list(params.stop) or None, stream=True,
+                stream_options={"include_usage": True}, extra_body=body or None,
                 extra_headers={"X-Request-Id": request_id} if request_id else None,
             )
+            if isinstance(messages, str):  # a raw prompt: the server's /v1/completions
+                stream = await self._client.completions.create(prompt=messages, **common)
+            else:
+                schema = params.json_schema
+                stream = await self._client.chat.completions.create(
+                    messages=list(messages),
+                    response_format=({"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+                                     if schema else None),
+                    **common,
+                )
             async with stream:
                 async for chunk in stream:
                     if chunk.usage is not None:
                         usage = chunk.usage
                     for choice in chunk.choices:
                         i = choice.index
-                        text = choice.delta.content or "" if choice.delta else ""
+                        delta = getattr(choice, "delta", None)
+                        text = (delta.content or "" if delta else "") if hasattr(choice, "delta") else choice.text
                         ids = getattr(choice, "token_ids", None) or (choice.model_extra or {}).get("token_ids")
                         if ttft is None and (text or ids):
                             ttft = time.perf_counter() - started

@@ -147,8 +147,11 @@ class TransformersEngine(StreamingEngine):
                 f"model {self.name!r}: the transformers backend has no guided decoding for JSON schemas; "
                 "use a vllm (or openai) backend model for structured output such as the council strategy"
             )
-        ids = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        prompt_ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        if isinstance(messages, str):  # a raw prompt (/v1/completions): no chat template
+            prompt_ids = list(self._tokenizer.encode(messages))
+        else:
+            ids = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+            prompt_ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         if self.max_model_len and len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequest(
                 f"model {self.name!r}: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "

@@ -140,6 +140,8 @@ class VLLMEngine(StreamingEngine):
 
     def prompt_token_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
         validate_messages(messages)
+        if isinstance(messages, str):  # a raw prompt (/v1/completions): no chat template
+            return list(self._tokenizer.encode(messages))
         ids = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # some tokenizers return a BatchEncoding
             ids = ids["input_ids"]
