@@ -137,11 +137,22 @@ class ModelSpec(_Strict):
         return self
 
 
+class ServerOptions(_Strict):
+    """`server:` in models.yaml: defaults for `moa serve` (command-line options win)."""
+
+    api_keys: list[str] = Field(default_factory=list)
+    api_keys_env: str | None = "MOA_API_KEYS"  # comma-separated keys in this environment variable
+    max_concurrency: int = Field(default=16, ge=1)
+    max_queue: int = Field(default=64, ge=0)
+    timeout_s: float = Field(default=600.0, gt=0)
+
+
 class Registry(_Strict):
     default_model: str
     models: dict[str, ModelSpec]
     # Named pipelines (presets) as data; parsed into moa Pipeline values at load (moa/presets.py).
     pipelines: dict[str, Any] = Field(default_factory=dict)
+    server: ServerOptions = ServerOptions()
     path: Path | None = None
     _parsed: dict[str, Pipeline] = PrivateAttr(default_factory=dict)
 

@@ -143,3 +143,11 @@ def test_split_cores_gives_engines_disjoint_cores():
     assert split_cores(2, [0, 1, 2, 3]) == ["0,1", "2,3"]
     assert split_cores(3, [0, 1, 2, 3]) == ["0,1", "2", "3"]
     assert split_cores(3, [0, 1]) == ["0", "1", "0"]
+
+
+def test_server_section(tmp_path):
+    reg = load_registry(write(tmp_path, GOOD + "server: {api_keys: [k1], max_concurrency: 4, timeout_s: 30}\n"))
+    assert reg.server.api_keys == ["k1"] and reg.server.max_concurrency == 4 and reg.server.max_queue == 64
+    assert reg.server.api_keys_env == "MOA_API_KEYS"
+    with pytest.raises(RegistryError, match="server.max_queue"):
+        load_registry(write(tmp_path, GOOD + "server: {max_queue: -1}\n"))

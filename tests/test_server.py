@@ -14,11 +14,12 @@ import pytest
 import uvicorn
 
 from serving.api.app import ServerSettings, create_app
+from serving.registry import load_registry
 from tests.conftest import QWEN_SMALL, SMALL
 
 pytestmark = pytest.mark.vllm
 SWAP = {"qwen2.5-coder-1.5b": QWEN_SMALL}
-PIPELINES = ["moa-lite", "self-moa", "council", "self-consistency"]
+PIPELINES = load_registry().pipeline_names  # every preset is served
 Q = [{"role": "user", "content": "What is the capital of France?"}]
 ESSAY = [{"role": "user", "content": "Write a very long, detailed essay on the history of Paris."}]
 
@@ -98,6 +99,14 @@ async def test_pipeline_with_the_sync_client(server):
     assert moa["engine_calls"] == len(moa["trace"]["calls"]) == 3  # qwen x2 collapsed to one n=2 call
     assert out.usage.total_tokens == moa["trace"]["usage"]["total_tokens"]
     assert [layer["step"] for layer in moa["layers"]] == ["propose", "aggregate"]
+
+
+@pytest.mark.parametrize("preset", PIPELINES)
+async def test_every_preset_through_the_official_client(client, preset):
+    out = await client.chat.completions.create(model=preset, messages=Q, max_tokens=200 if preset == "council" else 16,
+                                               seed=3)
+    assert out.choices[0].message.content.strip() and out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens > 0 and out.model_extra["moa"]["pipeline"] == preset
 
 
 async def test_overrides_in_extra_body(client):

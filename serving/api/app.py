@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from moa.engine import Delta, Engine, EngineError, Generation, InvalidRequest, SamplingParams
-from moa.runner import PipelineError, RunResult, iter_run
+from moa.runner import PipelineError, RunResult, iter_run, run
 from moa.steps import Pipeline
 from moa.trace import AnswerDelta, CallFinished, Event, StepFinished, StepStarted
 from serving.api.errors import APIError, api_error_handler, body, error_response, validation_handler
@@ -301,18 +301,15 @@ async def _run_job(state: ServerState, job: _Job, req: ChatCompletionRequest) ->
         usage = _usage(generation.prompt_tokens, generation.completion_tokens, generation.cached_prompt_tokens)
         return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": choices, "usage": usage}
-    result = await _run_pipeline(state, job, req, on_event=None)
+    result = await _run_pipeline(state, job, req)
     return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
                          "finish_reason": "stop", "logprobs": None}],
             "usage": _pipeline_usage(result), "moa": _summary(result, job.options.trace)}
 
 
-async def _run_pipeline(state: ServerState, job: _Job, req: ChatCompletionRequest, on_event) -> RunResult:
-    from moa.runner import run
-
-    result = await run(job.pipeline, job.messages, state.engines, prices=state.registry.prices(), seed=req.seed,
-                       on_event=on_event)
+async def _run_pipeline(state: ServerState, job: _Job, req: ChatCompletionRequest) -> RunResult:
+    result = await run(job.pipeline, job.messages, state.engines, prices=state.registry.prices(), seed=req.seed)
     _count_pipeline(state, req.model, result)
     return result
 
@@ -476,6 +473,4 @@ def _event_name(event: Event) -> str:
 
 
 def _event_fields(event: Event) -> dict:
-    from dataclasses import asdict
-
     return asdict(event)

@@ -16,10 +16,14 @@ def serve(
     model: list[str] = typer.Option([], "--model", "-m", help="Serve this model (repeatable)."),
     pipeline: list[str] = typer.Option([], "--pipeline", "-p", help="Serve this pipeline (repeatable)."),
     swap: list[str] = typer.Option([], "--swap", help="Run pipelines with a model replaced: OLD=NEW (repeatable)."),
-    api_key: list[str] = typer.Option([], "--api-key", help="Accepted Bearer key (repeatable); also $MOA_API_KEYS."),
-    max_concurrency: int = typer.Option(16, "--max-concurrency", min=1, help="Requests served at once."),
-    max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests waiting for a slot; beyond: 429."),
-    timeout: float = typer.Option(600.0, "--timeout", help="Per request, seconds; beyond: 504 and aborted."),
+    api_key: list[str] = typer.Option([], "--api-key", help="Accepted Bearer key (repeatable); also $MOA_API_KEYS "
+                                      "and server.api_keys in models.yaml."),
+    max_concurrency: int | None = typer.Option(None, "--max-concurrency", min=1,
+                                               help="Requests served at once [models.yaml server: 16]."),
+    max_queue: int | None = typer.Option(None, "--max-queue", min=0,
+                                         help="Requests waiting for a slot; beyond: 429 [server: 64]."),
+    timeout: float | None = typer.Option(None, "--timeout",
+                                         help="Per request, seconds; beyond: 504 and aborted [server: 600]."),
     config: Path | None = ConfigOption,
 ) -> None:
     """Serve models and pipelines over an OpenAI-compatible API (default: the default model and every pipeline)."""
@@ -36,12 +40,18 @@ def serve(
         models = list(dict.fromkeys(model or [reg.default_model]))
         for name in {*models, *(m for p in pipelines.values() for m in p.models())}:
             _ensure_local(reg.get(name))
-        keys = [*api_key, *[k for k in os.environ.get("MOA_API_KEYS", "").split(",") if k]]
+        options = reg.server
+        from_env = os.environ.get(options.api_keys_env, "") if options.api_keys_env else ""
+        keys = [*api_key, *options.api_keys, *[k.strip() for k in from_env.split(",") if k.strip()]]
     if host not in ("127.0.0.1", "localhost", "::1") and not keys:
         console.print(f"[bold red]WARNING: binding {host} with no API key: anyone who can reach this machine "
                       "can use its models. Pass --api-key or set MOA_API_KEYS.[/bold red]")
-    settings = ServerSettings(api_keys=keys, max_concurrency=max_concurrency, max_queue=max_queue,
-                              request_timeout_s=timeout)
+    settings = ServerSettings(
+        api_keys=keys,
+        max_concurrency=max_concurrency or options.max_concurrency,
+        max_queue=options.max_queue if max_queue is None else max_queue,
+        request_timeout_s=timeout or options.timeout_s,
+    )
     app = create_app(reg, models=models, pipelines=pipelines, settings=settings)
     console.print(f"moa serve: http://{host}:{port}/v1 — models {models}, pipelines {list(pipelines)}; "
                   "engines start one by one, GET /ready answers 200 when all are up", highlight=False,
