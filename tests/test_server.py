@@ -230,11 +230,18 @@ async def test_client_disconnect_aborts_engine_work(server, small_pool):
     assert 'moa_requests_aborted_total{model="self-moa",reason="client_gone"} 1.0' in metrics
 
 
+def counter(text: str, line: str) -> float:
+    match = re.search(re.escape(line) + r" ([0-9.e+]+)", text)
+    return float(match.group(1)) if match else 0.0
+
+
 async def test_metrics_count_requests_tokens_and_calls(server, client):
-    await client.chat.completions.create(model="self-consistency", messages=Q, max_tokens=8)
+    ok = 'moa_requests_total{model="self-consistency",status="200"}'
     async with httpx.AsyncClient(base_url=server[0]) as http:
+        before = counter((await http.get("/metrics")).text, ok)
+        await client.chat.completions.create(model="self-consistency", messages=Q, max_tokens=8)
         text = (await http.get("/metrics")).text
-    assert 'moa_requests_total{model="self-consistency",status="200"} 1.0' in text
+    assert counter(text, ok) == before + 1
     assert re.search(r'moa_tokens_total\{kind="completion",model="self-consistency"\} [1-9]', text)
     assert re.search(r'moa_engine_calls_total\{engine="qwen2.5-coder-0.5b",status="ok"\} [1-9]', text)
     assert "moa_request_latency_seconds_bucket" in text and "moa_requests_in_flight 0.0" in text
