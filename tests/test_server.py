@@ -264,6 +264,13 @@ async def test_auth_busy_timeout_and_not_ready(registry, small_pool):
             await first  # runs past the 3 s request timeout
         assert slow.value.status_code == 504
         await wait_idle(small_pool)
+        # A stream that runs past the timeout ends with an error event, which the client raises.
+        stream = await authed.chat.completions.create(model=QWEN_SMALL, messages=ESSAY, max_tokens=2000,
+                                                      temperature=1.0, stream=True)
+        with pytest.raises(openai.APIError, match="no answer within 3"):
+            async for _ in stream:
+                pass
+        await wait_idle(small_pool)
     async with serving(registry, None, ready=False) as (url, _):
         async with httpx.AsyncClient(base_url=url) as http:
             assert (await http.get("/ready")).status_code == 503

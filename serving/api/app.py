@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 
 from fastapi import FastAPI, Request
@@ -384,51 +384,55 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, job: _Job) -> 
     try:
         async with asyncio.timeout(state.settings.request_timeout_s):
             if job.kind == "text":
-                async for event in job.engine.stream(job.messages, job.params, request_id=rid):
-                    if isinstance(event, Delta):
-                        if first_token is None and event.text:
-                            first_token = time.perf_counter() - started
-                        yield text_chunk([{"index": event.index, "text": event.text,
-                                           "finish_reason": event.finish_reason, "logprobs": None}])
-                    else:
-                        _count_model(state, req.model, event)
-                        if req.stream_options and req.stream_options.include_usage:
-                            yield text_chunk([], usage=_usage(event.prompt_tokens, event.completion_tokens,
-                                                              event.cached_prompt_tokens))
+                async with aclosing(job.engine.stream(job.messages, job.params, request_id=rid)) as events:
+                    async for event in events:
+                        if isinstance(event, Delta):
+                            if first_token is None and event.text:
+                                first_token = time.perf_counter() - started
+                            yield text_chunk([{"index": event.index, "text": event.text,
+                                               "finish_reason": event.finish_reason, "logprobs": None}])
+                        else:
+                            _count_model(state, req.model, event)
+                            if req.stream_options and req.stream_options.include_usage:
+                                yield text_chunk([], usage=_usage(event.prompt_tokens, event.completion_tokens,
+                                                                  event.cached_prompt_tokens))
             elif job.kind == "model":
                 roles_sent: set[int] = set()
-                async for event in job.engine.stream(job.messages, job.params, request_id=rid):
-                    if isinstance(event, Delta):
-                        delta: dict = {"content": event.text}
-                        if event.index not in roles_sent:
-                            roles_sent.add(event.index)
-                            delta = {"role": "assistant", "content": event.text}
-                        if first_token is None and event.text:
-                            first_token = time.perf_counter() - started
-                        yield chunk([{"index": event.index, "delta": delta, "finish_reason": event.finish_reason,
-                                      "logprobs": None}])
-                    else:
-                        _count_model(state, req.model, event)
-                        if req.stream_options and req.stream_options.include_usage:
-                            yield chunk([], usage=_usage(event.prompt_tokens, event.completion_tokens,
-                                                         event.cached_prompt_tokens))
+                async with aclosing(job.engine.stream(job.messages, job.params, request_id=rid)) as events:
+                    async for event in events:
+                        if isinstance(event, Delta):
+                            delta: dict = {"content": event.text}
+                            if event.index not in roles_sent:
+                                roles_sent.add(event.index)
+                                delta = {"role": "assistant", "content": event.text}
+                            if first_token is None and event.text:
+                                first_token = time.perf_counter() - started
+                            yield chunk([{"index": event.index, "delta": delta, "finish_reason": event.finish_reason,
+                                          "logprobs": None}])
+                        else:
+                            _count_model(state, req.model, event)
+                            if req.stream_options and req.stream_options.include_usage:
+                                yield chunk([], usage=_usage(event.prompt_tokens, event.completion_tokens,
+                                                             event.cached_prompt_tokens))
             else:
                 yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                               "logprobs": None}])
                 result: RunResult | None = None
                 streamed = False
-                async for item in iter_run(job.pipeline, job.messages, state.engines,
-                                           prices=state.registry.prices(), seed=req.seed):
-                    if isinstance(item, AnswerDelta):
-                        streamed = True
-                        if first_token is None:
-                            first_token = time.perf_counter() - started
-                        yield chunk([{"index": 0, "delta": {"content": item.text}, "finish_reason": None,
-                                      "logprobs": None}])
-                    elif isinstance(item, RunResult):
-                        result = item
-                    elif job.options.events:
-                        yield chunk([], moa={"event": _event_name(item), **_event_fields(item)})
+                run_items = iter_run(job.pipeline, job.messages, state.engines, prices=state.registry.prices(),
+                                     seed=req.seed)
+                async with aclosing(run_items) as items:
+                    async for item in items:
+                        if isinstance(item, AnswerDelta):
+                            streamed = True
+                            if first_token is None:
+                                first_token = time.perf_counter() - started
+                            yield chunk([{"index": 0, "delta": {"content": item.text}, "finish_reason": None,
+                                          "logprobs": None}])
+                        elif isinstance(item, RunResult):
+                            result = item
+                        elif job.options.events:
+                            yield chunk([], moa={"event": _event_name(item), **_event_fields(item)})
                 assert result is not None
                 _count_pipeline(state, req.model, result)
                 if not streamed:  # the last step was a transform (vote, rank): the answer arrives whole
