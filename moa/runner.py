@@ -144,17 +144,18 @@ class _Run:
         except Exception as exc:  # engine errors: recorded, and the fault rules decide
             record.status, record.error = "error", f"{type(exc).__name__}: {exc}"
             raise _CallFailed(model, record.error) from exc
+        else:
+            record.status = "ok"
+            record.prompt_tokens = generation.prompt_tokens
+            record.completion_tokens = generation.completion_tokens
+            record.cached_prompt_tokens = generation.cached_prompt_tokens
+            prompt_price, completion_price = self.prices.get(model, (0.0, 0.0))
+            record.cost_usd = (generation.prompt_tokens * prompt_price + generation.completion_tokens
+                               * completion_price) / 1e6
         finally:
             record.end_s = self.trace.now()
             await self.emit(CallFinished(step.kind, self.layer, model, record.status,
-                                         0 if record.status != "ok" else params.n))
-        record.status = "ok"
-        record.prompt_tokens = generation.prompt_tokens
-        record.completion_tokens = generation.completion_tokens
-        record.cached_prompt_tokens = generation.cached_prompt_tokens
-        prompt_price, completion_price = self.prices.get(model, (0.0, 0.0))
-        record.cost_usd = (generation.prompt_tokens * prompt_price + generation.completion_tokens
-                           * completion_price) / 1e6
+                                         len(generation.completions) if record.status == "ok" else 0))
         return generation.texts
 
     async def _consume(self, engine: Engine, messages: list[ChatMessage], params: SamplingParams,

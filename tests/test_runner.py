@@ -260,7 +260,8 @@ async def test_trace_usage_cost_and_events():
     json.dumps(result.trace.to_dict())  # serialisable
     kinds = [type(e).__name__ for e in events]
     assert kinds[0] == "StepStarted" and kinds[-1] == "StepFinished"
-    assert sum(isinstance(e, CallFinished) for e in events) == 3
+    finished = [e for e in events if isinstance(e, CallFinished)]
+    assert [(e.model, e.status, e.responses) for e in finished] == [("a", "ok", 1), ("b", "ok", 1), ("agg", "ok", 1)]
     assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == "agg answer 0"
     assert [e.layer for e in events if isinstance(e, (StepStarted, StepFinished))] == [1, 1, 2, 2]
 
