@@ -26,7 +26,10 @@ def serve(
                                          help="Per request, seconds; beyond: 504 and aborted [server: 600]."),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Serve models and pipelines over an OpenAI-compatible API (default: the default model and every pipeline)."""
+    """Serve models and pipelines over an OpenAI-compatible API.
+
+    With neither --model nor --pipeline: the default model, every pipeline, and every model they use.
+    """
     import uvicorn
 
     from serving.api.app import ServerSettings, create_app
@@ -35,7 +38,8 @@ def serve(
     reg = registry(config)
     with user_errors():
         mapping = dict(_parse_swap(s) for s in swap)
-        names = pipeline or reg.pipeline_names
+        # --model alone serves just those models; with neither option, every pipeline is served too.
+        names = pipeline or ([] if model else reg.pipeline_names)
         pipelines = {name: reg.pipeline(name).with_models(mapping) for name in names}
         models = list(dict.fromkeys(model or [reg.default_model]))
         for name in {*models, *(m for p in pipelines.values() for m in p.models())}:
