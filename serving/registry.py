@@ -173,12 +173,15 @@ class Registry(_Strict):
             raise ValueError(f"default_model {self.default_model!r} is not one of the models: {sorted(self.models)}")
         return self
 
-    def pipeline(self, name: str) -> Pipeline:
+    def _lookup(self, kind: str, table: dict[str, Any], name: str) -> Any:
         try:
-            return self._parsed[name]
+            return table[name]
         except KeyError:
             where = f" in {self.path}" if self.path else ""
-            raise KeyError(f"unknown pipeline {name!r}{where}; known: {', '.join(sorted(self._parsed))}") from None
+            raise KeyError(f"unknown {kind} {name!r}{where}; known: {', '.join(sorted(table))}") from None
+
+    def pipeline(self, name: str) -> Pipeline:
+        return self._lookup("pipeline", self._parsed, name)
 
     @property
     def pipeline_names(self) -> list[str]:
@@ -188,11 +191,7 @@ class Registry(_Strict):
         return {name: (m.price.prompt, m.price.completion) for name, m in self.models.items()}
 
     def get(self, name: str) -> ModelSpec:
-        try:
-            return self.models[name]
-        except KeyError:
-            where = f" in {self.path}" if self.path else ""
-            raise KeyError(f"unknown model {name!r}{where}; known: {', '.join(sorted(self.models))}") from None
+        return self._lookup("model", self.models, name)
 
 
 class RegistryError(ValueError):
