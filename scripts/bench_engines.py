@@ -107,6 +107,40 @@ async def measure(name: str, max_tokens: int, registry) -> dict:
     return result
 
 
+async def compare_nk(name: str, k: int, max_tokens: int, registry) -> dict:
+    """Self-MoA's proposal step two ways: one request with n=k versus k concurrent n=1 requests.
+
+    Same prompt, same seeds (sample i is seeded i either way), so the same work is asked for.
+    """
+    from moa.engine import SamplingParams
+    from serving.engines.pool import EnginePool
+
+    def prompt(session: int) -> list:  # a fresh prefix each round: no KV cache carried between rounds
+        return [{"role": "system", "content": f"Session {session}. " + "You are a careful assistant. " * 40},
+                {"role": "user", "content": PROMPTS[3]}]
+
+    out: dict = {"model": name, "k": k, "max_tokens": max_tokens}
+    async with EnginePool(registry, [name]) as pool:
+        engine = pool[name]
+        await engine.generate([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=8))
+        # Twice each, interleaved; the second round of each is reported.
+        for session, label in enumerate(("n=k", "k separate", "n=k", "k separate")):
+            t0 = time.perf_counter()
+            if label == "n=k":
+                gens = [await engine.generate(prompt(session), SamplingParams(
+                    n=k, temperature=0.8, max_tokens=max_tokens, seed=1000))]
+            else:
+                gens = await asyncio.gather(*[engine.generate(prompt(session), SamplingParams(
+                    temperature=0.8, max_tokens=max_tokens, seed=1000 + i)) for i in range(k)])
+            wall = time.perf_counter() - t0
+            tokens = sum(g.completion_tokens for g in gens)
+            out[label] = {"wall_s": round(wall, 2), "output_tok_s": round(tokens / wall, 1),
+                          "ttft_s": round(min(g.ttft_s for g in gens), 3),
+                          "prompt_tokens": sum(g.prompt_tokens for g in gens),
+                          "cached_prompt_tokens": sum(g.cached_prompt_tokens for g in gens)}
+    return out
+
+
 async def main() -> None:
     from rich.console import Console
     from rich.table import Table
@@ -117,9 +151,17 @@ async def main() -> None:
     parser.add_argument("models", nargs="*", default=["smollm2-135m", "qwen2.5-coder-0.5b"])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--json", type=Path, default=Path("bench-results/engines.json"))
+    parser.add_argument("--compare-nk", type=int, metavar="K",
+                        help="instead: one n=K request versus K separate requests (Self-MoA's proposals)")
     args = parser.parse_args()
 
     registry = load_registry()
+    if args.compare_nk:
+        results = [await compare_nk(name, args.compare_nk, args.max_tokens, registry) for name in args.models]
+        print(json.dumps(results, indent=2))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+        return
     results = [await measure(name, args.max_tokens, registry) for name in args.models]
 
     table = Table(title=f"engines, {len(PROMPTS)} prompts submitted at once, max_tokens={args.max_tokens}")
