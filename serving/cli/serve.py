@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from serving.cli.common import ConfigOption, console, registry, user_errors
+from serving.cli.common import ConfigOption, console, ensure_local, parse_swap, registry, user_errors
 
 
 def serve(
@@ -33,17 +33,16 @@ def serve(
     import uvicorn
 
     from serving.api.app import ServerSettings, create_app
-    from serving.cli.run import _ensure_local, _parse_swap
 
     reg = registry(config)
     with user_errors():
-        mapping = dict(_parse_swap(s) for s in swap)
+        mapping = dict(parse_swap(s) for s in swap)
         # --model alone serves just those models; with neither option, every pipeline is served too.
         names = pipeline or ([] if model else reg.pipeline_names)
         pipelines = {name: reg.pipeline(name).with_models(mapping) for name in names}
         models = list(dict.fromkeys(model or [reg.default_model]))
         for name in {*models, *(m for p in pipelines.values() for m in p.models())}:
-            _ensure_local(reg.get(name))
+            ensure_local(reg.get(name))
         options = reg.server
         from_env = os.environ.get(options.api_keys_env, "") if options.api_keys_env else ""
         keys = [*api_key, *options.api_keys, *[k.strip() for k in from_env.split(",") if k.strip()]]
