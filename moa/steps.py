@@ -209,6 +209,12 @@ class Pipeline:
 
         return replace(self, steps=tuple(swap(s) for s in self.steps))
 
+    def with_layout(self, layout: Layout) -> Pipeline:
+        """Every synthesis step with its references placed `layout` (`moa eval` compares the two)."""
+        return replace(self, name=f"{self.name}@{layout}", steps=tuple(
+            replace(s, layout=layout) if isinstance(s, _Synthesis) else s for s in self.steps
+        ))
+
     def with_max_tokens(self, cap: int) -> Pipeline:
         """Cap every LLM step's max_tokens (quick runs, tests)."""
         return replace(self, steps=tuple(

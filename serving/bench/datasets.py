@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from moa.engine import ChatMessage
 
@@ -45,14 +45,18 @@ class _Line(BaseModel):
 
 class Task(_Line):
     id: str
-    answer: str = Field(description="reference answer: text, number, choice letter or regex pattern")
-    scorer: Scorer
+    # Reference answer (text, number, choice letter or regex). A task without a scorer is an open
+    # prompt: it is judged only in pairwise mode.
+    answer: str | None = None
+    scorer: Scorer | None = None
     category: str = "general"
     choices: list[str] | None = None  # multiple choice: the options, lettered A, B, C... in the prompt
     tolerance: float = 1e-6  # numeric: absolute tolerance
 
     @model_validator(mode="after")
     def _choice_letter(self) -> Task:
+        if self.scorer is not None and not self.answer:
+            raise ValueError(f"scorer {self.scorer} needs an `answer`")
         if self.scorer == "choice":
             letters = "ABCDEFGHIJ"[:len(self.choices or [])] or "ABCDEFGHIJ"
             if self.answer.strip().upper() not in letters:
@@ -84,20 +88,30 @@ def _read(path: Path, model: type[_Line]) -> list:
     return items
 
 
+def _first_line(path: Path) -> str:
+    if not path.is_file():
+        return ""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return next((line for line in lines if line.strip() and not line.lstrip().startswith("#")), "")
+
+
 def load_prompts(path: Path | None = None) -> list[list[ChatMessage]]:
     """One conversation per line: {"prompt": "..."} or {"messages": [...]} (a task file works too)."""
     path = path or DEFAULT_PROMPTS
-    first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), "") \
-        if path.is_file() else ""
-    model = Task if '"scorer"' in first else _Line
+    model = Task if '"id"' in _first_line(path) else _Line
     return [item.conversation() for item in _read(path, model)]
 
 
 def load_tasks(path: Path | None = None) -> list[Task]:
-    tasks = _read(path or DEFAULT_TASKS, Task)
+    """Tasks with an `id`; a plain prompt file works too (open prompts, numbered), for pairwise judging."""
+    path = path or DEFAULT_TASKS
+    first = _first_line(path)
+    if first and '"id"' not in first:
+        return [Task(id=f"prompt-{i:02d}", messages=conv) for i, conv in enumerate(load_prompts(path), 1)]
+    tasks = _read(path, Task)
     seen: set[str] = set()
     for task in tasks:
         if task.id in seen:
-            raise DatasetError(f"{path or DEFAULT_TASKS}: task id {task.id!r} appears twice")
+            raise DatasetError(f"{path}: task id {task.id!r} appears twice")
         seen.add(task.id)
     return tasks

