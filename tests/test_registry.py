@@ -151,3 +151,16 @@ def test_server_section(tmp_path):
     assert reg.server.api_keys_env == "MOA_API_KEYS"
     with pytest.raises(RegistryError, match="server.max_queue"):
         load_registry(write(tmp_path, GOOD + "server: {max_queue: -1}\n"))
+
+
+def test_gpu_example_mirrors_the_published_setups():
+    """examples/models.gpu.yaml loads, and its pipelines have the papers' shapes."""
+    reg = load_registry(Path(__file__).resolve().parent.parent / "examples" / "models.gpu.yaml")
+    moa = reg.pipeline("moa-paper")
+    assert [type(s).__name__ for s in moa.steps] == ["Propose", "Synthesize", "Aggregate"]
+    assert len(moa.steps[0].models) == 6 and moa.steps[-1].model == "qwen1.5-110b"
+    assert reg.pipeline("moa-lite-paper").steps[-1].model == "qwen1.5-72b"
+    self_moa = reg.pipeline("self-moa-paper")
+    assert self_moa.models() == ("wizardlm-2-8x22b",) and self_moa.steps[0].samples == 6
+    args = build_engine_args(reg.get("wizardlm-2-8x22b"), Path("/m"), cpu=False)
+    assert args["tensor_parallel_size"] == 8 and args["quantization"] == "fp8"

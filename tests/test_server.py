@@ -283,3 +283,20 @@ async def test_completions_endpoint_for_base_models(client):
     assert text == out.choices[0].text
     with pytest.raises(openai.BadRequestError, match="pipeline"):
         await client.completions.create(model="moa-lite", prompt="hi")
+
+
+async def test_bench_url_mode_measures_a_served_pipeline_and_model(server):
+    """`moa bench --url`: client-side TTFT and latency, and the pipeline's own calls and layers from `moa`."""
+    from serving.cli.bench import _bench_url
+
+    url, _ = server
+    prompts = [[{"role": "user", "content": "Name a colour."}], [{"role": "user", "content": "Name a fruit."}]]
+    entries = await _bench_url(url, "none", ["moa-lite", SMALL], prompts, [1, 2], 2, 8, 0)
+    lite, base = entries
+    for level in lite["levels"]:
+        assert level["errors"] == 0 and level["requests"] == 2
+        assert level["per_request"]["engine_calls"] == 3  # qwen n=2 + smollm2, then the aggregate
+        assert level["ttft_s"]["p50"] is not None and level["ttft_s"]["p50"] <= level["latency_s"]["p50"]
+        assert set(level["layer_latency_s"]) == {"L1 propose", "L2 aggregate"}
+    assert base["levels"][0]["per_request"]["engine_calls"] == 1
+    assert base["levels"][0]["per_request"]["completion_tokens"] > 0
