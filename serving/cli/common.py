@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,7 +91,10 @@ def ensure_local(spec: ModelSpec) -> None:
 
 
 class ProgressBars:
-    """Rich progress bars; `progress(label, total)` adds a bar and returns its per-request callback."""
+    """Rich progress bars; `progress(label, total)` adds a bar and returns its per-request callback.
+
+    Off a terminal (CI logs, `> file`) bars do not redraw, so each finished bar prints one line instead.
+    """
 
     def __enter__(self) -> Callable:
         self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -103,7 +107,18 @@ class ProgressBars:
             self.bars.console.print(f"[dim]{label}[/dim]", highlight=False)
             return lambda sample: None
         task = self.bars.add_task(label, total=total)
-        return lambda sample: self.bars.advance(task)
+        started = time.perf_counter()
+        done = 0
+
+        def advance(sample: object) -> None:
+            nonlocal done
+            self.bars.advance(task)
+            done += 1
+            if done == total and not self.bars.console.is_terminal:
+                self.bars.console.print(f"{label}: {total} done in {time.perf_counter() - started:.1f} s",
+                                        highlight=False)
+
+        return advance
 
     def __exit__(self, *exc) -> None:
         self.bars.stop()
