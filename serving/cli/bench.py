@@ -19,6 +19,7 @@ from serving.cli.common import (
     ProgressBars,
     console,
     ensure_local,
+    exit_cleanly_on_sigterm,
     parse_swap,
     quiet_engines,
     registry,
@@ -54,6 +55,7 @@ def bench(
     from serving.bench.datasets import DEFAULT_PROMPTS, DatasetError, load_prompts
     from serving.bench.suite import SYSTEMS, parse_levels
 
+    exit_cleanly_on_sigterm()
     if report is not None:
         data = json.loads(report.read_text())
         _publish(data, report.parent, write_json=False)

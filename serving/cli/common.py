@@ -122,3 +122,14 @@ class ProgressBars:
 
     def __exit__(self, *exc) -> None:
         self.bars.stop()
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so `finally` blocks stop engines and vLLM servers as Ctrl-C does.
+
+    The servers `moa bench` starts run in their own sessions; without this a plain `kill`
+    of the bench would leave them running.
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -20,6 +20,7 @@ from serving.cli.common import (
     ProgressBars,
     console,
     ensure_local,
+    exit_cleanly_on_sigterm,
     parse_swap,
     quiet_engines,
     registry,
@@ -51,6 +52,7 @@ def eval_(
     from serving.bench.datasets import DEFAULT_TASKS, DatasetError, load_tasks
     from serving.bench.evaluate import resolve_system
 
+    exit_cleanly_on_sigterm()
     reg = registry(config)
     with user_errors():
         try:
