@@ -179,7 +179,15 @@ def plots(report: dict, out_dir: Path) -> list[Path]:
                 continue
             ax.plot([lv["concurrency"] for lv in levels], [lv["request_throughput"] for lv in levels],
                     marker="o", label=system)
+        if entry["raw"]:  # the same requests' calls as one batch: the ceiling, in requests/s
+            top = max((lv for lv in entry["levels"] if lv["system"] == "moa"), key=lambda lv: lv["concurrency"],
+                      default=None)
+            if top is not None:
+                ax.axhline(top["requests"] / entry["raw"]["wall_s"], linestyle=":", color="black",
+                           label="raw batch (a)")
+        levels_seen = sorted({lv["concurrency"] for lv in entry["levels"]})
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels_seen, [str(c) for c in levels_seen])
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel("requests / s")
         ax.set_title(entry["name"])
@@ -199,10 +207,11 @@ def plots(report: dict, out_dir: Path) -> list[Path]:
             latencies = sorted(s["latency_s"] for s in level["samples"] if s["error"] is None)
             if not latencies:
                 continue
-            ys = [(i + 1) / len(latencies) for i in range(len(latencies))]
-            ax.step(latencies, ys, where="post", label=f"{level['system']} (c={level['concurrency']})")
+            ys = [0.0] + [(i + 1) / len(latencies) for i in range(len(latencies))]
+            ax.step([latencies[0], *latencies], ys, where="post", label=f"{level['system']} (c={level['concurrency']})")
         ax.set_xlabel("end-to-end latency (s)")
         ax.set_ylabel("fraction of requests")
+        ax.set_ylim(0, 1.02)
         ax.set_title(f"{entry['name']}: latency CDF")
         ax.grid(True, alpha=0.3)
         ax.legend()
