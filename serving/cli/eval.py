@@ -129,7 +129,8 @@ def _num(value: float | None, digits: int = 0) -> str:
 
 def _accuracy_cells(row: dict, categories: list[str]) -> list[str]:
     low, high = row["ci95"]
-    return [row["system"], f"{row['correct']}/{row['tasks']}", f"{_pct(row['accuracy'])} [{_pct(low)}–{_pct(high)}]",
+    return [row["system"], ", ".join(row["models"]), f"{row['correct']}/{row['tasks']}",
+            f"{_pct(row['accuracy'])} [{_pct(low)}–{_pct(high)}]",
             *(_pct(row["by_category"].get(c)) for c in categories), _num(row["engine_calls_per_task"], 1),
             _num(row["completion_tokens_per_task"]), _num(row["completion_tokens_per_correct"]),
             _num(row["seconds_per_correct"], 2)]
@@ -143,8 +144,8 @@ def _pair_cells(row: dict) -> list[str]:
 
 def _headers(data: dict) -> tuple[list[str], list[str]]:
     categories = list(dict.fromkeys(c for row in data["accuracy"] for c in row["by_category"]))
-    return categories, ["system", "correct", "accuracy [95% CI]", *categories, "calls/task", "compl. tok/task",
-                        "compl. tok/correct", "s/correct"]
+    return categories, ["system", "models", "correct", "accuracy [95% CI]", *categories, "calls/task",
+                        "compl. tok/task", "compl. tok/correct", "s/correct"]
 
 
 PAIR_HEADERS = ["system", "against", "win rate [95% CI]", "W/T/L", "order-consistent", "judge"]
