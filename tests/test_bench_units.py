@@ -28,7 +28,7 @@ from serving.bench.evaluate import (
 from serving.bench.measure import LevelResult, RequestSample, pipeline_request, replay, run_level, summarize
 from serving.bench.scoring import chosen_letter, score_choice, score_exact, score_numeric, score_regex
 from serving.bench.stats import percentile, wilson_interval
-from serving.bench.suite import PipelineBench, parse_levels, samples_in_one_request
+from serving.bench.suite import PipelineBench, parse_levels, samples_in_one_request, sequential_engines
 
 Q = [{"role": "user", "content": "What is 2 + 2?"}]
 SELF_MOA = Pipeline("self", (Propose(models=("a",), samples=3, temperature=0.7, max_tokens=16),
@@ -72,6 +72,20 @@ async def test_serialized_runs_one_call_at_a_time_across_engines():
     pipe = Pipeline("p", (Propose(models=("a", "b"), max_tokens=8),))
     await asyncio.gather(run(pipe, Q, engines), watch())
     assert peak == 1
+
+
+async def test_sequential_baseline_runs_each_sample_of_an_n_k_request_alone():
+    a, b = ScriptedEngine("a", delay_s=0.02), ScriptedEngine("b", delay_s=0.02)
+    peak = 0
+    pipe = Pipeline("p", (Propose(models=("a", "a", "b"), samples=2, temperature=0.7, max_tokens=8),
+                          Aggregate(model="b")))
+    task = asyncio.create_task(run(pipe, Q, sequential_engines({"a": a, "b": b})))
+    while not task.done():
+        peak = max(peak, a.stats.running + b.stats.running)
+        await asyncio.sleep(0.005)
+    result = await task
+    assert peak == 1
+    assert [c.params.n for c in a.calls] == [1, 1, 1, 1] and len(result.responses[0]) == 6
 
 
 async def test_recording_then_replay_submits_the_same_calls():
@@ -225,7 +239,7 @@ async def test_report_json_markdown_and_plots(tmp_path):
     for system, engines, levels in (("moa", {"a": Recording(engine, calls)}, (1, 2)),
                                     ("split-n", {"a": SplitN(engine)}, (1, 2)),
                                     ("http", {"a": SplitN(engine)}, (1, 2)),
-                                    ("sequential", {"a": Serialized(SplitN(engine), asyncio.Lock())}, (1,))):
+                                    ("sequential", sequential_engines({"a": engine}), (1,))):
         for c in levels:
             async def request(i, t0, engines=engines):
                 return await pipeline_request(SELF_MOA, Q, engines, i, t0, seed=i)
@@ -243,3 +257,14 @@ async def test_report_json_markdown_and_plots(tmp_path):
     assert [p.name for p in paths] == ["throughput.png", "latency_cdf.png"]
     assert all(p.stat().st_size > 5000 for p in paths)
     assert report.rich_tables(data)
+    # A later run of one system replaces that system's levels; the comparisons follow.
+    rerun = json.loads(json.dumps(data))
+    entry = rerun["pipelines"][0]
+    entry["levels"] = [lv for lv in entry["levels"] if lv["system"] == "sequential"]
+    entry["levels"][0]["request_throughput"] /= 2
+    rerun["meta"]["command"] = "moa bench --systems sequential"
+    merged = report.merge([data, rerun])
+    seq = [lv for lv in merged["pipelines"][0]["levels"] if lv["system"] == "sequential"]
+    assert len(seq) == 1 and len(merged["pipelines"][0]["levels"]) == len(data["pipelines"][0]["levels"])
+    assert merged["pipelines"][0]["comparison"][0]["vs_sequential"] == pytest.approx(2 * rows[0]["vs_sequential"])
+    assert "Merged with: `moa bench --systems sequential`" in report.markdown(merged)

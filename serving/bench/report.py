@@ -6,6 +6,7 @@ The JSON holds every request's sample, so tables and plots can be redrawn from i
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,26 @@ def to_json(results: list[PipelineBench], meta: dict[str, Any]) -> dict[str, Any
         entry["comparison"] = compare(entry)
         pipelines.append(entry)
     return {"meta": meta, "pipelines": pipelines}
+
+
+def merge(reports: list[dict]) -> dict:
+    """Later runs replace the systems they measured (per pipeline); comparisons are recomputed."""
+    merged = json.loads(json.dumps(reports[0]))
+    merged["meta"].setdefault("merged_commands", [])
+    for later in reports[1:]:
+        merged["meta"]["merged_commands"].append(later["meta"].get("command", ""))
+        by_name = {entry["name"]: entry for entry in merged["pipelines"]}
+        for entry in later["pipelines"]:
+            mine = by_name.get(entry["name"])
+            if mine is None:
+                merged["pipelines"].append(entry)
+                continue
+            systems = {lv["system"] for lv in entry["levels"]}
+            mine["levels"] = [lv for lv in mine["levels"] if lv["system"] not in systems] + entry["levels"]
+            mine["raw"] = entry["raw"] or mine["raw"]
+    for entry in merged["pipelines"]:
+        entry["comparison"] = compare(entry)
+    return merged
 
 
 def _level(entry: dict, system: str, concurrency: int | None = None) -> dict | None:
@@ -141,6 +162,7 @@ def _md_table(columns: list, rows: list[dict]) -> list[str]:
 def markdown(report: dict) -> str:
     meta = report["meta"]
     lines = [f"# moa bench — {meta.get('date', '')}", "", f"Command: `{meta.get('command', '')}`", "",
+             *(f"Merged with: `{c}`" for c in meta.get("merged_commands", [])), "",
              f"Machine: {meta.get('machine', '')}; {meta.get('engine', '')}", "",
              f"Prompts: {meta.get('prompts', '')}; {meta.get('requests')} requests per level "
              f"({meta.get('sequential_requests')} for sequential); seed {meta.get('seed')}.", ""]

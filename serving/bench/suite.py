@@ -56,6 +56,12 @@ def samples_in_one_request(pipeline: Pipeline) -> bool:
                for s in pipeline.steps)
 
 
+def sequential_engines(engines: Mapping[str, Engine]) -> dict[str, Engine]:
+    """Baseline (b): n=k split into k requests first, then one call at a time across all engines."""
+    lock = asyncio.Lock()
+    return {name: SplitN(Serialized(engine, lock)) for name, engine in engines.items()}
+
+
 async def reset_caches(engines: Mapping[str, Engine]) -> None:
     for engine in engines.values():
         reset = getattr(engine, "reset_prefix_cache", None)
@@ -116,8 +122,7 @@ class Bench:
                     out.skipped["split-n"] = "no step sends one model k > 1 times"
             if "sequential" in systems:
                 await reset_caches(engines)
-                lock = asyncio.Lock()
-                serial = {n: Serialized(SplitN(e), lock) for n, e in engines.items()}
+                serial = sequential_engines(engines)
                 out.levels.append(await self.level("sequential", pipeline, serial, 1, self.plan.sequential_requests))
 
     async def over_http(self, pipeline: Pipeline, out: PipelineBench) -> None:

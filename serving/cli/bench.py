@@ -47,7 +47,8 @@ def bench(
                                     "(default: bench-results/<date-time>)."),
     url: str | None = typer.Option(None, "--url", help="Measure a running endpoint (moa serve, vLLM) instead."),
     api_key: str = typer.Option(os.environ.get("MOA_API_KEY", "none"), "--api-key", help="For --url."),
-    report: Path | None = typer.Option(None, "--report", help="Redraw tables and plots from a results.json."),
+    report: list[Path] = typer.Option([], "--report", help="Redraw tables and plots from a results.json; "
+                                      "several: merged, later runs replacing the systems they measured (needs --out)."),
     config: Path | None = ConfigOption,
 ) -> None:
     """Measure pipelines at several concurrency levels against the baselines (a) raw engine batch,
@@ -56,9 +57,16 @@ def bench(
     from serving.bench.suite import SYSTEMS, parse_levels
 
     exit_cleanly_on_sigterm()
-    if report is not None:
-        data = json.loads(report.read_text())
-        _publish(data, report.parent, write_json=False)
+    if report:
+        from serving.bench.report import merge
+
+        with user_errors():
+            if len(report) > 1 and out is None:
+                raise ValueError("merging several --report files needs --out DIR for the merged results")
+            data = merge([json.loads(path.read_text()) for path in report])
+        target = out or report[0].parent
+        target.mkdir(parents=True, exist_ok=True)
+        _publish(data, target, write_json=len(report) > 1)
         return
     with user_errors():
         try:
