@@ -111,6 +111,7 @@ LEVEL_COLUMNS = [
     ("prompt (cached) / compl. tok/req", lambda lv: (
         f"{_f(lv['per_request']['prompt_tokens'], 0)} ({_f(lv['per_request']['cached_prompt_tokens'], 0)}) / "
         f"{_f(lv['per_request']['completion_tokens'], 0)}")),
+    ("cost $/req", lambda lv: _f(lv["per_request"]["cost_usd"], 5)),
     ("layers s", lambda lv: " · ".join(f"{_f(v, 1)}" for v in lv["layer_latency_s"].values()) or "–"),
 ]
 
@@ -168,7 +169,9 @@ def markdown(report: dict) -> str:
              f"({meta.get('sequential_requests')} for sequential); seed {meta.get('seed')}.", ""]
     for entry in report["pipelines"]:
         lines += [f"## {entry['name']} ({', '.join(entry['models'])})", ""]
-        lines += _md_table(LEVEL_COLUMNS, entry["levels"]) + [""]
+        priced = any(lv["per_request"]["cost_usd"] for lv in entry["levels"])  # prices: in models.yaml
+        columns = [c for c in LEVEL_COLUMNS if priced or c[0] != "cost $/req"]
+        lines += _md_table(columns, entry["levels"]) + [""]
         if entry["raw"]:
             raw = entry["raw"]
             lines += [f"Raw batch (a): the {raw['calls']} calls of the moa run at the highest concurrency, submitted "
