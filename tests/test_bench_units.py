@@ -226,7 +226,17 @@ async def test_accuracy_and_pairwise_with_a_position_biased_judge(tmp_path):
     row = pairs.row()
     assert row["pairs"] == 3 and len(always_a.calls) == 6
     assert row["win_rate"] == 0.5 and row["ties"] == 3 and row["order_consistency"] == 0.0
-    assert parse_verdict("**B**") == "B" and parse_verdict("Neither") is None
+    assert row["first_position_rate"] == 1.0 and row["verdicts"] == [("A", "A")] * 3
+    assert parse_verdict("B") == "B" and parse_verdict("Neither") is None
+    assert parse_verdict("[[A]] would be wrong: B explains it.\n[[B]]") == "B" and parse_verdict("[[C]]") == "C"
+    fair = ScriptedEngine("judge", reply=lambda m, p, i: "[[A]]" if "Answer: 4" in m[-1]["content"].split(
+        "[Response B]")[0] else "[[B]]")  # always prefers "Answer: 4", wherever it is shown
+    wrong = ScriptedEngine("w", reply=lambda m, p, i: "Answer: 5")
+    worse = await answer_tasks(System("worse", Pipeline("w", (Propose(models=("w",), temperature=0),))),
+                               tasks, {"w": wrong}, concurrency=2, seed=0)
+    row = (await judge_pairs(fair, tasks, result, worse, concurrency=4)).row()
+    assert row["wins"] == 3 and row["win_rate"] == 1.0 and row["order_consistency"] == 1.0
+    assert row["first_position_rate"] == 0.5
 
 
 # -- reports -----------------------------------------------------------------------------------

@@ -26,7 +26,11 @@ JUDGE_SYSTEM = (
     "correct; if both are correct or both wrong, prefer the clearer and more helpful one. Ignore length and the "
     "order in which the responses are shown."
 )
-JUDGE_QUESTION = "Which response is better? Reply with exactly one letter: A or B."
+# MT-Bench's pairwise format: a short comparison first, then a bracketed verdict (C: a tie). A verdict
+# alone ("reply with one letter") left the 1.5B judge choosing the first-shown response every time.
+JUDGE_QUESTION = ("Compare the two responses in two or three sentences, then give your verdict on the last line, "
+                  "exactly as [[A]] if response A is better, [[B]] if response B is better, or [[C]] for a tie.")
+JUDGE_MAX_TOKENS = 192
 
 
 @dataclass
@@ -119,8 +123,12 @@ def judge_messages(conversation: Sequence[ChatMessage], first: str, second: str)
 
 
 def parse_verdict(text: str) -> str | None:
-    match = re.search(r"\b([AB])\b", text.strip().strip("*[]()."))
-    return match.group(1) if match else None
+    """The last [[A]], [[B]] or [[C]] (tie) in the judge's reply; a bare letter reply counts too."""
+    found = re.findall(r"\[\[\s*([ABC])\s*\]\]", text)
+    if found:
+        return found[-1]
+    bare = text.strip().strip("*[]().:").strip()
+    return bare if bare in ("A", "B", "C") else None
 
 
 @dataclass
@@ -128,9 +136,10 @@ class PairwiseResult:
     system: str
     reference: str
     judge: str
-    scores: list[float]  # per task: 1 win, 0.5 tie or inconsistent, 0 loss
+    scores: list[float]  # per task, the mean of both orders' points: > 0.5 a win, 0.5 a tie, < 0.5 a loss
     consistent: int  # both orders agreed
     unparsed: int  # verdicts without an A or B
+    verdicts: list[tuple[str | None, str | None]] = field(default_factory=list)  # (system first, system second)
 
     def row(self) -> dict:
         n = len(self.scores)
@@ -138,33 +147,46 @@ class PairwiseResult:
         low, high = wilson_interval(wins, n)
         return {"system": self.system, "reference": self.reference, "judge": self.judge, "pairs": n,
                 "win_rate": wins / n if n else None, "ci95": [low, high],
-                "wins": sum(s == 1 for s in self.scores), "ties": sum(s == 0.5 for s in self.scores),
-                "losses": sum(s == 0 for s in self.scores),
-                "order_consistency": self.consistent / n if n else None, "unparsed_verdicts": self.unparsed}
+                "wins": sum(s > 0.5 for s in self.scores), "ties": sum(s == 0.5 for s in self.scores),
+                "losses": sum(s < 0.5 for s in self.scores),
+                "order_consistency": self.consistent / n if n else None, "unparsed_verdicts": self.unparsed,
+                "first_position_rate": self.first_position_rate(), "verdicts": self.verdicts}
+
+    def first_position_rate(self) -> float | None:
+        """Share of decided verdicts that chose the response shown first: 0.5 is unbiased, 1.0 is always "A"."""
+        picks = [v for pair in self.verdicts for v in pair if v in ("A", "B")]
+        return sum(v == "A" for v in picks) / len(picks) if picks else None
 
 
 async def judge_pairs(judge: Engine, tasks: Sequence[Task], system: SystemResult, reference: SystemResult, *,
                       concurrency: int) -> PairwiseResult:
     """Each pair judged twice, the system's answer shown first then second: position bias cancels out."""
     gate = asyncio.Semaphore(concurrency)
-    params = SamplingParams(temperature=0.0, max_tokens=4)
+    params = SamplingParams(temperature=0.0, max_tokens=JUDGE_MAX_TOKENS)
 
     async def verdict(messages: list[ChatMessage]) -> str | None:
         async with gate:
             return parse_verdict((await judge.generate(messages, params)).texts[0])
 
-    async def one(task: Task, mine: RequestSample, theirs: RequestSample) -> tuple[float, bool, int]:
+    async def one(task: Task, mine: RequestSample, theirs: RequestSample) -> tuple[float, bool, int, tuple]:
         conv = task.conversation()
         first, second = await asyncio.gather(verdict(judge_messages(conv, mine.answer, theirs.answer)),
                                              verdict(judge_messages(conv, theirs.answer, mine.answer)))
-        prefers_mine = [first == "A", second == "B"]
+        # Points for the system in each order: 1 preferred, 0.5 tie or no verdict, 0 the reference preferred.
+        points = [_POINTS_FIRST.get(first, 0.5), _POINTS_SECOND.get(second, 0.5)]
         unparsed = (first is None) + (second is None)
-        return sum(prefers_mine) / 2, first is not None and second is not None and (first != second), unparsed
+        agreed = first is not None and second is not None and points[0] == points[1]
+        return sum(points) / 2, agreed, unparsed, (first, second)
 
     pairs = [(t, m, r) for t, m, r in zip(tasks, system.samples, reference.samples, strict=True) if m.ok and r.ok]
     outcomes = await asyncio.gather(*(one(*p) for p in pairs))
     return PairwiseResult(system.system.label, reference.system.label, judge.name,
-                          [o[0] for o in outcomes], sum(o[1] for o in outcomes), sum(o[2] for o in outcomes))
+                          [o[0] for o in outcomes], sum(o[1] for o in outcomes), sum(o[2] for o in outcomes),
+                          [o[3] for o in outcomes])
+
+
+_POINTS_FIRST = {"A": 1.0, "B": 0.0, "C": 0.5}  # the system's answer shown as A
+_POINTS_SECOND = {"A": 0.0, "B": 1.0, "C": 0.5}  # the system's answer shown as B
 
 
 def group_by_models(systems: Sequence[System]) -> list[list[System]]:

@@ -139,7 +139,8 @@ def _accuracy_cells(row: dict, categories: list[str]) -> list[str]:
 def _pair_cells(row: dict) -> list[str]:
     low, high = row["ci95"]
     return [row["system"], row["reference"], f"{_pct(row['win_rate'])} [{_pct(low)}–{_pct(high)}]",
-            f"{row['wins']}/{row['ties']}/{row['losses']}", _pct(row["order_consistency"]), row["judge"]]
+            f"{row['wins']}/{row['ties']}/{row['losses']}", _pct(row["order_consistency"]),
+            _pct(row["first_position_rate"]), row["judge"]]
 
 
 def _headers(data: dict) -> tuple[list[str], list[str]]:
@@ -148,7 +149,7 @@ def _headers(data: dict) -> tuple[list[str], list[str]]:
                         "compl. tok/task", "compl. tok/correct", "s/correct"]
 
 
-PAIR_HEADERS = ["system", "against", "win rate [95% CI]", "W/T/L", "order-consistent", "judge"]
+PAIR_HEADERS = ["system", "against", "win rate [95% CI]", "W/T/L", "order-consistent", "chose first shown", "judge"]
 
 
 def tables(data: dict) -> list[Table]:
