@@ -20,7 +20,7 @@ pytestmark = pytest.mark.vllm
 def vllm_server(registry, local_model, tmp_path_factory):
     """A vLLM OpenAI server for SmolLM2, with the same engine arguments moa uses in-process."""
     server = VLLMServer(local_model(SMALL), tmp_path_factory.mktemp("vllm-server") / "server.log",
-                        startup_timeout_s=300)
+                        startup_timeout_s=600)
     try:
         server.start()
     except EngineError as exc:
