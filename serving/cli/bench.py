@@ -52,7 +52,8 @@ def bench(
     config: Path | None = ConfigOption,
 ) -> None:
     """Measure pipelines at several concurrency levels against the baselines (a) raw engine batch,
-    (b) sequential orchestration, (c) HTTP fan-out to vLLM servers, (d) Self-MoA n=k vs k requests."""
+    (b) sequential orchestration, (c) HTTP fan-out to vLLM servers, (d) Self-MoA n=k vs k requests.
+    On a CPU the defaults take hours; docs/BENCHMARKS.md has a configuration that takes ~40 minutes."""
     from serving.bench.datasets import DEFAULT_PROMPTS, DatasetError, load_prompts
     from serving.bench.suite import SYSTEMS, parse_levels
 
