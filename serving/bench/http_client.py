@@ -16,7 +16,7 @@ from serving.bench.measure import LLM_STEP_NAMES, RequestSample
 
 
 async def http_request(client: Any, model: str, messages: Sequence[ChatMessage], index: int, t0: float, *,
-                       max_tokens: int | None, seed: int | None) -> RequestSample:
+                       max_tokens: int | None, seed: int | None, pipeline: bool) -> RequestSample:
     """One streamed chat completion; TTFT is the first content chunk of the answer."""
     import openai
 
@@ -26,7 +26,7 @@ async def http_request(client: Any, model: str, messages: Sequence[ChatMessage],
     try:
         stream = await client.chat.completions.create(
             model=model, messages=list(messages), max_tokens=max_tokens, seed=seed, stream=True,
-            stream_options={"include_usage": True}, extra_body={"moa": {"trace": True}} if _is_moa(model) else None)
+            stream_options={"include_usage": True}, extra_body={"moa": {"trace": True}} if pipeline else None)
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 if sample.ttft_s is None:
@@ -52,20 +52,12 @@ async def http_request(client: Any, model: str, messages: Sequence[ChatMessage],
     return sample
 
 
-_moa_models: set[str] = set()
-
-
-def _is_moa(model: str) -> bool:
-    return model in _moa_models
-
-
 async def discover(client: Any) -> dict[str, str]:
     """Served model ids -> "pipeline" or "model" (moa serve marks pipelines in its /v1/models extension)."""
     kinds = {}
     for m in (await client.models.list()).data:
         extra = (m.model_extra or {}).get("moa") or {}
         kinds[m.id] = "pipeline" if extra.get("kind") == "pipeline" else "model"
-    _moa_models.update(k for k, v in kinds.items() if v == "pipeline")
     return kinds
 
 

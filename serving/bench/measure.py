@@ -52,6 +52,7 @@ class LevelResult:
     samples: list[RequestSample]
 
 
+LLM_STEP_NAMES = {"propose", "synthesize", "aggregate", "aggregateseq", "refine", "rank", "vote"}  # trace step names
 RequestFn = Callable[[int, float], Awaitable[RequestSample]]  # (index, level start) -> sample
 
 
@@ -91,9 +92,6 @@ async def pipeline_request(pipeline: Pipeline, messages: Sequence[ChatMessage], 
             sample.layers[f"L{step.layer} {step.step}"] = step.end_s - step.start_s
     sample.answer = result.answer
     return sample
-
-
-LLM_STEP_NAMES = {"propose", "synthesize", "aggregate", "aggregateseq", "refine", "rank", "vote"}
 
 
 async def run_level(system: str, pipeline: str, request: RequestFn, *, concurrency: int, requests: int,

@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 import string
 
+from moa import votes
 from serving.bench.datasets import Task
 
 _ANSWER_MARK = re.compile(r"(?:final answer|answer)\s*(?:is|:)?\s*[:\-]?\s*", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -44,13 +44,9 @@ def score_exact(response: str, reference: str) -> bool:
 
 
 def _number(text: str) -> float | None:
-    found = _NUMBER.findall(text)
-    if not found:
-        return None
-    try:
-        return float(found[-1].replace(",", ""))
-    except ValueError:
-        return None
+    """The last number in `text`, extracted as majority-vote does (moa/votes.py), so both agree."""
+    value = votes.normalize(text, "number")
+    return None if value is None else float(value)
 
 
 def score_numeric(response: str, reference: str, tolerance: float = 1e-6) -> bool:

@@ -150,7 +150,8 @@ async def _bench_url(url, api_key, models, conversations, levels, requests, max_
             for c in levels:
                 async def request(i: int, t0: float, model: str = model):
                     return await http_request(client, model, conversations[i % len(conversations)], i, t0,
-                                              max_tokens=max_tokens, seed=seed + 1000 * i)
+                                              max_tokens=max_tokens, seed=seed + 1000 * i,
+                                              pipeline=kinds[model] == "pipeline")
 
                 level = await run_level("endpoint", model, request, concurrency=c, requests=requests,
                                         on_done=progress(f"{model} · endpoint · c={c}", requests))
@@ -168,7 +169,7 @@ def _publish(data: dict, out_dir: Path, *, write_json: bool = True) -> None:
     if write_json:
         (out_dir / "results.json").write_text(json.dumps(data, indent=1))
     (out_dir / "summary.md").write_text(rpt.markdown(data))
-    written = [out_dir / "results.json", out_dir / "summary.md"]
+    written = ([out_dir / "results.json"] if write_json else []) + [out_dir / "summary.md"]
     try:
         written += rpt.plots(data, out_dir)
     except ImportError:
