@@ -133,10 +133,22 @@ async def test_qwen_half_billion_answers_and_leaves_no_orphan_process(registry, 
     assert alive == [], [psutil.Process(pid).cmdline()[:4] for pid in alive]
 
 
-async def test_dead_engine_core_is_detected_and_restarted(smol):
+def _live_engine_cores() -> list:
+    """EngineCore processes under this one; exited children not yet reaped (zombies) have no cmdline to read."""
     import psutil
 
-    cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline() + [p.name()])]
+    cores = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and "EngineCore" in " ".join(proc.cmdline() + [proc.name()]):
+                cores.append(proc)
+        except psutil.Error:  # gone or a zombie between the listing and the read
+            continue
+    return cores
+
+
+async def test_dead_engine_core_is_detected_and_restarted(smol):
+    cores = _live_engine_cores()
     assert cores, "no EngineCore process found"
     for proc in cores:
         proc.kill()
