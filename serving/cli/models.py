@@ -1,10 +1,12 @@
-"""`moa models list` and `moa models pull`."""
+"""`moa models list`, `moa models pull` and `moa models check`."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -16,11 +18,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from serving.cli.common import ConfigOption, console, registry, user_errors
+from serving.cli.common import ConfigOption, console, ensure_local, quiet_engines, registry, user_errors
 from serving.registry import ModelSpec
 from serving.store import converted_dir, is_pulled, models_dir
 
-app = typer.Typer(help="List the registry's models and pull local copies of them.", no_args_is_help=True)
+stdout = Console(width=None if sys.stdout.isatty() else 140)  # tables are output: stdout, so they pipe
+app = typer.Typer(help="List the registry's models, pull local copies, check their engines' answers.",
+                  no_args_is_help=True)
 
 
 def _where(spec: ModelSpec) -> str:
@@ -94,3 +98,63 @@ def _pull_with_progress(spec: ModelSpec, force: bool) -> Path:
             bar.update(tasks[stage], completed=done, total=total)
 
         return pull(spec, progress=report, force=force)
+
+
+@app.command("check")
+def check_models(
+    names: list[str] = typer.Argument(None, help="Models to check (default: every local vllm/transformers model "
+                                      "that is on disk)."),
+    as_json: bool = typer.Option(False, "--json", help="Print each model's result as JSON (the float32 retry's, "
+                                 "with the failed one under `replaced`, where there was one)."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Compare each model's greedy tokens on its engine with a float32 reference made by transformers.
+
+    Catches engines whose kernels are wrong on this CPU (e.g. bf16 on AMX). A vLLM model on a CPU
+    that disagrees in its configured dtype is tried again in float32 (what engine pools do by
+    themselves); exit 1 when no dtype agrees. The reference is recorded at pull; models without one
+    get it now.
+    """
+    import asyncio
+    import json
+    import os
+
+    from serving.known_answer import DECISIVE_MARGIN, MIN_AGREEMENT, check_model
+
+    reg = registry(config)
+    with user_errors():
+        if names:
+            specs = [reg.get(n) for n in names]
+        else:
+            specs = [s for s in reg.models.values() if s.backend in ("vllm", "transformers") and is_pulled(s)]
+        for spec in specs:
+            ensure_local(spec)
+    results = []  # per model: the configured dtype, then float32 where that is the fallback
+    for spec in specs:
+        with user_errors(), quiet_engines(not os.environ.get("MOA_VERBOSE"), f"check-{spec.name}"):
+            with console.status(f"{spec.name}: starting its engine and checking…"):
+                results.append(asyncio.run(check_model(reg, spec.name)))
+    if as_json:
+        print(json.dumps([tries[-1].to_dict() for tries in results], indent=2))
+    else:
+        table = Table(title=f"known-answer check: engine top-1 vs float32 reference, tokens where float32 "
+                            f"led by >= {DECISIVE_MARGIN} nat; pass at {MIN_AGREEMENT:.0%}", title_justify="left")
+        for column in ("model", "dtype", "decisive tokens", "agree", "all tokens", "answer to the first prompt",
+                       "verdict"):
+            table.add_column(column, overflow="fold")
+        for tries in results:
+            for i, r in enumerate(tries):
+                every = sum(c.agreed_all for c in r.cases), sum(c.positions for c in r.cases)
+                table.add_row(r.model, r.dtype + (" (fallback)" if i else ""), str(r.decisive), f"{r.agreement:.0%}",
+                              f"{every[0]}/{every[1]}", r.engine_answer[:60],
+                              "[green]ok[/green]" if r.ok else "[bold red]WRONG[/bold red]")
+        stdout.print(table)
+        stdout.print(f"CPU: {results[0][0].cpu if results else '-'}", highlight=False, soft_wrap=True)
+    for tries in results:
+        if not tries[-1].ok or len(tries) > 1:
+            style = "bold red" if not tries[-1].ok else "yellow"
+            console.print(f"[{style}]{tries[-1].warning()}[/{style}]", highlight=False, soft_wrap=True)
+    # Exit 1 only when no dtype gives right answers: a model that needs the float32 fallback is still
+    # served correctly (the engine pool falls back by itself), and the warning says how to skip the retry.
+    if any(not tries[-1].ok for tries in results):
+        raise typer.Exit(1)

@@ -75,6 +75,28 @@ class OpenAIEngine(StreamingEngine):
         if client is not None:
             await client.close()
 
+    async def top1_tokens(self, token_ids: Sequence[int], start: int) -> list[int]:
+        """The server's argmax at positions start.. of `token_ids` (vLLM's `prompt_logprobs`; known-answer check)."""
+        from openai import APIConnectionError, APIStatusError
+
+        if self._client is None:
+            raise EngineError(f"model {self.name!r}: engine is not started")
+        if not self.endpoint.vllm_extensions:
+            raise EngineError(f"model {self.name!r}: per-position tokens need vLLM's prompt_logprobs "
+                              "(endpoint.vllm_extensions is off)")
+        try:
+            out = await self._client.completions.create(
+                model=self.served_model, prompt=list(token_ids), max_tokens=1, temperature=0,
+                extra_body={"prompt_logprobs": 1})
+        except (APIStatusError, APIConnectionError) as exc:
+            raise EngineError(f"model {self.name!r} at {self.endpoint.base_url}: {_message(exc)}") from exc
+        ranked = (out.choices[0].model_extra or {}).get("prompt_logprobs")
+        if not ranked:
+            raise EngineError(f"model {self.name!r}: the server at {self.endpoint.base_url} returned no "
+                              "prompt_logprobs (not a vLLM server?)")
+        return [int(next(token for token, lp in ranked[pos].items() if lp["rank"] == 1))
+                for pos in range(start, len(token_ids))]
+
     async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
                      request_id: str | None = None) -> AsyncIterator[StreamEvent]:
         from openai import APIConnectionError, APIStatusError, BadRequestError

@@ -81,6 +81,7 @@ class TransformersEngine(StreamingEngine):
         self._model: Any = None
         self._tokenizer: Any = None
         self.start_seconds: float | None = None
+        self.dtype: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -124,6 +125,7 @@ class TransformersEngine(StreamingEngine):
             self._tokenizer.pad_token = self._tokenizer.eos_token
         if self.max_model_len is None:
             self.max_model_len = getattr(self._model.config, "max_position_embeddings", None)
+        self.dtype = str(self._model.dtype).removeprefix("torch.")
 
     async def close(self) -> None:
         worker, self._worker = self._worker, None
@@ -136,6 +138,19 @@ class TransformersEngine(StreamingEngine):
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer.encode(text, add_special_tokens=False))
+
+    async def top1_tokens(self, token_ids: Sequence[int], start: int) -> list[int]:
+        """The model's argmax at positions start.. of `token_ids`, from one forward pass (known-answer check)."""
+        if self._model is None:
+            raise EngineError(f"model {self.name!r}: engine is not started")
+        return await asyncio.to_thread(self._top1, list(token_ids), start)
+
+    def _top1(self, token_ids: list[int], start: int) -> list[int]:
+        import torch
+
+        with torch.inference_mode():
+            logits = self._model(torch.tensor([token_ids], device=self._model.device)).logits
+        return logits[0, start - 1:-1].argmax(dim=-1).tolist()
 
     async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
                      request_id: str | None = None) -> AsyncIterator[StreamEvent]:

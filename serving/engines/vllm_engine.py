@@ -77,6 +77,7 @@ class VLLMEngine(StreamingEngine):
         self._restart_lock = asyncio.Lock()
         self.start_seconds: float | None = None
         self.max_model_len: int | None = None
+        self.dtype: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -93,6 +94,7 @@ class VLLMEngine(StreamingEngine):
         self._llm = box.pop()
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = self._llm.model_config.max_model_len
+        self.dtype = str(self._llm.model_config.dtype).removeprefix("torch.")  # `auto` resolved
         self.start_seconds = time.perf_counter() - started
         log.info("engine %s ready in %.1f s", self.name, self.start_seconds)
 
@@ -154,6 +156,31 @@ class VLLMEngine(StreamingEngine):
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer.encode(text, add_special_tokens=False))
+
+    async def top1_tokens(self, token_ids: Sequence[int], start: int) -> list[int]:
+        """The engine's own argmax at positions start.. of `token_ids` (teacher forcing; the known-answer check).
+
+        One request with prompt logprobs: vLLM reports each prompt token's rank and the top-1 token
+        beside it, from the same forward pass that serves users (prompt-logprob requests skip
+        reading the prefix cache, so every position is computed).
+        """
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        await self._ensure_alive()
+        params = VSamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1, detokenize=False,
+                                 output_kind=RequestOutputKind.FINAL_ONLY)
+        engine_input = self._llm.renderer.render_cmpl([{"prompt_token_ids": list(token_ids)}])[0]
+        final = None
+        async for out in self._llm.generate(engine_input, params, f"{self.name}-check-{next(_ids)}"):
+            final = out
+        if final is None or final.prompt_logprobs is None:
+            raise EngineError(f"model {self.name!r}: vLLM returned no prompt logprobs")
+        top1 = []
+        for pos in range(start, len(token_ids)):
+            ranked = final.prompt_logprobs[pos]
+            top1.append(next(token for token, logprob in ranked.items() if logprob.rank == 1))
+        return top1
 
     def _sampling_params(self, params: SamplingParams) -> Any:
         from vllm import SamplingParams as VSamplingParams

@@ -1,0 +1,34 @@
+"""What this machine's CPU offers that changes which kernels an engine runs (and so its numbers)."""
+
+from __future__ import annotations
+
+import platform
+from functools import cache
+from pathlib import Path
+
+# Flags that select different bf16/fp16 kernel paths in vLLM-CPU, oneDNN and torch.
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16", "amx_int8")
+
+
+@cache
+def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = frozenset(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def cpu_summary() -> str:
+    """e.g. 'Intel(R) Xeon(R) Platinum 8481C; avx512_bf16 amx_tile amx_bf16' (the kernel-relevant flags)."""
+    model, flags = cpu_model_and_flags()
+    present = [f for f in KERNEL_FLAGS if f in flags]
+    amx = "" if "amx_tile" in flags else " (no AMX)"
+    return f"{model}; {' '.join(present) or 'no AVX2/AVX-512'}{amx}"

@@ -1,0 +1,228 @@
+"""The known-answer check: float32 references, teacher-forced agreement, and what a user is told."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from moa.engine import Generation, SamplingParams
+from moa.scripted import ScriptedEngine
+from serving.engines.pool import EnginePool
+from serving.known_answer import (
+    DECISIVE_MARGIN,
+    CheckResult,
+    Reference,
+    ReferenceCase,
+    check_engine,
+    compare,
+    load_reference,
+    reference_path,
+    verify,
+)
+from serving.registry import load_registry
+from serving.store import resolve
+from tests.conftest import QWEN_SMALL, SMALL
+
+CASE = ReferenceCase(prompt="q", prompt_ids=[1, 2, 3], tokens=[10, 11, 12, 13], margins=[5.0, 0.1, 2.0, 1.0],
+                     text="ref")
+
+
+def test_compare_counts_only_decisive_positions():
+    result = compare(CASE, [10, 99, 12, 13])  # the near tie (margin 0.1) may flip
+    assert (result.positions, result.decisive, result.agreed, result.agreed_all) == (4, 3, 3, 3)
+    assert result.first_disagreement is None
+    wrong = compare(CASE, [10, 11, 77, 78])
+    assert (wrong.decisive, wrong.agreed, wrong.first_disagreement) == (3, 1, 2)
+
+
+def test_compare_refuses_a_length_mismatch():
+    with pytest.raises(RuntimeError, match="4 reference tokens"):
+        compare(CASE, [10, 11])
+
+
+class ForcedEngine(ScriptedEngine):
+    """A scripted engine that answers teacher-forced queries with fixed tokens (orchestration-level test)."""
+
+    def __init__(self, top1: list[int]) -> None:
+        super().__init__(name="tiny")
+        self.top1 = top1
+        self.generated = 0
+
+    async def top1_tokens(self, token_ids, start):
+        assert token_ids[:start] == CASE.prompt_ids
+        return list(self.top1)
+
+    async def generate(self, messages, params: SamplingParams, *, request_id=None) -> Generation:
+        self.generated += 1
+        assert params.temperature == 0 and messages[0]["content"] == "q"
+        return await super().generate(messages, params, request_id=request_id)
+
+
+def _reference() -> Reference:
+    return Reference(model_dir="/nowhere", transformers="x", torch="y", cases=[CASE])
+
+
+async def test_a_passing_check_costs_no_generation():
+    engine = ForcedEngine([10, 11, 12, 13])
+    result = await check_engine(engine, _reference(), dtype="bfloat16")
+    assert result.ok and result.agreement == 1.0 and engine.generated == 0
+
+
+async def test_a_failing_check_says_which_model_what_it_answers_the_cpu_and_the_fix():
+    engine = ForcedEngine([77, 11, 78, 79])
+    result = await check_engine(engine, _reference(), dtype="bfloat16")
+    assert not result.ok and result.agreement == pytest.approx(0.0)
+    assert engine.generated == 1  # the answer a user would read, for the warning
+    message = result.warning()
+    assert "model 'tiny' (bfloat16)" in message and "dtype: float32" in message and "models.tiny.engine" in message
+    assert result.cpu in message and "0% of 3 decisive tokens" in message
+    assert "float32 answers 'ref'" in message
+
+
+def registry_of(tmp_path, path, dtype: str = "bfloat16"):
+    config = tmp_path / "models.yaml"
+    config.write_text(textwrap.dedent(f"""
+        default_model: tiny
+        models:
+          tiny:
+            backend: vllm
+            source: {{kind: hf-dir, path: {path}}}
+            engine: {{dtype: {dtype}, max_model_len: 4096, cpu_kv_cache_gib: 0.25}}
+    """))
+    return load_registry(config)
+
+
+async def test_pool_restarts_a_wrong_16_bit_engine_in_float32(tmp_path, monkeypatch, caplog):
+    from serving.engines import pool as pool_module
+
+    started = []
+
+    def create(spec, **placement):
+        engine = ForcedEngine(CASE.tokens if spec.engine.dtype == "float32" else [77, 11, 78, 79])
+        engine.dtype = spec.engine.dtype
+        started.append(engine)
+        return engine
+
+    async def check(spec, engine):
+        return await check_engine(engine, _reference(), dtype=engine.dtype)
+
+    monkeypatch.setattr(pool_module, "create_engine", create)
+    monkeypatch.setattr(pool_module, "verify", check)
+    async with EnginePool(registry_of(tmp_path, tmp_path), ["tiny"]) as pool:
+        assert [e.dtype for e in started] == ["bfloat16", "float32"] and pool["tiny"] is started[1]
+        check_result = pool.checks["tiny"]
+        assert check_result.ok and check_result.replaced.dtype == "bfloat16" and not check_result.replaced.ok
+    assert "disagreed with its float32 reference" in caplog.text and "Restarted it in float32" in caplog.text
+    # Already float32, or told not to verify: no second start.
+    started.clear()
+    async with EnginePool(registry_of(tmp_path, tmp_path, "float32"), ["tiny"]):
+        pass
+    async with EnginePool(registry_of(tmp_path, tmp_path), ["tiny"], verify=False):
+        pass
+    assert [e.dtype for e in started] == ["float32", "bfloat16"]
+
+
+def test_result_round_trips_to_json():
+    result = CheckResult("m", "float32", "cpu", [compare(CASE, CASE.tokens)])
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["ok"] is True and data["decisive"] == 3 and data["cases"][0]["agreed"] == 3
+
+
+# -- real engines -------------------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+def test_pull_recorded_a_float32_reference(registry, local_model):
+    spec = local_model(SMALL)
+    ref = load_reference(resolve(spec))
+    assert ref is not None and ref.dtype == "float32" and reference_path(resolve(spec)).parent == resolve(spec).path
+    assert len(ref.cases) >= 4 and all(c.tokens and len(c.margins) == len(c.tokens) for c in ref.cases)
+    # The one wording asserted anywhere: float32 arithmetic, the same on every CPU that computes it correctly.
+    assert "Paris" in ref.cases[0].text
+    assert sum(m >= DECISIVE_MARGIN for c in ref.cases for m in c.margins) >= 40  # enough evidence to judge
+
+
+@pytest.mark.vllm
+async def test_running_engines_agree_with_their_references(registry, small_pool):
+    for name in (SMALL, QWEN_SMALL):
+        result = await verify(registry.get(name), small_pool[name])
+        assert result.ok, result.warning()
+        assert result.decisive >= 40 and result.dtype == registry.get(name).engine.dtype
+
+
+@pytest.mark.vllm
+async def test_a_real_engine_fed_a_wrong_reference_fails_with_its_own_answer(registry, small_pool):
+    spec = registry.get(SMALL)
+    real = load_reference(resolve(spec))
+    # The same prompts, each continuation reversed: tokens no engine would pick in that order.
+    cases = [dataclasses.replace(c, tokens=c.tokens[::-1], margins=[9.0] * len(c.tokens)) for c in real.cases]
+    engine = small_pool[SMALL]
+    result = await check_engine(engine, dataclasses.replace(real, cases=cases), dtype=engine.dtype)
+    assert not result.ok and result.agreement < 0.5
+    greedy = await engine.generate([{"role": "user", "content": real.cases[0].prompt}],
+                                   SamplingParams(temperature=0, max_tokens=len(real.cases[0].tokens)))
+    assert result.engine_answer == greedy.texts[0].strip()  # the warning quotes what users really get
+
+
+@pytest.mark.vllm
+def test_moa_models_check_passes_for_every_embedded_model(registry, local_model):
+    """`moa models check` on vLLM for each embedded model, and the transformers backend: on any CPU.
+
+    On a CPU whose bf16 kernels are wrong for a model this fails, naming the model: the default
+    dtype in models.yaml must be one whose answers agree with float32 there.
+    """
+    names = [n for n, s in registry.models.items() if "embedded" in s.tags]
+    for name in names:
+        local_model(name)
+    out = subprocess.run([sys.executable, "-m", "serving.cli", "models", "check", *names, "--json"],
+                         capture_output=True, text=True, timeout=1800, env={**os.environ, "MOA_VERBOSE": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = {r["model"]: r for r in json.loads(out.stdout)}
+    assert set(results) == set(names)
+    for name, result in results.items():
+        assert result["ok"] and result["decisive"] >= 40, (name, result)
+        assert result["engine_answer"], name
+        if result["replaced"] is not None:  # a 16-bit default that needs the float32 retry on this CPU
+            assert not result["replaced"]["ok"] and result["dtype"] == "float32"
+
+
+@pytest.mark.vllm
+async def test_a_real_engine_with_broken_weights_is_caught_and_retried_in_float32(tmp_path, monkeypatch, caplog,
+                                                                                   registry, local_model):
+    """A real vLLM engine computing the wrong thing (SmolLM2 with its o_proj rows shuffled, as a GEMM
+    reading the wrong memory would) fails the check, is restarted in float32, fails again, and the
+    warning says it is not a 16-bit kernel problem. On this CPU bf16 is right, so broken weights
+    are how a wrong engine is made for real here."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source = resolve(local_model(SMALL)).path
+    broken = tmp_path / "smollm2-broken"
+    broken.mkdir()
+    for f in source.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "moa-reference.json":
+            (broken / f.name).write_bytes(f.read_bytes())
+    generator = torch.Generator().manual_seed(0)
+    for f in source.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        for name, weight in tensors.items():
+            if name.endswith("self_attn.o_proj.weight"):
+                tensors[name] = weight[torch.randperm(weight.shape[0], generator=generator)].contiguous()
+        save_file(tensors, str(broken / f.name), metadata={"format": "pt"})
+    reference = load_reference(resolve(registry.get(SMALL)))
+    monkeypatch.setenv("MOA_HOME", str(tmp_path / "home"))
+    reg = registry_of(tmp_path, broken)
+    reference.model_dir = str(broken)
+    reference.save(reference_path(resolve(reg.get("tiny"))))  # the healthy model's float32 tokens
+    async with EnginePool(reg, ["tiny"]) as pool:
+        result = pool.checks["tiny"]
+        assert pool["tiny"].dtype == "float32" and result.dtype == "float32"
+        assert result.replaced.dtype == "bfloat16" and not result.replaced.ok and not result.ok
+        assert result.agreement < 0.5 and result.engine_answer != result.reference_answer
+    assert "float32 disagrees too" in caplog.text and "moa models pull --force tiny" in caplog.text
