@@ -117,11 +117,11 @@ def reference_path(model: LocalModel) -> Path:
 
 
 def load_reference(model: LocalModel) -> Reference | None:
-    ref = Reference.load(reference_path(model))
-    if ref is not None and Path(ref.model_dir).resolve() != Path(model.path).resolve():
-        # references under $MOA_HOME/references are keyed by entry name: the entry may now point elsewhere
-        if reference_path(model).parent.name == "references":
-            return None
+    path = reference_path(model)
+    ref = Reference.load(path)
+    keyed_by_name = path.parent != Path(model.path)
+    if ref is not None and keyed_by_name and Path(ref.model_dir).resolve() != Path(model.path).resolve():
+        return None  # a reference under $MOA_HOME/references for weights this entry no longer points at
     return ref
 
 
