@@ -104,10 +104,47 @@ class EngineArgs(_Strict):
     max_num_seqs: int | None = Field(default=None, gt=0)
     enforce_eager: bool | None = None
     enable_prefix_caching: bool = True
+    # Placement on GPUs (docs/DEPLOY.md): explicit devices, or how many GPUs the planner picks.
+    # Their count is TP x PP; tensor_parallel_size defaults to it.
+    devices: list[int | str] | None = Field(default=None, min_length=1)
+    gpus: int | None = Field(default=None, ge=1)
     # accelerate device map for the transformers backend ("auto", "cpu", ...).
     device_map: str | None = None
     # Passed to the backend untouched (vLLM EngineArgs fields, from_pretrained kwargs).
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parallelism_from_placement(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        devices, gpus = data.get("devices"), data.get("gpus")
+        if devices is not None and gpus is not None:
+            raise ValueError("give `devices` (explicit GPUs) or `gpus` (how many the planner picks), not both")
+        count = len(devices) if isinstance(devices, list) else gpus if isinstance(gpus, int) else None
+        if count is not None and "tensor_parallel_size" not in data and "pipeline_parallel_size" not in data:
+            data = {**data, "tensor_parallel_size": count}
+        return data
+
+    @model_validator(mode="after")
+    def _placement_matches_parallelism(self) -> EngineArgs:
+        count = len(self.devices) if self.devices is not None else self.gpus
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        if count is not None and count != world:
+            raise ValueError(f"{'devices lists' if self.devices is not None else 'gpus asks for'} {count} GPU(s), "
+                             f"but tensor_parallel_size x pipeline_parallel_size = {world}")
+        if self.devices is not None and len(set(map(str, self.devices))) != len(self.devices):
+            raise ValueError(f"devices {self.devices} lists a GPU twice")
+        return self
+
+
+class ModelSize(_Strict):
+    """For planning GPU memory where the checkpoint is not on disk: the numbers of the model's config.json."""
+
+    params_b: float = Field(gt=0)  # parameters, in billions (a MoE: all experts)
+    layers: int = Field(gt=0)
+    kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
 
 
 class Price(_Strict):
@@ -123,6 +160,7 @@ class ModelSpec(_Strict):
     source: Source | None = None
     endpoint: Endpoint | None = None
     engine: EngineArgs = EngineArgs()
+    size: ModelSize | None = None
     price: Price = Price()
     tags: list[str] = Field(default_factory=list)
     description: str = ""

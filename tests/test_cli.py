@@ -57,3 +57,28 @@ def test_run_answers_with_a_real_engine(local_model):
     completion = result["completions"][0]  # wording is the known-answer check's business, not this test's
     assert completion["text"].strip() and completion["completion_tokens"] > 0 and completion["finish_reason"] == "stop"
     assert result["model"] == SMALL and result["prompt_tokens"] > 0
+
+
+def test_plan_for_an_8_gpu_node_and_a_refusal_for_one_small_gpu():
+    config = str(ROOT / "examples" / "models.gpu.yaml")
+    out = moa("plan", "--gpus", "8x80GB", "-c", config, "--json")
+    assert out.returncode == 0, out.stderr
+    engines = json.loads(out.stdout)["gpu"]["engines"]
+    assert set(engines) == {"qwen2.5-72b", "llama-3.3-70b", "mixtral-8x7b", "qwen2.5-72b-fp8"}
+    assert all(len(e["devices"]) == 2 and e["need_gb_per_device"] < 0.9 * 80 for e in engines.values())
+    table = moa("plan", "--gpus", "8x80GB", "-c", config)
+    assert table.returncode == 0 and "GPU plan: 8 GPU(s)" in table.stdout and "mixtral-8x7b" in table.stdout
+    refused = moa("plan", "--gpus", "1x24GB", "-c", config)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "model 'qwen2.5-72b-fp8'" in refused.stderr and "GB short" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_serve_refuses_a_public_address_without_a_key():
+    env_key = os.environ.pop("MOA_API_KEYS", None)
+    try:
+        out = moa("serve", "--host", "0.0.0.0", "--model", SMALL, timeout=60)
+    finally:
+        if env_key is not None:
+            os.environ["MOA_API_KEYS"] = env_key
+    assert out.returncode == 1 and "refusing to bind 0.0.0.0 without an API key" in out.stderr

@@ -154,8 +154,8 @@ def test_server_section(tmp_path):
 
 
 def test_gpu_example_mirrors_the_published_setups():
-    """examples/models.gpu.yaml loads, and its pipelines have the papers' shapes."""
-    reg = load_registry(Path(__file__).resolve().parent.parent / "examples" / "models.gpu.yaml")
+    """examples/models.papers.yaml loads, and its pipelines have the papers' shapes."""
+    reg = load_registry(Path(__file__).resolve().parent.parent / "examples" / "models.papers.yaml")
     moa = reg.pipeline("moa-paper")
     assert [type(s).__name__ for s in moa.steps] == ["Propose", "Synthesize", "Aggregate"]
     assert len(moa.steps[0].models) == 6 and moa.steps[-1].model == "qwen1.5-110b"
@@ -164,3 +164,36 @@ def test_gpu_example_mirrors_the_published_setups():
     assert self_moa.models() == ("wizardlm-2-8x22b",) and self_moa.steps[0].samples == 6
     args = build_engine_args(reg.get("wizardlm-2-8x22b"), Path("/m"), cpu=False)
     assert args["tensor_parallel_size"] == 8 and args["quantization"] == "fp8"
+
+
+def test_placement_fields_are_validated_with_the_model_named(tmp_path):
+    def entry(engine: str) -> Path:
+        return write(tmp_path, textwrap.dedent(f"""
+            default_model: m
+            models:
+              m: {{backend: vllm, source: {{kind: hf-dir, path: /x}}, engine: {engine}}}
+        """))
+
+    assert load_registry(entry("{gpus: 4}")).get("m").engine.tensor_parallel_size == 4
+    pinned = load_registry(entry("{devices: [2, 3], tensor_parallel_size: 1, pipeline_parallel_size: 2}")).get("m")
+    assert pinned.engine.devices == [2, 3] and pinned.engine.pipeline_parallel_size == 2
+    for bad, fragment in [("{gpus: 2, devices: [0, 1]}", "not both"),
+                          ("{devices: [0, 1], tensor_parallel_size: 4}", "devices lists 2 GPU"),
+                          ("{devices: [1, 1]}", "lists a GPU twice"),
+                          ("{gpus: 0}", "gpus")]:
+        with pytest.raises(RegistryError, match=fragment) as err:
+            load_registry(entry(bad))
+        assert "model 'm'" in str(err.value)
+
+
+def test_gpu_example_plans_on_any_machine():
+    """examples/models.gpu.yaml: four in-process engines, sized by `size:` blocks when the weights are absent."""
+    from serving.placement import parse_gpus
+    from serving.planning import plan_engines
+
+    reg = load_registry(Path(__file__).resolve().parent.parent / "examples" / "models.gpu.yaml")
+    names = list(reg.models)
+    plan = plan_engines(reg, names, gpus=parse_gpus("8x80GB"))
+    assert sorted(d for p in plan.gpu.placements.values() for d in p.devices) == [str(i) for i in range(8)]
+    args = build_engine_args(reg.get("mixtral-8x7b"), Path("/m"), cpu=False)
+    assert args["tensor_parallel_size"] == 2 and args["quantization"] == "awq" and "gpus" not in args

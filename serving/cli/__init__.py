@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from serving.cli import bench, eval, models, run, serve
+from serving.cli import bench, eval, models, plan, run, serve
 
 app = typer.Typer(
     name="moa",
@@ -19,6 +19,7 @@ app = typer.Typer(
 app.add_typer(models.app, name="models")
 app.command("run")(run.run)
 app.command("serve")(serve.serve)
+app.command("plan")(plan.plan)
 app.command("bench")(bench.bench)
 app.command("eval")(eval.eval_)
 

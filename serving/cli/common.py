@@ -73,6 +73,22 @@ def quiet_engines(enabled: bool, name: str) -> Iterator[Path | None]:
             os.close(saved)
 
 
+def served_targets(reg: Registry, models: list[str], pipelines: list[str], swap: list[str]) -> tuple[list[str], dict]:
+    """What `moa serve` (and `moa plan`) start: with neither option, the default model and every pipeline.
+
+    Returns every model that gets an engine and the pipelines (with swaps applied) by name.
+    """
+    mapping = dict(parse_swap(s) for s in swap)
+    for name in mapping.values():
+        reg.get(name)
+    names = pipelines or ([] if models else reg.pipeline_names)
+    served = {name: reg.pipeline(name).with_models(mapping) for name in names}
+    base = list(dict.fromkeys(models or [reg.default_model]))
+    for name in base:
+        reg.get(name)
+    return list(dict.fromkeys([*base, *(m for p in served.values() for m in p.models())])), served
+
+
 def parse_swap(text: str) -> tuple[str, str]:
     old, sep, new = text.partition("=")
     if not sep or not old or not new:

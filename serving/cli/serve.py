@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from serving.cli.common import ConfigOption, console, ensure_local, parse_swap, registry, user_errors
+from serving.cli.common import ConfigOption, console, ensure_local, registry, served_targets, user_errors
 
 
 def serve(
@@ -24,6 +24,8 @@ def serve(
                                          help="Requests waiting for a slot; beyond: 429 [server: 64]."),
     timeout: float | None = typer.Option(None, "--timeout",
                                          help="Per request, seconds; beyond: 504 and aborted [server: 600]."),
+    allow_no_key: bool = typer.Option(False, "--allow-no-key", help="Bind a non-loopback address without an API "
+                                      "key (anyone who can reach the port can use the models)."),
     config: Path | None = ConfigOption,
 ) -> None:
     """Serve models and pipelines over an OpenAI-compatible API.
@@ -33,22 +35,24 @@ def serve(
     import uvicorn
 
     from serving.api.app import ServerSettings, create_app
+    from serving.planning import plan_engines
 
     reg = registry(config)
     with user_errors():
-        mapping = dict(parse_swap(s) for s in swap)
         # --model alone serves just those models; with neither option, every pipeline is served too.
-        names = pipeline or ([] if model else reg.pipeline_names)
-        pipelines = {name: reg.pipeline(name).with_models(mapping) for name in names}
+        needed, pipelines = served_targets(reg, model, pipeline, swap)
         models = list(dict.fromkeys(model or [reg.default_model]))
-        for name in {*models, *(m for p in pipelines.values() for m in p.models())}:
-            ensure_local(reg.get(name))
         options = reg.server
         from_env = os.environ.get(options.api_keys_env, "") if options.api_keys_env else ""
         keys = [*api_key, *options.api_keys, *[k.strip() for k in from_env.split(",") if k.strip()]]
-    if host not in ("127.0.0.1", "localhost", "::1") and not keys:
-        console.print(f"[bold red]WARNING: binding {host} with no API key: anyone who can reach this machine "
-                      "can use its models. Pass --api-key or set MOA_API_KEYS.[/bold red]")
+        if host not in ("127.0.0.1", "localhost", "::1") and not keys:
+            if not allow_no_key:
+                raise ValueError(f"refusing to bind {host} without an API key: anyone who can reach this machine "
+                                 "could use its models. Pass --api-key KEY or set MOA_API_KEYS (or --allow-no-key).")
+            console.print(f"[bold red]WARNING: binding {host} with no API key (--allow-no-key).[/bold red]")
+        for name in needed:
+            ensure_local(reg.get(name))
+        plan_engines(reg, needed)  # the placement, checked now: models that do not fit fail before any loads
     settings = ServerSettings(
         api_keys=keys,
         max_concurrency=max_concurrency or options.max_concurrency,

@@ -12,13 +12,13 @@ from serving.store import resolve
 
 
 def create_engine(spec: ModelSpec, *, cpu_threads_bind: str | None = None,
-                  gpu_memory_utilization: float | None = None) -> Engine:
+                  gpu_memory_utilization: float | None = None, cuda_visible_devices: str | None = None) -> Engine:
     """Build (not start) the engine for one model; weights must already be on disk."""
     if spec.backend == "vllm":
         from serving.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(spec, resolve(spec), cpu_threads_bind=cpu_threads_bind,
-                          gpu_memory_utilization=gpu_memory_utilization)
+                          gpu_memory_utilization=gpu_memory_utilization, cuda_visible_devices=cuda_visible_devices)
     if spec.backend == "openai":
         from serving.engines.openai_engine import OpenAIEngine
 

@@ -1,8 +1,10 @@
-"""Start the engines a run needs, one after another, check their answers, and close every one of them.
+"""Start the engines a run needs, one after another, where the plan puts them; check their answers.
 
-Sequential start matters: vLLM measures free memory when it starts, so two
-engines starting at once on one GPU both see the whole device. On a CPU the pool
-gives each local vLLM engine its own cores, so two engines do not fight over one.
+The plan (serving/planning.py) comes first and refuses models that do not fit before
+anything loads. On GPUs each engine gets its device set (CUDA_VISIBLE_DEVICES for its
+EngineCore) and memory fraction; on a CPU its own cores, weighted by model size.
+Sequential start matters: vLLM measures free memory when it starts, and the engine
+core inherits the environment at spawn, so starts must not overlap.
 
 Every engine whose model has a float32 known-answer reference is checked right after it
 starts (a few prefills). A vLLM engine on a CPU whose bf16/fp16 kernels disagree with the
@@ -19,36 +21,26 @@ from types import TracebackType
 from moa.engine import Engine
 from serving.engines import create_engine
 from serving.known_answer import CheckResult, verify
+from serving.placement import Gpu, plan_cores
+from serving.planning import EnginePlacement, Plan, plan_engines
 from serving.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
 
 
 def split_cores(count: int, cores: list[int] | None = None) -> list[str]:
-    """Disjoint core lists ("0,1", ...) for `count` CPU engines' workers.
+    """Disjoint core lists ("0,1", ...) for `count` equally weighted CPU engines (or vLLM servers).
 
     vLLM-CPU binds its worker's OpenMP threads to cores; two engines left on "auto"
     bind to the same cores and slow each other down badly. A lone engine gets every
     core: "auto" keeps one core back for the scheduler, which mostly waits on the
     worker; on 2 cores, binding the worker to both gave SmolLM2 +18% (n=1) and
-    +29% (n=4) output tokens/s (scripts/bench_engines.py).
+    +29% (n=4) output tokens/s (scripts/bench_engines.py). The pool itself weights
+    the split by model size (serving/planning.py).
     """
-    if count == 0:
-        return []
-    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
-    if count == 1:
-        return [",".join(str(c) for c in cores)]
-    if len(cores) < count:
-        # Fewer cores than engines: share round-robin rather than fail.
-        return [str(cores[i % len(cores)]) for i in range(count)]
-    per, extra = divmod(len(cores), count)
-    out, start = [], 0
-    for i in range(count):
-        size = per + (1 if i < extra else 0)
-        chunk = cores[start:start + size]
-        out.append(",".join(str(c) for c in chunk))
-        start += size
-    return out
+    names = [str(i) for i in range(count)]
+    split = plan_cores(sorted(cores if cores is not None else os.sched_getaffinity(0)), dict.fromkeys(names, 1.0))
+    return [split[n] for n in names]
 
 
 def fallback_spec(spec: ModelSpec) -> ModelSpec | None:
@@ -70,21 +62,25 @@ class EnginePool:
     skips the check and the float32 fallback.
     """
 
-    def __init__(self, registry: Registry, names: Iterable[str], *, verify: bool = True) -> None:
+    def __init__(self, registry: Registry, names: Iterable[str], *, verify: bool = True,
+                 gpus: list[Gpu] | None = None) -> None:
+        self.registry = registry
         self.specs: list[ModelSpec] = [registry.get(n) for n in dict.fromkeys(names)]
         self.engines: dict[str, Engine] = {}
         self.checks: dict[str, CheckResult] = {}
         self.verify = verify
+        self.gpus = gpus  # plan for this inventory instead of the machine's own (tests, dry runs)
+        self.plan: Plan | None = None
 
     async def start(self) -> None:
-        local_vllm = [s for s in self.specs if s.backend == "vllm"]
-        # An explicit VLLM_CPU_OMP_THREADS_BIND from the user wins over ours.
-        binds = {} if os.environ.get("VLLM_CPU_OMP_THREADS_BIND") else dict(
-            zip((s.name for s in local_vllm), split_cores(len(local_vllm)), strict=True))
-        gpu_share = round(0.9 / len(local_vllm), 3) if local_vllm else None
+        # The whole plan first: models that do not fit are refused before anything loads.
+        self.plan = plan_engines(self.registry, [s.name for s in self.specs], gpus=self.gpus)
         try:
             for spec in self.specs:
-                await self._start_one(spec, cpu_threads_bind=binds.get(spec.name), gpu_memory_utilization=gpu_share)
+                placement = self.plan.engines.get(spec.name, EnginePlacement())
+                await self._start_one(spec, cpu_threads_bind=placement.cpu_threads_bind,
+                                      gpu_memory_utilization=placement.gpu_memory_utilization,
+                                      cuda_visible_devices=placement.cuda_visible_devices)
         except BaseException:
             await self.close()
             raise

@@ -56,6 +56,12 @@ def _environ(values: dict[str, str]):
                 os.environ[key] = value
 
 
+def _children() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
 class VLLMEngine(StreamingEngine):
     """One model served by an in-process vLLM AsyncLLM.
 
@@ -65,13 +71,15 @@ class VLLMEngine(StreamingEngine):
     """
 
     def __init__(self, spec: ModelSpec, model: LocalModel, *, cpu_threads_bind: str | None = None,
-                 gpu_memory_utilization: float | None = None) -> None:
+                 gpu_memory_utilization: float | None = None, cuda_visible_devices: str | None = None) -> None:
         self.name = spec.name
         self.spec = spec
         self.model = model
         self.stats = EngineStats()
         self._cpu_threads_bind = cpu_threads_bind
         self._gpu_memory_utilization = gpu_memory_utilization
+        self._cuda_visible_devices = cuda_visible_devices
+        self.core_pids: list[int] = []  # the processes this engine spawned (EngineCore and its workers)
         self._llm: Any = None
         self._tokenizer: Any = None
         self._restart_lock = asyncio.Lock()
@@ -90,7 +98,9 @@ class VLLMEngine(StreamingEngine):
         # The engine is handed back through a box, not as the thread's return value: the
         # executor's finished future would otherwise keep it alive after close().
         box: list[Any] = []
+        before = _children()
         await asyncio.to_thread(lambda: box.append(self._build()))
+        self.core_pids = sorted(_children() - before)
         self._llm = box.pop()
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = self._llm.model_config.max_model_len
@@ -107,6 +117,10 @@ class VLLMEngine(StreamingEngine):
         env = {"VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP", "127.0.0.1")}
         if on_cpu() and self._cpu_threads_bind:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_threads_bind
+        if self._cuda_visible_devices is not None:
+            # The EngineCore child inherits this at spawn: the engine sees only its planned GPUs
+            # (this process never initialises CUDA itself, and engines start one at a time).
+            env["CUDA_VISIBLE_DEVICES"] = self._cuda_visible_devices
         try:
             with _environ(env):
                 return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))

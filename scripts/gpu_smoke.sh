@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# On the first GPU machine: confirm the GPU path end to end in minutes, and write one report.
+#
+#   scripts/gpu_smoke.sh [-c CONFIG] [-o DIR]     (default: models.yaml, bench-results/gpu-smoke)
+#
+# 1. `moa plan` against this machine's GPUs (NVML), as JSON and as a table.
+# 2. `moa serve` with that config; waits for GET /ready (engines loaded and known-answer checked).
+# 3. For every EngineCore process: its CUDA_VISIBLE_DEVICES (from /proc/PID/environ) against the
+#    plan, and the GPU memory nvidia-smi says each process holds against its planned fraction.
+# 4. One request per served model and per pipeline through the OpenAI API.
+# 5. A short `moa bench --url` on the first pipeline.
+# Exit status: non-zero if any step failed; the report says which.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+config=models.yaml
+out=bench-results/gpu-smoke
+while getopts "c:o:" opt; do
+  case $opt in c) config=$OPTARG ;; o) out=$OPTARG ;; *) exit 2 ;; esac
+done
+mkdir -p "$out"
+report="$out/report.md"
+moa=.venv/bin/moa
+[ -x "$moa" ] || { MOA_DEVICE=gpu scripts/setup.sh && moa=.venv/bin/moa; }
+key="smoke-$RANDOM$RANDOM"
+port=18000
+failed=0
+step() { echo "## $1" | tee -a "$report"; }
+fail() { echo "FAILED: $1" | tee -a "$report"; failed=1; }
+
+: > "$report"
+echo "# GPU smoke test, $(date -u +%FT%TZ), config $config" >> "$report"
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | sed 's/^/    /' >> "$report" \
+  || fail "nvidia-smi"
+
+step "1. plan"
+if "$moa" plan -c "$config" --json > "$out/plan.json"; then
+  "$moa" plan -c "$config" | tee -a "$report"
+else
+  fail "moa plan refused this machine's GPUs (see above)"; exit 1
+fi
+
+step "2. serve"
+"$moa" serve -c "$config" --port "$port" --api-key "$key" > "$out/serve.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
+ready=""
+for _ in $(seq 1 360); do  # up to 30 minutes for large models
+  if ! kill -0 $server 2>/dev/null; then fail "moa serve exited (tail of serve.log below)"; tail -20 "$out/serve.log" >> "$report"; exit 1; fi
+  ready=$(curl -sf -H "Authorization: Bearer $key" "http://127.0.0.1:$port/ready") && break
+  sleep 5
+done
+[ -n "$ready" ] || { fail "/ready never answered 200"; exit 1; }
+echo "$ready" > "$out/ready.json"
+echo "ready: $ready" >> "$report"
+
+step "3. placement as applied"
+.venv/bin/python - "$out/plan.json" "$server" >> "$report" <<'PY' || fail "engine processes do not match the plan"
+import json, subprocess, sys
+import psutil
+
+plan = json.load(open(sys.argv[1]))["gpu"]
+server = psutil.Process(int(sys.argv[2]))
+cores = [p for p in server.children(recursive=True) if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
+seen = []
+for proc in cores:
+    env = dict(line.split("=", 1) for line in open(f"/proc/{proc.pid}/environ").read().split("\0") if "=" in line)
+    seen.append(env.get("CUDA_VISIBLE_DEVICES"))
+    print(f"- EngineCore pid {proc.pid}: CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')}")
+planned = sorted(e["cuda_visible_devices"] for e in plan["engines"].values())
+print(f"- planned: {planned}; seen: {sorted(x or '' for x in seen)}")
+usage = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory", "--format=csv,noheader"],
+                       capture_output=True, text=True).stdout
+print("- nvidia-smi compute apps:\n" + "\n".join("    " + line for line in usage.splitlines()))
+sys.exit(0 if sorted(x or "" for x in seen) == planned else 1)
+PY
+
+step "4. one request per model and pipeline"
+targets=$(curl -sf -H "Authorization: Bearer $key" "http://127.0.0.1:$port/v1/models" \
+  | .venv/bin/python -c 'import json,sys; print(" ".join(m["id"] for m in json.load(sys.stdin)["data"]))')
+for target in $targets; do
+  started=$SECONDS
+  body=$(printf '{"model":"%s","messages":[{"role":"user","content":"What is the capital of France? One word."}],"max_tokens":64}' "$target")
+  if answer=$(curl -sf -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
+                   "http://127.0.0.1:$port/v1/chat/completions" -d "$body"); then
+    text=$(echo "$answer" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"][:80].replace("\n"," "))')
+    printf -- '- %s: %d s: %s\n' "$target" $((SECONDS - started)) "$text" | tee -a "$report"
+  else
+    fail "$target did not answer"
+  fi
+done
+
+step "5. short bench"
+first=$(echo "$targets" | tr ' ' '\n' | .venv/bin/python -c '
+import sys, yaml
+names = [l.strip() for l in sys.stdin if l.strip()]
+pipes = yaml.safe_load(open(sys.argv[1])).get("pipelines", {})
+print(next((n for n in names if n in pipes), names[0]))' "$config")
+"$moa" bench --url "http://127.0.0.1:$port" --api-key "$key" -p "$first" --requests 16 \
+  --concurrency 1,8 --max-tokens 128 -o "$out/bench" >> "$report" 2>&1 || fail "moa bench --url"
+
+echo >> "$report"
+[ $failed -eq 0 ] && echo "RESULT: all steps passed" | tee -a "$report" || echo "RESULT: some steps failed" | tee -a "$report"
+echo "report: $report"
+exit $failed

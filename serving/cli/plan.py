@@ -1,0 +1,68 @@
+"""`moa plan`: where each engine would run, decided before anything loads."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from serving.cli.common import ConfigOption, registry, served_targets, user_errors
+
+stdout = Console(width=None if sys.stdout.isatty() else 150)
+
+
+def plan(
+    model: list[str] = typer.Option([], "--model", "-m", help="Plan this model (repeatable)."),
+    pipeline: list[str] = typer.Option([], "--pipeline", "-p", help="Plan the models of this pipeline (repeatable)."),
+    swap: list[str] = typer.Option([], "--swap", help="Pipelines with a model replaced: OLD=NEW (repeatable)."),
+    gpus: str | None = typer.Option(None, "--gpus", help="Plan for this inventory instead of this machine's GPUs, "
+                                    "e.g. 8x80GB or 2x24GB,1x48GB."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Show where each local vLLM engine goes: GPU devices and memory fraction, or CPU cores.
+
+    Selects models as `moa serve` does (with neither --model nor --pipeline: the default model and
+    every pipeline's models) and uses the same planner, so a plan that fails here fails there,
+    before any weights load. Exit 1 when the models do not fit, naming the model and the shortfall.
+    """
+    from serving.placement import GB, parse_gpus
+    from serving.planning import plan_engines
+
+    reg = registry(config)
+    with user_errors():
+        names, _ = served_targets(reg, model, pipeline, swap)
+        result = plan_engines(reg, names, gpus=parse_gpus(gpus) if gpus else None)
+    if as_json:
+        print(json.dumps({"gpu": result.gpu.to_dict() if result.gpu else None, "cores": result.cores}, indent=2))
+        return
+    if result.gpu is None:
+        table = Table(title="CPU plan: cores per vLLM engine, weighted by model size", title_justify="left")
+        table.add_column("model")
+        table.add_column("cores (VLLM_CPU_OMP_THREADS_BIND)")
+        for name, cores in result.cores.items():
+            table.add_row(name, cores)
+        stdout.print(table if result.cores else "no local vLLM engines to place (or VLLM_CPU_OMP_THREADS_BIND is set)")
+        return
+    gpu = result.gpu
+    totals = {g.id: g.total_bytes for g in gpu.gpus}
+    table = Table(title=f"GPU plan: {len(gpu.gpus)} GPU(s), engines may use {gpu.budget:.0%} of each",
+                  title_justify="left")
+    for column in ("model", "devices", "TP x PP", "weights/GPU", "KV cache/GPU", "needs/GPU", "fraction",
+                   "gets/GPU", "headroom/GPU"):
+        table.add_column(column, justify="left" if column in ("model", "devices") else "right")
+    for name, p in gpu.placements.items():
+        gets = min(p.gpu_memory_utilization * totals[d] for d in p.devices)
+        table.add_row(name, ",".join(p.devices), f"{p.tensor_parallel_size} x {p.pipeline_parallel_size}",
+                      f"{p.weights_per_device / GB:.1f} GB", f"{p.kv_per_device / GB:.1f} GB",
+                      f"{p.need_per_device / GB:.1f} GB", f"{p.gpu_memory_utilization:.3f}", f"{gets / GB:.1f} GB",
+                      f"{(gets - p.need_per_device) / GB:.1f} GB")
+    stdout.print(table)
+    for g in gpu.gpus:
+        on = [n for n, p in gpu.placements.items() if g.id in p.devices]
+        stdout.print(f"GPU {g.id} ({g.total_bytes / GB:.0f} GB{', ' + g.name if g.name else ''}): "
+                     f"{gpu.used.get(g.id, 0):.0%} handed out to {', '.join(on) or 'nothing'}", highlight=False)

@@ -1,0 +1,104 @@
+"""models.yaml entries → placement demands → the plan an engine pool applies (see serving/placement.py)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from serving.placement import (
+    Demand,
+    Gpu,
+    GpuPlan,
+    ModelShape,
+    PlanError,
+    detect_gpus,
+    plan_cores,
+    plan_gpus,
+    shape_from_checkpoint,
+)
+from serving.registry import ModelSpec, Registry
+from serving.store import ModelNotAvailable, resolve
+
+
+def model_shape(spec: ModelSpec) -> ModelShape:
+    """From the checkpoint when it is on disk, else from the entry's `size:` block."""
+    if spec.source is not None:
+        try:
+            return shape_from_checkpoint(resolve(spec).path)
+        except (ModelNotAvailable, FileNotFoundError, KeyError):
+            pass
+    if spec.size is not None:
+        s = spec.size
+        return ModelShape(s.params_b * 1e9, s.layers, s.kv_heads, s.head_dim)
+    raise PlanError(f"model {spec.name!r}: cannot estimate its memory: its checkpoint is not on this machine and "
+                    "its entry has no `size: {params_b: ..., layers: ..., kv_heads: ..., head_dim: ...}` block")
+
+
+def demand_for(spec: ModelSpec) -> Demand:
+    e = spec.engine
+    return Demand(
+        name=spec.name,
+        shape=model_shape(spec),
+        dtype=e.dtype,
+        quantization=e.quantization,
+        tensor_parallel_size=e.tensor_parallel_size,
+        pipeline_parallel_size=e.pipeline_parallel_size,
+        max_model_len=e.max_model_len or 4096,
+        max_num_seqs=e.max_num_seqs,
+        devices=tuple(str(d) for d in e.devices) if e.devices is not None else None,
+        gpu_memory_utilization=e.gpu_memory_utilization,
+    )
+
+
+@dataclass(slots=True)
+class EnginePlacement:
+    """What one engine gets: GPU devices and a memory fraction, or CPU cores."""
+
+    cuda_visible_devices: str | None = None
+    gpu_memory_utilization: float | None = None
+    cpu_threads_bind: str | None = None
+
+
+@dataclass(slots=True)
+class Plan:
+    engines: dict[str, EnginePlacement] = field(default_factory=dict)
+    gpu: GpuPlan | None = None  # the GPU plan, when engines run on GPUs
+    cores: dict[str, str] = field(default_factory=dict)  # the CPU core split, when they run on a CPU
+
+
+def plan_engines(registry: Registry, names: list[str], *, gpus: list[Gpu] | None = None,
+                 cpu: bool | None = None) -> Plan:
+    """The plan for the local vLLM engines among `names`.
+
+    On GPUs (the inventory given, or read with NVML): device sets and memory fractions, refused
+    before anything loads when the models do not fit. On a CPU: disjoint core lists weighted by
+    model size (an explicit VLLM_CPU_OMP_THREADS_BIND wins).
+    """
+    if cpu is None:
+        from serving.engines.vllm_args import on_cpu
+
+        cpu = on_cpu() and gpus is None
+    local = [registry.get(n) for n in dict.fromkeys(names) if registry.get(n).backend == "vllm"]
+    plan = Plan()
+    if not local:
+        return plan
+    if cpu:
+        if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+            return plan
+        plan.cores = plan_cores(sorted(os.sched_getaffinity(0)), {s.name: _params_or_one(s) for s in local})
+        plan.engines = {name: EnginePlacement(cpu_threads_bind=bind) for name, bind in plan.cores.items()}
+        return plan
+    inventory = gpus if gpus is not None else detect_gpus()
+    plan.gpu = plan_gpus(inventory, [demand_for(s) for s in local])
+    plan.engines = {name: EnginePlacement(cuda_visible_devices=p.cuda_visible_devices,
+                                          gpu_memory_utilization=p.gpu_memory_utilization)
+                    for name, p in plan.gpu.placements.items()}
+    return plan
+
+
+def _params_or_one(spec: ModelSpec) -> float:
+    """Core weight: the model's parameters where they can be read, else an equal share."""
+    try:
+        return model_shape(spec).params
+    except PlanError:
+        return 1.0
