@@ -74,14 +74,14 @@ def plan_engines(registry: Registry, names: list[str], *, gpus: list[Gpu] | None
     before anything loads when the models do not fit. On a CPU: disjoint core lists weighted by
     model size (an explicit VLLM_CPU_OMP_THREADS_BIND wins).
     """
+    local = [registry.get(n) for n in dict.fromkeys(names) if registry.get(n).backend == "vllm"]
+    plan = Plan()
+    if not local:  # remote engines only: nothing to place (and vLLM need not be installed)
+        return plan
     if cpu is None:
         from serving.engines.vllm_args import on_cpu
 
-        cpu = on_cpu() and gpus is None
-    local = [registry.get(n) for n in dict.fromkeys(names) if registry.get(n).backend == "vllm"]
-    plan = Plan()
-    if not local:
-        return plan
+        cpu = gpus is None and on_cpu()
     if cpu:
         if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
             return plan
