@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -63,6 +64,11 @@ def quiet_engines(enabled: bool, name: str) -> Iterator[Path | None]:
     log_path = log_dir / f"{name}.log"
     sys.stderr.flush()
     saved = os.dup(2)
+    # Our own warnings (a known-answer check that failed, a float32 fallback) still reach the terminal.
+    ours = logging.StreamHandler(console.file)
+    ours.setLevel(logging.WARNING)
+    ours.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("serving").addHandler(ours)
     with log_path.open("ab") as log:
         os.dup2(log.fileno(), 2)
         try:
@@ -71,6 +77,7 @@ def quiet_engines(enabled: bool, name: str) -> Iterator[Path | None]:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+            logging.getLogger("serving").removeHandler(ours)
 
 
 def served_targets(reg: Registry, models: list[str], pipelines: list[str], swap: list[str]) -> tuple[list[str], dict]:
