@@ -138,6 +138,17 @@ class EngineArgs(_Strict):
         return self
 
 
+class RayOptions(_Strict):
+    """`placement: ray`: the engine runs in a Ray actor that Ray's scheduler places (docs/DEPLOY.md)."""
+
+    # Custom resources pin a model to a node (start the node with `ray start --resources '{"gpu_a": 1}'`).
+    resources: dict[str, float] = Field(default_factory=dict)
+    num_cpus: float | None = Field(default=None, ge=0)  # default: 1 on a CPU, 0 next to GPUs
+    num_gpus: float | None = Field(default=None, ge=0)  # default: TP x PP on GPUs, 0 on a CPU
+    env: dict[str, str] = Field(default_factory=dict)  # extra environment for the actor (and its EngineCore)
+    max_restarts: int = Field(default=3, ge=-1)  # a dead actor is restarted this often (-1: always)
+
+
 class ModelSize(_Strict):
     """For planning GPU memory where the checkpoint is not on disk: the numbers of the model's config.json."""
 
@@ -160,6 +171,8 @@ class ModelSpec(_Strict):
     source: Source | None = None
     endpoint: Endpoint | None = None
     engine: EngineArgs = EngineArgs()
+    placement: Literal["local", "ray"] = "local"  # ray: in a Ray actor placed by Ray's scheduler
+    ray: RayOptions = RayOptions()
     size: ModelSize | None = None
     price: Price = Price()
     tags: list[str] = Field(default_factory=list)
@@ -172,6 +185,8 @@ class ModelSpec(_Strict):
                 raise ValueError("backend 'openai' needs an `endpoint` (base_url of the server)")
         elif self.source is None:
             raise ValueError(f"backend {self.backend!r} needs a `source` (hf-dir, hub, gguf or pypi-gguf)")
+        if self.placement == "ray" and self.backend != "vllm":
+            raise ValueError(f"placement: ray runs vLLM engines in Ray actors; backend {self.backend!r} cannot")
         return self
 
 

@@ -197,3 +197,18 @@ def test_gpu_example_plans_on_any_machine():
     assert sorted(d for p in plan.gpu.placements.values() for d in p.devices) == [str(i) for i in range(8)]
     args = build_engine_args(reg.get("mixtral-8x7b"), Path("/m"), cpu=False)
     assert args["tensor_parallel_size"] == 2 and args["quantization"] == "awq" and "gpus" not in args
+
+
+def test_ray_placement_is_validated(tmp_path):
+    def entry(extra: str) -> Path:
+        return write(tmp_path, textwrap.dedent(f"""
+            default_model: m
+            models:
+              m: {{backend: {extra}, source: {{kind: hf-dir, path: /x}}, placement: ray,
+                  ray: {{resources: {{node_a: 1}}, num_cpus: 1, env: {{VLLM_CPU_OMP_THREADS_BIND: "0"}}}}}}
+        """))
+
+    spec = load_registry(entry("vllm")).get("m")
+    assert spec.placement == "ray" and spec.ray.resources == {"node_a": 1} and spec.ray.max_restarts == 3
+    with pytest.raises(RegistryError, match="placement: ray runs vLLM engines"):
+        load_registry(entry("transformers"))

@@ -126,7 +126,15 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok"}
+        # Each engine and where it runs: a Ray node, a local device set, or a remote server.
+        engines = {}
+        for name, engine in state.engines.items():
+            where = getattr(engine, "node", None) or {}
+            engines[name] = {"backend": registry.get(name).backend,
+                             "placement": "ray" if where else "local",
+                             **({"node_id": where.get("node_id"), "host": where.get("host")} if where else {}),
+                             "running": engine.stats.running, "restarts": engine.stats.restarts}
+        return {"status": "ok", "engines": engines}
 
     @app.get("/ready")
     async def ready() -> JSONResponse:

@@ -49,6 +49,8 @@ def bench(
     api_key: str = typer.Option(os.environ.get("MOA_API_KEY", "none"), "--api-key", help="For --url."),
     report: list[Path] = typer.Option([], "--report", help="Redraw tables and plots from a results.json; "
                                       "several: merged, later runs replacing the systems they measured (needs --out)."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Run the pipelines' engines in Ray actors "
+                                           "on this cluster (auto, ray://HOST:10001): Ray vs in-process."),
     config: Path | None = ConfigOption,
 ) -> None:
     """Measure pipelines at several concurrency levels against the baselines (a) raw engine batch,
@@ -58,6 +60,8 @@ def bench(
     from serving.bench.suite import SYSTEMS, parse_levels
 
     exit_cleanly_on_sigterm()
+    if ray_address:
+        os.environ["MOA_RAY_ADDRESS"] = ray_address  # every engine pool the bench makes reads it
     if report:
         from serving.bench.report import merge
 

@@ -24,6 +24,8 @@ def serve(
                                          help="Requests waiting for a slot; beyond: 429 [server: 64]."),
     timeout: float | None = typer.Option(None, "--timeout",
                                          help="Per request, seconds; beyond: 504 and aborted [server: 600]."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Run every vLLM engine in a Ray actor on "
+                                           "this cluster: auto, or ray://HOST:10001 (also $MOA_RAY_ADDRESS)."),
     allow_no_key: bool = typer.Option(False, "--allow-no-key", help="Bind a non-loopback address without an API "
                                       "key (anyone who can reach the port can use the models)."),
     config: Path | None = ConfigOption,
@@ -38,6 +40,8 @@ def serve(
     from serving.planning import plan_engines
 
     reg = registry(config)
+    if ray_address:
+        os.environ["MOA_RAY_ADDRESS"] = ray_address  # the engine pool reads it
     with user_errors():
         # --model alone serves just those models; with neither option, every pipeline is served too.
         needed, pipelines = served_targets(reg, model, pipeline, swap)
@@ -52,7 +56,9 @@ def serve(
             console.print(f"[bold red]WARNING: binding {host} with no API key (--allow-no-key).[/bold red]")
         for name in needed:
             ensure_local(reg.get(name))
-        plan_engines(reg, needed)  # the placement, checked now: models that do not fit fail before any loads
+        if not os.environ.get("MOA_RAY_ADDRESS"):
+            # The local placement, checked now: models that do not fit fail before any weights load.
+            plan_engines(reg, [n for n in needed if reg.get(n).placement == "local"])
     settings = ServerSettings(
         api_keys=keys,
         max_concurrency=max_concurrency or options.max_concurrency,

@@ -12,8 +12,17 @@ from serving.store import resolve
 
 
 def create_engine(spec: ModelSpec, *, cpu_threads_bind: str | None = None,
-                  gpu_memory_utilization: float | None = None, cuda_visible_devices: str | None = None) -> Engine:
-    """Build (not start) the engine for one model; weights must already be on disk."""
+                  gpu_memory_utilization: float | None = None, cuda_visible_devices: str | None = None,
+                  ray_address: str | None = None) -> Engine:
+    """Build (not start) the engine for one model; weights must already be on disk.
+
+    A vLLM model goes into a Ray actor when its entry says `placement: ray`, or when a Ray
+    address is given for all (`moa serve --ray-address`).
+    """
+    if spec.backend == "vllm" and (spec.placement == "ray" or ray_address is not None):
+        from serving.engines.ray_engine import RayEngine
+
+        return RayEngine(spec, resolve(spec), address=ray_address, gpu_memory_utilization=gpu_memory_utilization)
     if spec.backend == "vllm":
         from serving.engines.vllm_engine import VLLMEngine
 

@@ -63,7 +63,7 @@ class EnginePool:
     """
 
     def __init__(self, registry: Registry, names: Iterable[str], *, verify: bool = True,
-                 gpus: list[Gpu] | None = None) -> None:
+                 gpus: list[Gpu] | None = None, ray_address: str | None = None) -> None:
         self.registry = registry
         self.specs: list[ModelSpec] = [registry.get(n) for n in dict.fromkeys(names)]
         self.engines: dict[str, Engine] = {}
@@ -71,16 +71,22 @@ class EnginePool:
         self.verify = verify
         self.gpus = gpus  # plan for this inventory instead of the machine's own (tests, dry runs)
         self.plan: Plan | None = None
+        # Every vLLM engine in a Ray actor on this cluster ("auto", "ray://host:10001"); `moa serve
+        # --ray-address` and `moa bench --ray-address` set $MOA_RAY_ADDRESS for every pool they make.
+        self.ray_address = ray_address or os.environ.get("MOA_RAY_ADDRESS") or None
 
     async def start(self) -> None:
         # The whole plan first: models that do not fit are refused before anything loads.
-        self.plan = plan_engines(self.registry, [s.name for s in self.specs], gpus=self.gpus)
+        # Engines in Ray actors are placed by Ray's scheduler; the local plan covers the rest.
+        local = [s.name for s in self.specs if s.placement == "local" and self.ray_address is None]
+        self.plan = plan_engines(self.registry, local, gpus=self.gpus)
         try:
             for spec in self.specs:
                 placement = self.plan.engines.get(spec.name, EnginePlacement())
                 await self._start_one(spec, cpu_threads_bind=placement.cpu_threads_bind,
                                       gpu_memory_utilization=placement.gpu_memory_utilization,
-                                      cuda_visible_devices=placement.cuda_visible_devices)
+                                      cuda_visible_devices=placement.cuda_visible_devices,
+                                      ray_address=self.ray_address)
         except BaseException:
             await self.close()
             raise

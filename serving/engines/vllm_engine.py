@@ -92,19 +92,24 @@ class VLLMEngine(StreamingEngine):
     async def start(self) -> None:
         if self._llm is not None:
             return
-        started = time.perf_counter()
         # Building the engine blocks for tens of seconds (weights, KV cache, warm-up):
         # do it off the event loop so a server stays responsive (health checks) meanwhile.
-        # The engine is handed back through a box, not as the thread's return value: the
-        # executor's finished future would otherwise keep it alive after close().
-        box: list[Any] = []
+        await asyncio.to_thread(self.start_blocking)
+
+    def start_blocking(self) -> None:
+        """Build the engine in the calling thread (a Ray actor's __init__ does, so restarts rebuild it).
+
+        Returns nothing on purpose: an executor future holding the engine would keep it alive
+        after close().
+        """
+        started = time.perf_counter()
         before = _children()
-        await asyncio.to_thread(lambda: box.append(self._build()))
+        llm = self._build()
         self.core_pids = sorted(_children() - before)
-        self._llm = box.pop()
-        self._tokenizer = self._llm.get_tokenizer()
-        self.max_model_len = self._llm.model_config.max_model_len
-        self.dtype = str(self._llm.model_config.dtype).removeprefix("torch.")  # `auto` resolved
+        self._tokenizer = llm.get_tokenizer()
+        self.max_model_len = llm.model_config.max_model_len
+        self.dtype = str(llm.model_config.dtype).removeprefix("torch.")  # `auto` resolved
+        self._llm = llm
         self.start_seconds = time.perf_counter() - started
         log.info("engine %s ready in %.1f s", self.name, self.start_seconds)
 
