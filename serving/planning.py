@@ -67,12 +67,14 @@ class Plan:
 
 
 def plan_engines(registry: Registry, names: list[str], *, gpus: list[Gpu] | None = None,
-                 cpu: bool | None = None) -> Plan:
+                 cpu: bool | None = None, in_ray: frozenset[str] = frozenset()) -> Plan:
     """The plan for the local vLLM engines among `names`.
 
     On GPUs (the inventory given, or read with NVML): device sets and memory fractions, refused
     before anything loads when the models do not fit. On a CPU: disjoint core lists weighted by
-    model size (an explicit VLLM_CPU_OMP_THREADS_BIND wins).
+    model size (an explicit VLLM_CPU_OMP_THREADS_BIND wins). Engines in Ray actors (`in_ray`) are
+    placed on GPUs by Ray's scheduler, so the GPU plan leaves them out; on a CPU they get their
+    share of cores like the rest (applied on whichever node the actor lands).
     """
     local = [registry.get(n) for n in dict.fromkeys(names) if registry.get(n).backend == "vllm"]
     plan = Plan()
@@ -88,6 +90,9 @@ def plan_engines(registry: Registry, names: list[str], *, gpus: list[Gpu] | None
         plan.cores = plan_cores(sorted(os.sched_getaffinity(0)), {s.name: _params_or_one(s) for s in local})
         plan.engines = {name: EnginePlacement(cpu_threads_bind=bind) for name, bind in plan.cores.items()}
         return plan
+    local = [s for s in local if s.name not in in_ray]
+    if not local:
+        return plan
     inventory = gpus if gpus is not None else detect_gpus()
     plan.gpu = plan_gpus(inventory, [demand_for(s) for s in local])
     plan.engines = {name: EnginePlacement(cuda_visible_devices=p.cuda_visible_devices,
@@ -102,3 +107,19 @@ def _params_or_one(spec: ModelSpec) -> float:
         return model_shape(spec).params
     except PlanError:
         return 1.0
+
+
+def ray_demand(spec: ModelSpec, *, cpu: bool) -> dict[str, float]:
+    """The resources a model's Ray actor asks for: what Ray's scheduler places it by."""
+    options = spec.ray
+    world = spec.engine.tensor_parallel_size * spec.engine.pipeline_parallel_size
+    gpus = 0.0 if cpu else float(world)
+    demand = {"CPU": options.num_cpus if options.num_cpus is not None else (1.0 if gpus == 0 else 0.0),
+              "GPU": options.num_gpus if options.num_gpus is not None else gpus, **options.resources}
+    return {k: float(v) for k, v in demand.items() if v}
+
+
+def ray_candidates(nodes: list[dict], demand: dict[str, float]) -> list[dict]:
+    """Alive nodes whose total resources can hold the demand (`ray.nodes()` entries); Ray picks among them."""
+    return [n for n in nodes if n.get("Alive") and all(n.get("Resources", {}).get(k, 0.0) >= v
+                                                       for k, v in demand.items())]

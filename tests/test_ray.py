@@ -160,3 +160,19 @@ async def test_a_killed_actor_is_restarted_and_serves_again(ray_pool):
     assert failures >= 1  # requests during the restart failed as engine errors, not hangs
     alive = [p for p in old_cores if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert alive == []  # the killed actor's EngineCore went with it
+
+
+def test_moa_plan_shows_the_nodes_each_engine_can_land_on(cluster, ray_registry):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "serving.cli", "plan", "-c", str(ray_registry.path), "-m", "smol-a",
+                          "-m", "smol-b", "--ray-address", cluster.address, "--json"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "MOA_VERBOSE": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    placed = json.loads(out.stdout)["ray"]
+    assert placed["smol-a"]["demand"] == {"CPU": 1.0, "node_a": 1.0}
+    assert [len(placed[m]["nodes"]) for m in ("smol-a", "smol-b")] == [1, 1]
+    assert "node_a 1" in placed["smol-a"]["nodes"][0] and "node_b 1" in placed["smol-b"]["nodes"][0]

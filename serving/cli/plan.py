@@ -21,6 +21,8 @@ def plan(
     swap: list[str] = typer.Option([], "--swap", help="Pipelines with a model replaced: OLD=NEW (repeatable)."),
     gpus: str | None = typer.Option(None, "--gpus", help="Plan for this inventory instead of this machine's GPUs, "
                                     "e.g. 8x80GB or 2x24GB,1x48GB."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Show which nodes of this Ray cluster each "
+                                           "Ray-placed engine can land on (every vLLM engine, as with serve)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     config: Path | None = ConfigOption,
 ) -> None:
@@ -36,10 +38,22 @@ def plan(
     reg = registry(config)
     with user_errors():
         names, _ = served_targets(reg, model, pipeline, swap)
-        result = plan_engines(reg, names, gpus=parse_gpus(gpus) if gpus else None)
+        in_ray = frozenset(n for n in names if reg.get(n).backend == "vllm"
+                           and (ray_address or reg.get(n).placement == "ray"))
+        result = plan_engines(reg, names, gpus=parse_gpus(gpus) if gpus else None, in_ray=in_ray)
+        nodes = _ray_nodes(reg, sorted(in_ray), ray_address) if in_ray and ray_address else {}
     if as_json:
-        print(json.dumps({"gpu": result.gpu.to_dict() if result.gpu else None, "cores": result.cores}, indent=2))
+        print(json.dumps({"gpu": result.gpu.to_dict() if result.gpu else None, "cores": result.cores,
+                          "ray": nodes}, indent=2))
         return
+    if nodes:
+        table = Table(title=f"Ray: nodes of {ray_address} that can hold each engine's actor", title_justify="left")
+        for column in ("model", "asks for", "candidate nodes"):
+            table.add_column(column)
+        for name, entry in nodes.items():
+            table.add_row(name, ", ".join(f"{k} {v:g}" for k, v in entry["demand"].items()),
+                          "\n".join(entry["nodes"]) or "[bold red]none: it would wait forever[/bold red]")
+        stdout.print(table)
     if result.gpu is None:
         table = Table(title="CPU plan: cores per vLLM engine, weighted by model size", title_justify="left")
         table.add_column("model")
@@ -66,3 +80,28 @@ def plan(
         on = [n for n, p in gpu.placements.items() if g.id in p.devices]
         stdout.print(f"GPU {g.id} ({g.total_bytes / GB:.0f} GB{', ' + g.name if g.name else ''}): "
                      f"{gpu.used.get(g.id, 0):.0%} handed out to {', '.join(on) or 'nothing'}", highlight=False)
+
+
+def _ray_nodes(reg, names: list[str], address: str) -> dict[str, dict]:
+    """Per Ray-placed model: its resource demand and the alive nodes that can hold it."""
+    import ray
+
+    from serving.planning import ray_candidates, ray_demand
+
+    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    try:
+        nodes = ray.nodes()
+    finally:
+        ray.shutdown()
+    cpu = not any(n.get("Resources", {}).get("GPU") for n in nodes)
+    out = {}
+    for name in names:
+        demand = ray_demand(reg.get(name), cpu=cpu)
+        out[name] = {"demand": demand, "nodes": [_describe(n) for n in ray_candidates(nodes, demand)]}
+    return out
+
+
+def _describe(node: dict) -> str:
+    shown = {k: v for k, v in sorted(node["Resources"].items())
+             if not k.startswith(("node:", "memory", "object_store"))}
+    return f"{node['NodeManagerAddress']} {node['NodeID'][:8]} ({', '.join(f'{k} {v:g}' for k, v in shown.items())})"

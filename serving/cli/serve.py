@@ -56,9 +56,9 @@ def serve(
             console.print(f"[bold red]WARNING: binding {host} with no API key (--allow-no-key).[/bold red]")
         for name in needed:
             ensure_local(reg.get(name))
-        if not os.environ.get("MOA_RAY_ADDRESS"):
-            # The local placement, checked now: models that do not fit fail before any weights load.
-            plan_engines(reg, [n for n in needed if reg.get(n).placement == "local"])
+        # The placement, checked now: models that do not fit fail before any weights load.
+        in_ray = frozenset(n for n in needed if reg.get(n).placement == "ray" or os.environ.get("MOA_RAY_ADDRESS"))
+        plan_engines(reg, needed, in_ray=in_ray)
     settings = ServerSettings(
         api_keys=keys,
         max_concurrency=max_concurrency or options.max_concurrency,

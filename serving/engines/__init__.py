@@ -22,7 +22,8 @@ def create_engine(spec: ModelSpec, *, cpu_threads_bind: str | None = None,
     if spec.backend == "vllm" and (spec.placement == "ray" or ray_address is not None):
         from serving.engines.ray_engine import RayEngine
 
-        return RayEngine(spec, resolve(spec), address=ray_address, gpu_memory_utilization=gpu_memory_utilization)
+        return RayEngine(spec, resolve(spec), address=ray_address, cpu_threads_bind=cpu_threads_bind,
+                         gpu_memory_utilization=gpu_memory_utilization)
     if spec.backend == "vllm":
         from serving.engines.vllm_engine import VLLMEngine
 

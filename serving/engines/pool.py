@@ -77,9 +77,9 @@ class EnginePool:
 
     async def start(self) -> None:
         # The whole plan first: models that do not fit are refused before anything loads.
-        # Engines in Ray actors are placed by Ray's scheduler; the local plan covers the rest.
-        local = [s.name for s in self.specs if s.placement == "local" and self.ray_address is None]
-        self.plan = plan_engines(self.registry, local, gpus=self.gpus)
+        in_ray = frozenset(s.name for s in self.specs
+                           if s.backend == "vllm" and (s.placement == "ray" or self.ray_address is not None))
+        self.plan = plan_engines(self.registry, [s.name for s in self.specs], gpus=self.gpus, in_ray=in_ray)
         try:
             for spec in self.specs:
                 placement = self.plan.engines.get(spec.name, EnginePlacement())
@@ -110,7 +110,9 @@ class EnginePool:
         await engine.start()
         self.engines[spec.name] = engine
         retry = await self._check(fallback, engine)
-        assert retry is not None  # same weights, same reference
+        if retry is None:  # the check could not run the second time (already logged)
+            log.warning("%s", check.warning())
+            return
         retry.replaced = check
         log.warning("%s", retry.warning())
 

@@ -101,10 +101,10 @@ class RayEngine(StreamingEngine):
         if not ray.is_initialized():
             ray.init(address=self.address, logging_level="WARNING", log_to_driver=False)
         from serving.engines.vllm_args import on_cpu
+        from serving.planning import ray_demand
 
         options = self.spec.ray
-        world = self.spec.engine.tensor_parallel_size * self.spec.engine.pipeline_parallel_size
-        gpus = 0.0 if on_cpu() else float(world)
+        demand = ray_demand(self.spec, cpu=on_cpu())
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         env.setdefault("VLLM_HOST_IP", "127.0.0.1")
         env.update(options.env)
@@ -112,18 +112,19 @@ class RayEngine(StreamingEngine):
         if self._gpu_memory_utilization is not None and spec.engine.gpu_memory_utilization is None:
             spec = spec.model_copy(update={"engine": spec.engine.model_copy(
                 update={"gpu_memory_utilization": self._gpu_memory_utilization})})
+        custom = {k: v for k, v in demand.items() if k not in ("CPU", "GPU")}
         actor_class = ray.remote(EngineActor).options(
-            name=None,
-            num_cpus=options.num_cpus if options.num_cpus is not None else (1 if gpus == 0 else 0),
-            num_gpus=options.num_gpus if options.num_gpus is not None else gpus,
-            resources=dict(options.resources) or None,
+            num_cpus=demand.get("CPU", 0.0),
+            num_gpus=demand.get("GPU", 0.0),
+            resources=custom or None,
             max_restarts=options.max_restarts,
             max_task_retries=0,  # a request in flight when the actor dies fails; the pipeline decides
             max_concurrency=1000,
             runtime_env={"env_vars": env},
         )
-        self._actor = actor_class.remote(spec.model_dump_json(), str(self.model.path),
-                                         options.env.get("VLLM_CPU_OMP_THREADS_BIND") or None)
+        # On a CPU: the entry's own bind for its node wins over the pool's core split.
+        bind = options.env.get("VLLM_CPU_OMP_THREADS_BIND") or self._cpu_threads_bind
+        self._actor = actor_class.remote(spec.model_dump_json(), str(self.model.path), bind)
         try:
             self.node = await self._actor.describe.remote()
         except Exception as exc:

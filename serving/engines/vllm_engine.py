@@ -104,12 +104,13 @@ class VLLMEngine(StreamingEngine):
         """
         started = time.perf_counter()
         before = _children()
-        llm = self._build()
+        # No local name for the engine: vLLM's first imports inside _build keep a frame chain alive that
+        # reaches this frame, and a local here would keep the AsyncLLM alive after close().
+        self._llm = self._build()
         self.core_pids = sorted(_children() - before)
-        self._tokenizer = llm.get_tokenizer()
-        self.max_model_len = llm.model_config.max_model_len
-        self.dtype = str(llm.model_config.dtype).removeprefix("torch.")  # `auto` resolved
-        self._llm = llm
+        self._tokenizer = self._llm.get_tokenizer()
+        self.max_model_len = self._llm.model_config.max_model_len
+        self.dtype = str(self._llm.model_config.dtype).removeprefix("torch.")  # `auto` resolved
         self.start_seconds = time.perf_counter() - started
         log.info("engine %s ready in %.1f s", self.name, self.start_seconds)
 
