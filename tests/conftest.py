@@ -6,7 +6,10 @@ before pytest runs, and `local_model` pulls on demand when run by hand.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -48,3 +51,22 @@ async def small_pool(registry, local_model):
     local_model(QWEN_SMALL)
     async with EnginePool(registry, [QWEN_SMALL, SMALL]) as pool:
         yield pool.engines
+
+
+@asynccontextmanager
+async def uvicorn_serving(app) -> AsyncIterator[str]:
+    """Serve an ASGI app on a free loopback port for the duration; yields its base URL."""
+    import uvicorn
+
+    from serving.engines.vllm_server import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

@@ -83,23 +83,13 @@ async def test_streaming_and_n_k_through_the_actor(ray_pool):
 
 async def test_health_lists_each_engine_with_its_node(ray_registry, ray_pool):
     import httpx
-    import uvicorn
 
     from serving.api.app import create_app
-    from serving.engines.vllm_server import free_port
+    from tests.conftest import uvicorn_serving
 
     app = create_app(ray_registry, models=["smol-a", "smol-b"], pipelines={}, engines=ray_pool.engines)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            engines = (await http.get("/health")).json()["engines"]
-    finally:
-        server.should_exit = True
-        await task
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+        engines = (await http.get("/health")).json()["engines"]
     assert {name: e["placement"] for name, e in engines.items()} == {"smol-a": "ray", "smol-b": "ray"}
     assert engines["smol-a"]["node_id"] == ray_pool["smol-a"].node["node_id"] != engines["smol-b"]["node_id"]
 

@@ -10,12 +10,10 @@ from contextlib import asynccontextmanager
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from serving.api.app import ServerSettings, create_app
-from serving.engines.vllm_server import free_port
 from serving.registry import load_registry
-from tests.conftest import QWEN_SMALL, SMALL
+from tests.conftest import QWEN_SMALL, SMALL, uvicorn_serving
 
 pytestmark = pytest.mark.vllm
 SWAP = {"qwen2.5-coder-1.5b": QWEN_SMALL}
@@ -31,16 +29,8 @@ async def serving(registry, engines, settings: ServerSettings | None = None, *, 
                      engines=engines if ready else None)
     if not ready:  # no engines: the app would start its own; keep it "starting" instead
         app.router.lifespan_context = _idle_lifespan
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        await task
+    async with uvicorn_serving(app) as url:
+        yield url, app
 
 
 @asynccontextmanager
