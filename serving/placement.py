@@ -303,8 +303,7 @@ def _fractions(gpus: list[Gpu], demands: list[Demand], chosen: dict[str, tuple[s
         else:
             # On each device, spread its budget over the engines there in proportion to need; an
             # engine's one fraction must hold on all its devices, so take the smallest.
-            fraction = min(budget * by_id[x].total_bytes * (d.need_per_device / need[x]) / by_id[x].total_bytes
-                           for x in devices)
+            fraction = min(budget * d.need_per_device / need[x] for x in devices)
             fraction = math.floor(fraction * 1000) / 1000
         for x in devices:
             used[x] += fraction

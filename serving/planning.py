@@ -66,13 +66,24 @@ class Plan:
     cores: dict[str, str] = field(default_factory=dict)  # the CPU core split, when they run on a CPU
 
 
+def ray_address(explicit: str | None = None) -> str | None:
+    """The Ray cluster every vLLM engine goes to: the given address, else $MOA_RAY_ADDRESS (set by
+    `moa serve/bench --ray-address`), else None (only entries with `placement: ray` use Ray)."""
+    return explicit or os.environ.get("MOA_RAY_ADDRESS") or None
+
+
+def in_ray(spec: ModelSpec, address: str | None) -> bool:
+    """Whether this model's engine runs in a Ray actor: the one rule the pool, serve and plan share."""
+    return spec.backend == "vllm" and (spec.placement == "ray" or address is not None)
+
+
 def plan_engines(registry: Registry, names: list[str], *, gpus: list[Gpu] | None = None,
-                 cpu: bool | None = None, in_ray: frozenset[str] = frozenset()) -> Plan:
+                 cpu: bool | None = None, ray: str | None = None) -> Plan:
     """The plan for the local vLLM engines among `names`.
 
     On GPUs (the inventory given, or read with NVML): device sets and memory fractions, refused
     before anything loads when the models do not fit. On a CPU: disjoint core lists weighted by
-    model size (an explicit VLLM_CPU_OMP_THREADS_BIND wins). Engines in Ray actors (`in_ray`) are
+    model size (an explicit VLLM_CPU_OMP_THREADS_BIND wins). Engines in Ray actors (`ray`: the address) are
     placed on GPUs by Ray's scheduler, so the GPU plan leaves them out; on a CPU they get their
     share of cores like the rest (applied on whichever node the actor lands).
     """
@@ -90,7 +101,7 @@ def plan_engines(registry: Registry, names: list[str], *, gpus: list[Gpu] | None
         plan.cores = plan_cores(sorted(os.sched_getaffinity(0)), {s.name: _params_or_one(s) for s in local})
         plan.engines = {name: EnginePlacement(cpu_threads_bind=bind) for name, bind in plan.cores.items()}
         return plan
-    local = [s for s in local if s.name not in in_ray]
+    local = [s for s in local if not in_ray(s, ray)]
     if not local:
         return plan
     inventory = gpus if gpus is not None else detect_gpus()

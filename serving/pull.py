@@ -18,9 +18,9 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from serving.known_answer import REFERENCE_FILE, make_reference
+from serving.known_answer import REFERENCE_FILE, load_reference, make_reference
 from serving.registry import GGUFSource, ModelSpec, PyPIGGUFSource, PyPIPackage
-from serving.store import MARKER, converted_dir, is_pulled, models_dir, resolve
+from serving.store import MARKER, LocalModel, converted_dir, is_pulled, models_dir, resolve
 
 Progress = Callable[[str, int, int | None], None]  # (stage, done, total)
 
@@ -42,7 +42,7 @@ def pull(spec: ModelSpec, *, progress: Progress = _noop, force: bool = False) ->
         return resolve(spec).path  # hf-dir / hub: already local, or a clear error naming the fix
     if is_pulled(spec) and not force:
         final = converted_dir(spec)
-        if not has_reference(final):  # pulled before references existed
+        if load_reference(LocalModel(spec.name, final)) is None:  # pulled before references (or this version)
             _write_reference(spec.name, final, final, progress)
         return final
     models_dir().mkdir(parents=True, exist_ok=True)
@@ -68,10 +68,6 @@ def pull(spec: ModelSpec, *, progress: Progress = _noop, force: bool = False) ->
             shutil.rmtree(final)
         staged.rename(final)
     return final
-
-
-def has_reference(model_dir: Path) -> bool:
-    return (model_dir / REFERENCE_FILE).is_file()
 
 
 def _write_reference(name: str, model_dir: Path, final: Path, progress: Progress) -> None:

@@ -55,7 +55,8 @@ def test_run_answers_with_a_real_engine(local_model):
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     completion = result["completions"][0]  # wording is the known-answer check's business, not this test's
-    assert completion["text"].strip() and completion["completion_tokens"] > 0 and completion["finish_reason"] == "stop"
+    assert completion["text"].strip() and completion["completion_tokens"] > 0
+    assert completion["finish_reason"] in ("stop", "length")
     assert result["model"] == SMALL and result["prompt_tokens"] > 0
 
 

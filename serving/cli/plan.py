@@ -32,22 +32,23 @@ def plan(
     every pipeline's models) and uses the same planner, so a plan that fails here fails there,
     before any weights load. Exit 1 when the models do not fit, naming the model and the shortfall.
     """
+    from serving import planning
     from serving.placement import GB, parse_gpus
     from serving.planning import plan_engines
 
     reg = registry(config)
     with user_errors():
         names, _ = served_targets(reg, model, pipeline, swap)
-        in_ray = frozenset(n for n in names if reg.get(n).backend == "vllm"
-                           and (ray_address or reg.get(n).placement == "ray"))
-        result = plan_engines(reg, names, gpus=parse_gpus(gpus) if gpus else None, in_ray=in_ray)
-        nodes = _ray_nodes(reg, sorted(in_ray), ray_address) if in_ray and ray_address else {}
+        address = planning.ray_address(ray_address)
+        result = plan_engines(reg, names, gpus=parse_gpus(gpus) if gpus else None, ray=address)
+        placed = sorted(n for n in names if planning.in_ray(reg.get(n), address))
+        nodes = _ray_nodes(reg, placed, address) if placed and address else {}
     if as_json:
         print(json.dumps({"gpu": result.gpu.to_dict() if result.gpu else None, "cores": result.cores,
                           "ray": nodes}, indent=2))
         return
     if nodes:
-        table = Table(title=f"Ray: nodes of {ray_address} that can hold each engine's actor", title_justify="left")
+        table = Table(title=f"Ray: nodes of {address} that can hold each engine's actor", title_justify="left")
         for column in ("model", "asks for", "candidate nodes"):
             table.add_column(column)
         for name, entry in nodes.items():

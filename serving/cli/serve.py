@@ -36,8 +36,8 @@ def serve(
     """
     import uvicorn
 
+    from serving import planning
     from serving.api.app import ServerSettings, create_app
-    from serving.planning import plan_engines
 
     reg = registry(config)
     if ray_address:
@@ -57,8 +57,7 @@ def serve(
         for name in needed:
             ensure_local(reg.get(name))
         # The placement, checked now: models that do not fit fail before any weights load.
-        in_ray = frozenset(n for n in needed if reg.get(n).placement == "ray" or os.environ.get("MOA_RAY_ADDRESS"))
-        plan_engines(reg, needed, in_ray=in_ray)
+        planning.plan_engines(reg, needed, ray=planning.ray_address(ray_address))
     settings = ServerSettings(
         api_keys=keys,
         max_concurrency=max_concurrency or options.max_concurrency,

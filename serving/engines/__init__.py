@@ -19,7 +19,9 @@ def create_engine(spec: ModelSpec, *, cpu_threads_bind: str | None = None,
     A vLLM model goes into a Ray actor when its entry says `placement: ray`, or when a Ray
     address is given for all (`moa serve --ray-address`).
     """
-    if spec.backend == "vllm" and (spec.placement == "ray" or ray_address is not None):
+    from serving.planning import in_ray
+
+    if in_ray(spec, ray_address):
         from serving.engines.ray_engine import RayEngine
 
         return RayEngine(spec, resolve(spec), address=ray_address, cpu_threads_bind=cpu_threads_bind,

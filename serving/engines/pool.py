@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from types import TracebackType
 
 from moa.engine import Engine
+from serving import planning
 from serving.engines import create_engine
 from serving.known_answer import CheckResult, verify
 from serving.placement import Gpu, plan_cores
@@ -73,13 +74,11 @@ class EnginePool:
         self.plan: Plan | None = None
         # Every vLLM engine in a Ray actor on this cluster ("auto", "ray://host:10001"); `moa serve
         # --ray-address` and `moa bench --ray-address` set $MOA_RAY_ADDRESS for every pool they make.
-        self.ray_address = ray_address or os.environ.get("MOA_RAY_ADDRESS") or None
+        self.ray_address = planning.ray_address(ray_address)
 
     async def start(self) -> None:
         # The whole plan first: models that do not fit are refused before anything loads.
-        in_ray = frozenset(s.name for s in self.specs
-                           if s.backend == "vllm" and (s.placement == "ray" or self.ray_address is not None))
-        self.plan = plan_engines(self.registry, [s.name for s in self.specs], gpus=self.gpus, in_ray=in_ray)
+        self.plan = plan_engines(self.registry, [s.name for s in self.specs], gpus=self.gpus, ray=self.ray_address)
         try:
             for spec in self.specs:
                 placement = self.plan.engines.get(spec.name, EnginePlacement())
