@@ -143,6 +143,10 @@ class Engine(Protocol):
 
     async def close(self) -> None: ...
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens `text` takes in this model: reference budgets, and counts after a quorum cut a stream."""
+        ...
+
     async def generate(
         self,
         messages: Sequence[ChatMessage],
@@ -168,7 +172,7 @@ class StreamingEngine:
         raise NotImplementedError
 
     def count_tokens(self, text: str) -> int:
-        """Tokens `text` takes in this model (reference budgets); engines with a tokenizer override it."""
+        """An estimate (4 characters a token) for engines without a tokenizer at hand; others override it."""
         return max(1, len(text) // 4)
 
     async def generate(self, messages: Sequence[ChatMessage], params: SamplingParams, *,

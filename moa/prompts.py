@@ -12,9 +12,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from moa.engine import ChatMessage
-from moa.steps import Layout, ReferenceBudget, StrategyName
+
+Layout = Literal["before", "after"]
+# The strategy names, once: steps, the HTTP schema and STRATEGIES below all use this.
+StrategyName = Literal["moa", "consensus", "council", "best-of", "chain", "self-moa"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceBudget:
+    """Token caps on the references shown to a model: each one, and all of them together."""
+
+    per_reference: int | None = 768
+    total: int | None = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("per_reference", "total"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"budget.{name} must be >= 1 (or null for no cap), got {value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +109,10 @@ VOTE_INSTRUCTION = (
     "Below are numbered answers to the user's latest message. Which final answer do most of them agree on? "
     "Reply with the number of one answer that gives that majority answer, and nothing else."
 )
+
+
+if set(STRATEGIES) != set(get_args(StrategyName)):
+    raise RuntimeError("moa/prompts.py: STRATEGIES and StrategyName name different strategies")
 
 
 def strategy(name: StrategyName | str) -> Strategy:

@@ -1,42 +1,89 @@
 """Pipeline steps: small immutable values, so a pipeline is data (presets live in models.yaml).
 
-LLM steps call engines; transforms reshape the current list of responses without
-an LLM call. Every LLM step takes temperature, max_tokens and a prompt override.
+A step class is registered once, under the kind name YAML, traces, events, `/v1/models`
+and the benchmark all use (`@step_kind("aggregate-seq")`); its handler is registered
+beside the runner (`moa/handlers.py`, `moa/transforms.py`). Values are checked when a
+step is built, so a bad preset fails when models.yaml loads, not per request.
+
+LLM steps call engines; transforms reshape the current list of responses without a call.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import ClassVar, Literal, TypeVar
 
-Layout = Literal["before", "after"]
-StrategyName = Literal["moa", "consensus", "council", "best-of", "chain", "self-moa"]
+from moa.prompts import Layout, ReferenceBudget, StrategyName
+from moa.votes import Normalize
+
+STEP_TYPES: dict[str, type[Step]] = {}  # kind -> class, in registration order
+S = TypeVar("S", bound="type[Step]")
+
+
+def step_kind(kind: str) -> Callable[[S], S]:
+    """Register a step class under `kind`, the one name every layer uses for it."""
+
+    def register(cls: S) -> S:
+        if kind in STEP_TYPES and STEP_TYPES[kind] is not cls:
+            raise ValueError(f"step kind {kind!r} is already registered by {STEP_TYPES[kind].__name__}")
+        cls.kind = kind
+        STEP_TYPES[kind] = cls
+        return cls
+
+    return register
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclass(frozen=True, slots=True)
-class ReferenceBudget:
-    """Token caps on the references shown to a model: each one, and all of them together."""
+class Step:
+    """Base of every step; `kind` is set by `@step_kind`."""
 
-    per_reference: int | None = 768
-    total: int | None = 2048
+    kind: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for name, minimum in _MINIMUMS.items():
+            value = getattr(self, name, None)
+            _require(value is None or value >= minimum, f"{name} must be >= {minimum}, got {value}")
+
+
+_MINIMUMS = {"max_tokens": 1, "samples": 1, "k": 1, "window": 1, "min_chars": 0}
 
 
 @dataclass(frozen=True, slots=True)
-class LLMStep:
+class LLMStep(Step):
+    """A step that calls engines. One model (`model`) or several (`models`), named the same way everywhere."""
+
     temperature: float = 0.7
     max_tokens: int = 512
     prompt: str | None = None  # replaces the step's instruction text
     timeout_s: float | None = None  # per engine call; the call is aborted when it runs over
     seed: int | None = None
 
-    @property
-    def kind(self) -> str:
-        return type(self).__name__.lower()
+    def __post_init__(self) -> None:
+        Step.__post_init__(self)
+        _require(0 <= self.temperature <= 2, f"temperature must be between 0 and 2, got {self.temperature}")
+        _require(self.timeout_s is None or self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}")
+        names = self.models_used()
+        _require(bool(names) and all(names), "`models` must name at least one model" if hasattr(self, "models")
+                 else "`model` is required")
 
     def models_used(self) -> tuple[str, ...]:
-        raise NotImplementedError
+        models = getattr(self, "models", None)
+        return tuple(dict.fromkeys(models)) if models is not None else (getattr(self, "model", ""),)
+
+    def with_models(self, mapping: Mapping[str, str]) -> LLMStep:
+        if hasattr(self, "models"):
+            return replace(self, models=tuple(mapping.get(m, m) for m in self.models))  # type: ignore[attr-defined]
+        return replace(self, model=mapping.get(self.model, self.model))  # type: ignore[attr-defined]
 
 
+@step_kind("propose")
 @dataclass(frozen=True, slots=True)
 class Propose(LLMStep):
     """Every model answers the conversation. A model listed k times (or `samples: k`) is one n=k request."""
@@ -49,61 +96,73 @@ class Propose(LLMStep):
     quorum: int | None = None  # go on once this many responses are in; abort the rest
     min_success: int = 1
 
-    def models_used(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.models))
+    @property
+    def total(self) -> int:
+        return len(self.models) * self.samples
+
+    def __post_init__(self) -> None:
+        LLMStep.__post_init__(self)
+        _require(self.quorum is None or 1 <= self.quorum <= self.total,
+                 f"quorum {self.quorum} must be between 1 and the {self.total} samples")
+        _require(1 <= self.min_success <= self.total,
+                 f"min_success {self.min_success} must be between 1 and the {self.total} samples")
+        _require(self.total == len(set(self.models)) or self.temperature > 0 or bool(self.temperature_offsets),
+                 "sampling one model several times needs temperature > 0")
 
 
 @dataclass(frozen=True, slots=True)
-class _Synthesis(LLMStep):
+class Synthesis(LLMStep):
+    """Steps that write from references: the strategy says how, the layout where they go."""
+
     strategy: StrategyName = "moa"
     layout: Layout | None = None  # None: the strategy's default
     budget: ReferenceBudget = field(default_factory=ReferenceBudget)
 
 
+@step_kind("synthesize")
 @dataclass(frozen=True, slots=True)
-class Synthesize(_Synthesis):
+class Synthesize(Synthesis):
     """A layer: each model writes a new response with the previous layer's responses as references."""
 
     models: tuple[str, ...] = ()
     quorum: int | None = None
     min_success: int = 1
 
-    def models_used(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.models))
+    def __post_init__(self) -> None:
+        Synthesis.__post_init__(self)
+        _require(self.quorum is None or 1 <= self.quorum <= len(self.models),
+                 f"quorum {self.quorum} must be between 1 and the {len(self.models)} models")
+        _require(1 <= self.min_success <= len(self.models),
+                 f"min_success {self.min_success} must be between 1 and the {len(self.models)} models")
 
 
+@step_kind("aggregate")
 @dataclass(frozen=True, slots=True)
-class Aggregate(_Synthesis):
+class Aggregate(Synthesis):
     """One model writes the final answer from the references."""
 
     model: str = ""
 
-    def models_used(self) -> tuple[str, ...]:
-        return (self.model,)
 
-
+@step_kind("aggregate-seq")
 @dataclass(frozen=True, slots=True)
-class AggregateSeq(_Synthesis):
+class AggregateSeq(Synthesis):
     """Self-MoA-Seq: fold the responses in windows, carrying the running aggregate into the next window."""
 
     model: str = ""
     window: int = 3
     strategy: StrategyName = "self-moa"
 
-    def models_used(self) -> tuple[str, ...]:
-        return (self.model,)
 
-
+@step_kind("refine")
 @dataclass(frozen=True, slots=True)
 class Refine(LLMStep):
     """Each response is improved by a model (models used round-robin), one call per response."""
 
     models: tuple[str, ...] = ()
 
-    def models_used(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.models))
 
-
+@step_kind("rank")
 @dataclass(frozen=True, slots=True)
 class Rank(LLMStep):
     """A judge model orders the responses; the best k are kept (best-of-n)."""
@@ -113,10 +172,8 @@ class Rank(LLMStep):
     temperature: float = 0.0
     max_tokens: int = 64
 
-    def models_used(self) -> tuple[str, ...]:
-        return (self.model,)
 
-
+@step_kind("vote")
 @dataclass(frozen=True, slots=True)
 class Vote(LLMStep):
     """A judge model picks the answer most responses agree on; that response is kept."""
@@ -125,62 +182,83 @@ class Vote(LLMStep):
     temperature: float = 0.0
     max_tokens: int = 64
 
-    def models_used(self) -> tuple[str, ...]:
-        return (self.model,)
-
 
 # -- transforms (no LLM call) -------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class Shuffle:
+class Transform(Step):
+    """Reshapes the list of responses without an engine call (moa/transforms.py)."""
+
+
+@step_kind("shuffle")
+@dataclass(frozen=True, slots=True)
+class Shuffle(Transform):
     seed: int | None = None
 
 
+@step_kind("dropout")
 @dataclass(frozen=True, slots=True)
-class Dropout:
+class Dropout(Transform):
     """Drop each response with probability `rate` (never all of them)."""
 
     rate: float = 0.2
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        Step.__post_init__(self)
+        _require(0 <= self.rate <= 1, f"rate must be between 0 and 1, got {self.rate}")
 
+
+@step_kind("sample")
 @dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(Transform):
     k: int = 3
     seed: int | None = None
 
 
+@step_kind("take")
 @dataclass(frozen=True, slots=True)
-class Take:
+class Take(Transform):
     k: int = 1
 
 
+@step_kind("filter")
 @dataclass(frozen=True, slots=True)
-class Filter:
+class Filter(Transform):
     """Keep responses with at least `min_chars` characters that match `pattern` (a regex), if given."""
 
     min_chars: int = 1
     pattern: str | None = None
 
+    def __post_init__(self) -> None:
+        Step.__post_init__(self)
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression: {exc}") from None
 
+
+@step_kind("map")
 @dataclass(frozen=True, slots=True)
-class Map:
+class Map(Transform):
     """Rewrite each response: strip | first_line | final_answer (the text after the last 'answer:')."""
 
     op: Literal["strip", "first_line", "final_answer"] = "strip"
 
 
+@step_kind("majority-vote")
 @dataclass(frozen=True, slots=True)
-class MajorityVote:
+class MajorityVote(Transform):
     """Self-consistency without an LLM call: keep one response carrying the most common normalised answer."""
 
-    normalize: Literal["number", "choice", "text"] = "text"
+    normalize: Normalize = "text"
 
 
-Transform = Shuffle | Dropout | Sample | Take | Filter | Map | MajorityVote
-Step = Propose | Synthesize | Aggregate | AggregateSeq | Refine | Rank | Vote | Transform
-LLM_STEPS = (Propose, Synthesize, Aggregate, AggregateSeq, Refine, Rank, Vote)
+def llm_step_kinds() -> set[str]:
+    """Kinds of the steps that call engines (trace step names; the benchmark's per-layer timings)."""
+    return {kind for kind, cls in STEP_TYPES.items() if issubclass(cls, LLMStep)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,30 +271,23 @@ class Pipeline:
         """Every model the pipeline calls, in first-use order (the order engines start in)."""
         seen: dict[str, None] = {}
         for step in self.steps:
-            if isinstance(step, LLM_STEPS):
+            if isinstance(step, LLMStep):
                 seen.update(dict.fromkeys(step.models_used()))
         return tuple(seen)
 
-    def with_models(self, mapping: dict[str, str]) -> Pipeline:
+    def with_models(self, mapping: Mapping[str, str]) -> Pipeline:
         """The same pipeline with models substituted (per-request overrides, tests on small models)."""
-
-        def swap(step: Step) -> Step:
-            if isinstance(step, (Propose, Synthesize, Refine)):
-                return replace(step, models=tuple(mapping.get(m, m) for m in step.models))
-            if isinstance(step, (Aggregate, AggregateSeq, Rank, Vote)):
-                return replace(step, model=mapping.get(step.model, step.model))
-            return step
-
-        return replace(self, steps=tuple(swap(s) for s in self.steps))
+        return replace(self, steps=tuple(s.with_models(mapping) if isinstance(s, LLMStep) else s
+                                         for s in self.steps))
 
     def with_layout(self, layout: Layout) -> Pipeline:
         """Every synthesis step with its references placed `layout` (`moa eval` compares the two)."""
         return replace(self, name=f"{self.name}@{layout}", steps=tuple(
-            replace(s, layout=layout) if isinstance(s, _Synthesis) else s for s in self.steps
+            replace(s, layout=layout) if isinstance(s, Synthesis) else s for s in self.steps
         ))
 
     def with_max_tokens(self, cap: int) -> Pipeline:
         """Cap every LLM step's max_tokens (quick runs, tests)."""
         return replace(self, steps=tuple(
-            replace(s, max_tokens=min(s.max_tokens, cap)) if isinstance(s, LLM_STEPS) else s for s in self.steps
+            replace(s, max_tokens=min(s.max_tokens, cap)) if isinstance(s, LLMStep) else s for s in self.steps
         ))

@@ -11,11 +11,11 @@ import json
 import pytest
 
 from moa.engine import SamplingParams
-from moa.engine_wrappers import RecordedCall, Recording, Serialized, SplitN
 from moa.runner import run
-from moa.scripted import ScriptedEngine
 from moa.steps import Aggregate, Pipeline, Propose
+from moa.testing import ScriptedEngine
 from serving.bench import report
+from serving.bench.baselines import RecordedCall, Recording, Sequential, SplitN
 from serving.bench.datasets import DatasetError, load_prompts, load_tasks
 from serving.bench.evaluate import (
     System,
@@ -68,7 +68,7 @@ async def test_serialized_runs_one_call_at_a_time_across_engines():
             peak = max(peak, a.stats.running + b.stats.running)
             await asyncio.sleep(0.01)
 
-    engines = {"a": Serialized(a, lock), "b": Serialized(b, lock)}
+    engines = {"a": Sequential(a, lock), "b": Sequential(b, lock)}
     pipe = Pipeline("p", (Propose(models=("a", "b"), max_tokens=8),))
     await asyncio.gather(run(pipe, Q, engines), watch())
     assert peak == 1

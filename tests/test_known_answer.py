@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from moa.engine import Generation, SamplingParams
-from moa.scripted import ScriptedEngine
+from moa.testing import ScriptedEngine
 from serving.engines.pool import EnginePool
 from serving.known_answer import (
     DECISIVE_MARGIN,

@@ -8,7 +8,6 @@ import pytest
 
 from moa.prompts import STRATEGIES, format_references
 from moa.runner import PipelineError, iter_run, run
-from moa.scripted import ScriptedEngine
 from moa.steps import (
     Aggregate,
     AggregateSeq,
@@ -27,6 +26,7 @@ from moa.steps import (
     Take,
     Vote,
 )
+from moa.testing import ScriptedEngine
 from moa.trace import AnswerDelta, CallFinished, StepFinished, StepStarted
 
 Q = [{"role": "user", "content": "What is 2 + 2?"}]

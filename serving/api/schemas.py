@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from moa.prompts import StrategyName
+
 
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -28,7 +30,7 @@ class MoAOptions(BaseModel):
     proposers: list[str] | None = Field(default=None, min_length=1)
     aggregator: str | None = None
     layers: int | None = Field(default=None, ge=1, le=8)
-    strategy: Literal["moa", "consensus", "council", "best-of", "chain", "self-moa"] | None = None
+    strategy: StrategyName | None = None
     quorum: int | None = Field(default=None, ge=1)
     events: bool = False  # stream progress events as extra chunks (choices: [])
     trace: bool = False  # include every engine call in the response's `moa.trace`

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
-from moa.steps import LLM_STEPS, Aggregate, AggregateSeq, Pipeline, Propose, Synthesize, _Synthesis
+from moa.steps import Aggregate, AggregateSeq, LLMStep, Pipeline, Propose, Step, Synthesis, Synthesize
 from serving.api.errors import APIError
 from serving.api.schemas import MoAOptions
 
 
 def apply_overrides(pipeline: Pipeline, options: MoAOptions, served: set[str]) -> Pipeline:
     """The pipeline with a request's proposers / aggregator / layers / strategy / quorum applied."""
+    try:
+        return _apply(pipeline, options, served)
+    except ValueError as exc:  # a step refused the combination (e.g. min_success above the new proposers)
+        raise APIError(400, f"moa: {exc}", param="moa") from None
+
+
+def _apply(pipeline: Pipeline, options: MoAOptions, served: set[str]) -> Pipeline:
     for name in [*(options.proposers or []), *([options.aggregator] if options.aggregator else [])]:
         if name not in served:
             raise APIError(400, f"moa: model {name!r} is not served here; served: {', '.join(sorted(served))}",
@@ -33,7 +40,7 @@ def apply_overrides(pipeline: Pipeline, options: MoAOptions, served: set[str]) -
     if options.layers is not None:
         steps = _with_layers(steps, options.layers, propose_at)
     if options.strategy:
-        steps = [replace(s, strategy=options.strategy) if isinstance(s, _Synthesis) else s for s in steps]
+        steps = [replace(s, strategy=options.strategy) if isinstance(s, Synthesis) else s for s in steps]
     return replace(pipeline, steps=tuple(steps))
 
 
@@ -56,14 +63,23 @@ def _with_layers(steps: list, layers: int, propose_at: int) -> list:
 
 def describe(pipeline: Pipeline) -> dict:
     """A pipeline for /v1/models: its steps and models."""
-    steps = []
-    for step in pipeline.steps:
-        entry: dict = {"step": type(step).__name__.lower()}
-        if isinstance(step, LLM_STEPS):
-            entry["models"] = list(step.models_used())
-        for key in ("samples", "strategy", "quorum", "window", "k", "rate", "normalize"):
-            if hasattr(step, key) and getattr(step, key) is not None:
-                entry[key] = getattr(step, key)
-        steps.append(entry)
     return {"kind": "pipeline", "description": pipeline.description, "models": list(pipeline.models()),
-            "steps": steps}
+            "steps": [describe_step(s) for s in pipeline.steps]}
+
+
+def describe_step(step: Step) -> dict:
+    """The kind, the models, and the settings a reader needs to tell steps apart (any step class, unchanged)."""
+    entry: dict = {"step": step.kind}
+    if isinstance(step, LLMStep):
+        entry["models"] = list(step.models_used())
+    for f in fields(step):
+        value = getattr(step, f.name)
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if f.name in _NOT_DESCRIBED or (value == default and f.name not in _ALWAYS_DESCRIBED):
+            continue
+        entry[f.name] = list(value) if isinstance(value, tuple) else value
+    return entry
+
+
+_NOT_DESCRIBED = {"model", "models", "prompt", "role_prompts", "temperature_offsets", "budget", "timeout_s"}
+_ALWAYS_DESCRIBED = {"samples", "strategy", "k", "window", "rate", "normalize"}

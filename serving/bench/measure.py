@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from moa.engine import ChatMessage, Engine
-from moa.engine_wrappers import RecordedCall
 from moa.runner import Prices, run
-from moa.steps import Pipeline
+from moa.steps import Pipeline, llm_step_kinds
 from moa.trace import AnswerDelta, Event
+from serving.bench.baselines import RecordedCall
 from serving.bench.stats import mean, percentile
 
 
@@ -52,7 +52,6 @@ class LevelResult:
     samples: list[RequestSample]
 
 
-LLM_STEP_NAMES = {"propose", "synthesize", "aggregate", "aggregateseq", "refine", "rank", "vote"}  # trace step names
 RequestFn = Callable[[int, float], Awaitable[RequestSample]]  # (index, level start) -> sample
 
 
@@ -87,8 +86,9 @@ async def pipeline_request(pipeline: Pipeline, messages: Sequence[ChatMessage], 
     final = [c for c in result.trace.calls if c.status == "ok"]
     if final:
         sample.answer_tokens = final[-1].completion_tokens // max(1, final[-1].n)
+    llm_kinds = llm_step_kinds()
     for step in result.trace.steps:
-        if step.end_s is not None and step.step in LLM_STEP_NAMES:
+        if step.end_s is not None and step.step in llm_kinds:
             sample.layers[f"L{step.layer} {step.step}"] = step.end_s - step.start_s
     sample.answer = result.answer
     return sample

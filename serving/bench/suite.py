@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moa.engine import ChatMessage, Engine, SamplingParams
-from moa.engine_wrappers import RecordedCall, Recording, Serialized, SplitN
 from moa.steps import Pipeline, Propose
+from serving.bench.baselines import RecordedCall, Recording, Sequential, SplitN
 from serving.bench.measure import LevelResult, ReplayResult, RequestSample, pipeline_request, replay, run_level
 from serving.registry import Registry
 
@@ -59,7 +59,7 @@ def samples_in_one_request(pipeline: Pipeline) -> bool:
 def sequential_engines(engines: Mapping[str, Engine]) -> dict[str, Engine]:
     """Baseline (b): n=k split into k requests first, then one call at a time across all engines."""
     lock = asyncio.Lock()
-    return {name: SplitN(Serialized(engine, lock)) for name, engine in engines.items()}
+    return {name: SplitN(Sequential(engine, lock)) for name, engine in engines.items()}
 
 
 async def reset_caches(engines: Mapping[str, Engine]) -> None:

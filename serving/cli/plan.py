@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from serving.cli.common import ConfigOption, registry, served_targets, user_errors
-
-stdout = Console(width=None if sys.stdout.isatty() else 150)
+from serving.cli.common import ConfigOption, out, registry, served_targets, user_errors
 
 
 def plan(
@@ -54,14 +50,14 @@ def plan(
         for name, entry in nodes.items():
             table.add_row(name, ", ".join(f"{k} {v:g}" for k, v in entry["demand"].items()),
                           "\n".join(entry["nodes"]) or "[bold red]none: it would wait forever[/bold red]")
-        stdout.print(table)
+        out.print(table)
     if result.gpu is None:
         table = Table(title="CPU plan: cores per vLLM engine, weighted by model size", title_justify="left")
         table.add_column("model")
         table.add_column("cores (VLLM_CPU_OMP_THREADS_BIND)")
         for name, cores in result.cores.items():
             table.add_row(name, cores)
-        stdout.print(table if result.cores else "no local vLLM engines to place (or VLLM_CPU_OMP_THREADS_BIND is set)")
+        out.print(table if result.cores else "no local vLLM engines to place (or VLLM_CPU_OMP_THREADS_BIND is set)")
         return
     gpu = result.gpu
     totals = {g.id: g.total_bytes for g in gpu.gpus}
@@ -76,10 +72,10 @@ def plan(
                       f"{p.weights_per_device / GB:.1f} GB", f"{p.kv_per_device / GB:.1f} GB",
                       f"{p.need_per_device / GB:.1f} GB", f"{p.gpu_memory_utilization:.3f}", f"{gets / GB:.1f} GB",
                       f"{(gets - p.need_per_device) / GB:.1f} GB")
-    stdout.print(table)
+    out.print(table)
     for g in gpu.gpus:
         on = [n for n, p in gpu.placements.items() if g.id in p.devices]
-        stdout.print(f"GPU {g.id} ({g.total_bytes / GB:.0f} GB{', ' + g.name if g.name else ''}): "
+        out.print(f"GPU {g.id} ({g.total_bytes / GB:.0f} GB{', ' + g.name if g.name else ''}): "
                      f"{gpu.used.get(g.id, 0):.0%} handed out to {', '.join(on) or 'nothing'}", highlight=False)
 
 
@@ -95,11 +91,11 @@ def _ray_nodes(reg, names: list[str], address: str) -> dict[str, dict]:
     finally:
         ray.shutdown()
     cpu = not any(n.get("Resources", {}).get("GPU") for n in nodes)
-    out = {}
+    found = {}
     for name in names:
         demand = ray_demand(reg.get(name), cpu=cpu)
-        out[name] = {"demand": demand, "nodes": [_describe(n) for n in ray_candidates(nodes, demand)]}
-    return out
+        found[name] = {"demand": demand, "nodes": [_describe(n) for n in ray_candidates(nodes, demand)]}
+    return found
 
 
 def _describe(node: dict) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from serving.cli.common import ConfigOption, console, ensure_local, parse_swap, quiet_engines, registry, user_errors
+from serving.cli.common import ConfigOption, ensure_local, err, out, parse_swap, quiet_engines, registry, user_errors
 from serving.cli.trace_table import trace_table
 
 
@@ -67,14 +67,14 @@ def run(
                     result = asyncio.run(_answer(reg, spec.name, messages, params, stream=not as_json))
             except Exception:
                 if log_path:
-                    console.print(f"engine log: {log_path}", highlight=False, soft_wrap=True)
+                    err.print(f"engine log: {log_path}", highlight=False, soft_wrap=True)
                 raise
     if pipeline:
         _report_pipeline(result, as_json, show_trace)
     elif as_json:
         print(json.dumps(asdict(result), indent=2))
     else:
-        console.print(
+        err.print(
             f"[dim]{spec.name}: {result.prompt_tokens} prompt tokens ({result.cached_prompt_tokens} cached), "
             f"{result.completion_tokens} completion tokens, TTFT {result.ttft_s or 0:.2f} s, "
             f"total {result.total_s:.2f} s[/dim]",
@@ -88,12 +88,12 @@ async def _run_pipeline(reg, pipe, messages, *, seed, timeout, stream: bool):
     from moa.trace import AnswerDelta, CallFinished, StepStarted
     from serving.engines.pool import EnginePool
 
-    with console.status(f"starting {len(pipe.models())} engine(s): {', '.join(pipe.models())}…"):
+    with err.status(f"starting {len(pipe.models())} engine(s): {', '.join(pipe.models())}…"):
         pool = EnginePool(reg, pipe.models())
         await pool.start()
     try:
         result = None
-        status = console.status(f"{pipe.name}: running…")
+        status = err.status(f"{pipe.name}: running…")
         status.start()
         answering = False
         async for event in iter_run(pipe, messages, pool.engines, prices=reg.prices(), seed=seed,
@@ -125,21 +125,21 @@ def _report_pipeline(result, as_json: bool, show_trace: bool) -> None:
         print(json.dumps({"answer": result.answer, "data": result.data, "trace": result.trace.to_dict()}, indent=2))
         return
     if result.data and len(result.data) > 1:
-        console.print_json(data=result.data)
+        out.print_json(data=result.data)
     usage = result.usage
-    console.print(
+    err.print(
         f"[dim]{result.trace.pipeline}: {usage.calls} engine calls, {usage.prompt_tokens} prompt tokens "
         f"({usage.cached_prompt_tokens} cached), {usage.completion_tokens} completion tokens, "
         f"{result.trace.total_s:.1f} s[/dim]", highlight=False, soft_wrap=True)
     if show_trace:
-        console.print(trace_table(result.trace))
+        out.print(trace_table(result.trace))
 
 
 async def _answer(reg, name, messages, params, *, stream: bool):
     from moa.engine import Delta, Generation
     from serving.engines.pool import EnginePool
 
-    with console.status(f"starting {name}…"):
+    with err.status(f"starting {name}…"):
         pool = EnginePool(reg, [name])
         await pool.start()
     try:

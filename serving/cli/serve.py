@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from serving.cli.common import ConfigOption, console, ensure_local, registry, served_targets, user_errors
+from serving.cli.common import ConfigOption, ensure_local, err, registry, served_targets, user_errors
 
 
 def serve(
@@ -53,7 +53,7 @@ def serve(
             if not allow_no_key:
                 raise ValueError(f"refusing to bind {host} without an API key: anyone who can reach this machine "
                                  "could use its models. Pass --api-key KEY or set MOA_API_KEYS (or --allow-no-key).")
-            console.print(f"[bold red]WARNING: binding {host} with no API key (--allow-no-key).[/bold red]")
+            err.print(f"[bold red]WARNING: binding {host} with no API key (--allow-no-key).[/bold red]")
         for name in needed:
             ensure_local(reg.get(name))
         # The placement, checked now: models that do not fit fail before any weights load.
@@ -65,7 +65,7 @@ def serve(
         request_timeout_s=timeout or options.timeout_s,
     )
     app = create_app(reg, models=models, pipelines=pipelines, settings=settings)
-    console.print(f"moa serve: http://{host}:{port}/v1 — models {models}, pipelines {list(pipelines)}; "
+    err.print(f"moa serve: http://{host}:{port}/v1 — models {models}, pipelines {list(pipelines)}; "
                   "engines start one by one, GET /ready answers 200 when all are up", highlight=False,
                   soft_wrap=True)
     # On Ctrl-C uvicorn stops accepting, lets in-flight requests finish for up to 30 s, then cancels them

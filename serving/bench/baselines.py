@@ -5,7 +5,7 @@ these in between, so the only thing that differs is the calling pattern:
 
 - `SplitN`: an n=k request becomes k separate n=1 requests (seeds seed+i), as
   client-side MoA code and reference scripts issue them (baseline d, and part of b, c).
-- `Serialized`: every call waits for the previous one to finish, across all engines
+- `Sequential`: every call waits for the previous one to finish, across all engines
   that share the lock (baseline b: proposers called one after another).
 - `Recording`: remembers every call so it can be replayed as one batch (baseline a).
 """
@@ -35,8 +35,7 @@ class _Wrapper:
         await self.inner.close()
 
     def count_tokens(self, text: str) -> int:
-        counter = getattr(self.inner, "count_tokens", None)
-        return counter(text) if counter is not None else max(1, len(text) // 4)
+        return self.inner.count_tokens(text)
 
     async def generate(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
                        request_id: str | None = None) -> Generation:
@@ -110,7 +109,7 @@ class SplitN(_Wrapper):
         yield merge(self.name, [parts[i] for i in range(params.n)], started)
 
 
-class Serialized(_Wrapper):
+class Sequential(_Wrapper):
     """One call at a time across every engine sharing `lock`: the reference-script calling pattern."""
 
     def __init__(self, inner: Engine, lock: asyncio.Lock) -> None:

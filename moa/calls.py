@@ -1,0 +1,120 @@
+"""One engine call as the runner makes it: traced, timed out, costed, streamed, cut at a quorum.
+
+Handlers never touch an engine directly; they ask `EngineCalls.call`, so every call
+lands in the trace with its tokens and cost whatever the step, and a failure becomes
+a `CallFailed` the fault rules (min_success, fallback) can weigh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from moa.engine import ChatMessage, Completion, Engine, Generation, InvalidRequest, SamplingParams
+from moa.trace import AnswerDelta, CallFinished, CallRecord, Event, Trace
+
+Prices = Mapping[str, tuple[float, float]]  # model -> USD per million (prompt, completion) tokens
+
+
+class CallFailed(Exception):
+    """An engine call failed or ran over its timeout; the message names the model and the cause."""
+
+    def __init__(self, model: str, cause: str) -> None:
+        super().__init__(f"{model}: {cause}")
+        self.model, self.cause = model, cause
+
+
+@dataclass
+class EngineCalls:
+    engines: Mapping[str, Engine]
+    trace: Trace
+    emit: Callable[[Event], None]
+    prices: Prices = field(default_factory=dict)
+    timeout_s: float | None = None  # the run's default per-call timeout
+    streamed: list[str] = field(default_factory=list)  # answer text sent as AnswerDelta so far
+
+    def count_tokens(self, model: str, text: str) -> int:
+        """Tokens of `text` in `model`'s tokenizer (reference budgets, re-counting after a quorum cut)."""
+        engine = self.engines.get(model)
+        return engine.count_tokens(text) if engine is not None else max(1, len(text) // 4)
+
+    def stream_answer(self, text: str) -> None:
+        if text:
+            self.streamed.append(text)
+            self.emit(AnswerDelta(text))
+
+    async def call(self, step: str, layer: int, model: str, messages: list[ChatMessage], params: SamplingParams,
+                   *, timeout_s: float | None = None, stream_answer: bool = False,
+                   need: int | None = None) -> list[str]:
+        """One engine request; returns its completions' texts. With `need`, stop once that many finished."""
+        engine = self.engines.get(model)
+        record = CallRecord(step, layer, model, params.n, self.trace.now())
+        self.trace.calls.append(record)
+        generation: Generation | None = None
+        timeout = timeout_s or self.timeout_s
+        try:
+            if engine is None:
+                record.status, record.error = "error", "no engine for this model (not started)"
+                raise CallFailed(model, record.error)
+            coro = self._consume(engine, messages, params, record, stream_answer, need)
+            generation = await (asyncio.wait_for(coro, timeout) if timeout else coro)
+        except TimeoutError:
+            record.status, record.error = "timeout", f"no answer within {timeout} s (aborted)"
+            raise CallFailed(model, record.error) from None
+        except asyncio.CancelledError:
+            record.status = "aborted"
+            raise
+        except (InvalidRequest, CallFailed):
+            record.status = "error"
+            raise
+        except Exception as exc:  # engine errors: recorded, and the fault rules decide
+            record.status, record.error = "error", f"{type(exc).__name__}: {exc}"
+            raise CallFailed(model, record.error) from exc
+        else:
+            record.status = "ok"
+            record.prompt_tokens = generation.prompt_tokens
+            record.completion_tokens = generation.completion_tokens
+            record.cached_prompt_tokens = generation.cached_prompt_tokens
+            prompt_price, completion_price = self.prices.get(model, (0.0, 0.0))
+            record.cost_usd = (generation.prompt_tokens * prompt_price
+                               + generation.completion_tokens * completion_price) / 1e6
+            return generation.texts
+        finally:
+            record.end_s = self.trace.now()
+            self.emit(CallFinished(step, layer, model, record.status,
+                                   len(generation.completions) if generation is not None else 0))
+
+    async def _consume(self, engine: Engine, messages: list[ChatMessage], params: SamplingParams,
+                       record: CallRecord, stream_answer: bool, need: int | None) -> Generation:
+        started = self.trace.now()
+        if not stream_answer and need is None:
+            generation = await engine.generate(messages, params)
+            record.ttft_s = generation.ttft_s
+            return generation
+        texts = [""] * params.n
+        finished: list[int] = []
+        stream = engine.stream(messages, params)
+        try:
+            async for event in stream:
+                if isinstance(event, Generation):
+                    return event
+                if record.ttft_s is None and event.text:
+                    record.ttft_s = self.trace.now() - started
+                texts[event.index] += event.text
+                if stream_answer and event.index == 0:
+                    self.stream_answer(event.text)
+                if event.finish_reason is not None:
+                    finished.append(event.index)
+                    if need is not None and len(finished) >= need:
+                        break  # quorum: closing the stream aborts the other samples in the engine
+        finally:
+            await stream.aclose()
+        # The request was cut (quorum) before the engine's own counts arrived: count with its tokenizer.
+        kept = sorted(finished)
+        record.note = "quorum reached: the other samples were aborted; tokens re-counted without the template"
+        completions = tuple(Completion(j, texts[i], engine.count_tokens(texts[i]), "stop")
+                            for j, i in enumerate(kept))
+        prompt = sum(engine.count_tokens(m["content"]) for m in messages)
+        return Generation(engine.name, completions, prompt_tokens=prompt, cached_prompt_tokens=0,
+                          ttft_s=record.ttft_s, total_s=self.trace.now() - started)

@@ -1,0 +1,83 @@
+"""What a step handler sees, and the one table from step class to handler.
+
+A handler is `async (ctx, step, responses) -> responses`. It is registered with
+`@handles(StepClass)` next to its code (moa/handlers.py for LLM steps,
+moa/transforms.py for the rest); the runner looks it up, nothing else dispatches
+on step types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from moa.calls import EngineCalls
+from moa.engine import ChatMessage, SamplingParams
+from moa.steps import LLMStep, Step
+from moa.trace import StepRecord
+
+
+@dataclass(slots=True)
+class Response:
+    text: str
+    model: str
+    step: str
+    layer: int
+    data: dict | None = None  # structured output (council)
+
+
+class LayerFailed(Exception):
+    """A step produced nothing usable; the runner falls back to the previous responses or gives up."""
+
+    def __init__(self, reason: str, failures: list[str]) -> None:
+        super().__init__(reason)
+        self.failures = failures
+
+
+@dataclass(slots=True)
+class StepContext:
+    conversation: list[ChatMessage]
+    calls: EngineCalls
+    index: int  # position of the step in the pipeline
+    layer: int  # LLM layers so far, this one included
+    record: StepRecord
+    failures: list[str]  # the run's failed calls, for the error message if the run gives up
+    seed: int | None  # the request's seed
+    writes_answer: bool  # the pipeline's last step: stream the call that writes the final answer
+
+    def note(self, text: str) -> None:
+        self.record.notes.append(text)
+
+    def base_seed(self, step: LLMStep) -> int | None:
+        return step.seed if step.seed is not None else self.seed
+
+    def params(self, step: LLMStep, *, n: int = 1, temperature: float | None = None, seed: int | None = None,
+               json_schema: dict | None = None) -> SamplingParams:
+        return SamplingParams(n=n, temperature=step.temperature if temperature is None else temperature,
+                              max_tokens=step.max_tokens, seed=seed, json_schema=json_schema)
+
+    async def call(self, step: LLMStep, model: str, messages: list[ChatMessage], params: SamplingParams, *,
+                   stream_answer: bool = False, need: int | None = None) -> list[str]:
+        return await self.calls.call(step.kind, self.layer, model, messages, params, timeout_s=step.timeout_s,
+                                     stream_answer=stream_answer and self.writes_answer, need=need)
+
+
+Handler = Callable[[StepContext, Step, list[Response]], Awaitable[list[Response]]]
+HANDLERS: dict[type[Step], Handler] = {}
+
+
+def handles(step_class: type[Step]) -> Callable[[Handler], Handler]:
+    """Register the handler for one step class."""
+
+    def register(handler: Handler) -> Handler:
+        HANDLERS[step_class] = handler
+        return handler
+
+    return register
+
+
+def handler_for(step: Step) -> Handler:
+    for cls in type(step).__mro__:
+        if cls in HANDLERS:
+            return HANDLERS[cls]
+    raise TypeError(f"no handler registered for step {step.kind or type(step).__name__!r}")
