@@ -1,4 +1,9 @@
-"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, with the right status."""
+"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, and which status each failure gets.
+
+One table (`STATUSES`) maps what can go wrong while serving to an HTTP status: the
+request's own fault is a 400, engines that cannot answer a 503. Anything else is a
+bug and a 500 whose body says so; it never becomes a 400 by accident.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,12 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from moa.engine import EngineError, InvalidRequest
+from moa.runner import PipelineError
+
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-         413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+         413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable",
+         504: "timeout"}
 
 
 class APIError(Exception):
@@ -15,6 +24,25 @@ class APIError(Exception):
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+# exception type -> (status, code), first match wins
+STATUSES: tuple[tuple[type[BaseException], int, str | None], ...] = (
+    (InvalidRequest, 400, None),  # the request itself: bad messages, prompt beyond the context
+    (PipelineError, 503, "engine_failure"),  # every engine call a pipeline needed failed
+    (EngineError, 503, "engine_failure"),
+)
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """The APIError a failure is answered with (unknown failures: 500, naming the exception)."""
+    if isinstance(exc, APIError):
+        return exc
+    for kind, status, code in STATUSES:
+        if isinstance(exc, kind):
+            return APIError(status, str(exc), code=code)
+    return APIError(500, f"internal error ({type(exc).__name__}: {exc}); the server log has the traceback",
+                    code="internal_error")
 
 
 def body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:

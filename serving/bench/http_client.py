@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from moa.engine import ChatMessage
-from serving.bench.measure import LLM_STEP_NAMES, RequestSample
+from moa.steps import llm_step_kinds
+from serving.bench.measure import RequestSample
 
 
 async def http_request(client: Any, model: str, messages: Sequence[ChatMessage], index: int, t0: float, *,
@@ -65,7 +66,7 @@ def _apply_summary(sample: RequestSample, summary: dict) -> None:
     sample.calls = summary.get("engine_calls") or 0
     sample.cost_usd = summary.get("cost_usd") or 0.0
     for layer in summary.get("layers") or []:
-        if layer.get("step") in LLM_STEP_NAMES:
+        if layer.get("step") in llm_step_kinds():
             sample.layers[f"L{layer.get('layer')} {layer.get('step')}"] = layer.get("seconds") or 0.0
     trace = summary.get("trace") or {}
     calls = [c for c in trace.get("calls", []) if c.get("status") == "ok"]

@@ -1,0 +1,114 @@
+"""Deliver a job: as one JSON body or as server-sent events, under a slot, a timeout and the client's presence.
+
+Both forms hold a concurrency slot for as long as they run (`ServerState.slot`),
+end at the request timeout (504), and stop when the client goes away: cancelling
+the job cancels its engine calls, which abort inside the engines, so no work leaks.
+Failures become statuses through the one table in serving/api/errors.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serving.api.errors import APIError, as_api_error, body, error_response
+from serving.api.jobs import Job
+from serving.api.state import ServerState
+
+log = logging.getLogger(__name__)
+
+
+async def respond(state: ServerState, job: Job, request: Request, *, stream: bool):
+    state.check_capacity()  # a full queue is a 429 before any response starts
+    if stream:  # the slot is taken inside the stream, so a response that never starts holds none
+        return StreamingResponse(_events(state, job), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async with state.slot():
+        return await _complete(state, job, request)
+
+
+async def _complete(state: ServerState, job: Job, request: Request) -> JSONResponse:
+    started, status = time.perf_counter(), "200"
+    task = asyncio.create_task(job.complete())
+    gone = asyncio.create_task(_disconnected(request))  # a request whose client left is cancelled
+    try:
+        done, _ = await asyncio.wait({task, gone}, timeout=state.settings.request_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            reason = "client_gone" if gone in done else "timeout"
+            state.metrics.aborted.labels(job.model, reason).inc()
+            if reason == "client_gone":
+                status = "499"
+                return error_response(400, "client disconnected")
+            raise APIError(504, f"no answer within {state.settings.request_timeout_s} s; the request was aborted")
+        if (failure := task.exception()) is not None:
+            raise _logged(failure)
+        state.metrics.latency.labels(job.model).observe(time.perf_counter() - started)
+        return JSONResponse(task.result())
+    except APIError as exc:
+        status = str(exc.status)
+        raise
+    finally:
+        gone.cancel()
+        state.metrics.requests.labels(job.model, status).inc()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the ASGI server reports the client gone (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def sse(payload: dict | str) -> bytes:
+    """One server-sent event; every chunk, error and the closing [DONE] goes through here."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+async def _events(state: ServerState, job: Job) -> AsyncIterator[bytes]:
+    """The job's chunks as SSE; a failure becomes an error event, and the stream always ends with [DONE]."""
+    started, first_token, status = time.perf_counter(), None, "200"
+    async with state.slot():
+        try:
+            async with asyncio.timeout(state.settings.request_timeout_s):
+                async for chunk in job.chunks():
+                    if first_token is None and _has_content(chunk):
+                        first_token = time.perf_counter() - started
+                    yield sse(chunk)
+        except TimeoutError:
+            status = "504"
+            state.metrics.aborted.labels(job.model, "timeout").inc()
+            yield sse(body(504, f"no answer within {state.settings.request_timeout_s} s; the request was aborted"))
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "499"  # the client went away: leaving this generator cancelled the engine requests
+            state.metrics.aborted.labels(job.model, "client_gone").inc()
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is answered, with the status the table gives
+            error = _logged(exc)
+            status = str(error.status)
+            yield sse(body(error.status, error.message, error.param, error.code))
+        finally:
+            state.metrics.requests.labels(job.model, status).inc()
+            state.metrics.latency.labels(job.model).observe(time.perf_counter() - started)
+            if first_token is not None:
+                state.metrics.ttft.labels(job.model).observe(first_token)
+        yield sse("[DONE]")
+
+
+def _has_content(chunk: dict) -> bool:
+    return any(c.get("text") or (c.get("delta") or {}).get("content") for c in chunk.get("choices", ()))
+
+
+def _logged(exc: BaseException) -> APIError:
+    error = as_api_error(exc)
+    if error.status >= 500 and error.code == "internal_error":
+        log.error("request failed", exc_info=exc)
+    return error

@@ -1,0 +1,209 @@
+"""What a request runs: one job type per target kind, each with a complete and a streamed form.
+
+- `ChatJob`: /v1/chat/completions on a base model, straight to its engine.
+- `TextJob`: /v1/completions on a base model (a raw prompt, no chat template).
+- `PipelineJob`: /v1/chat/completions on a pipeline; the answer streams from the runner.
+
+`complete()` returns the OpenAI response body, `chunks()` yields the OpenAI stream
+chunks; serving/api/delivery.py owns slots, timeouts, disconnects and errors.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import asdict, dataclass, field
+
+from moa.engine import Completion, Delta, Engine, Generation, SamplingParams
+from moa.runner import RunResult, iter_run
+from moa.steps import Pipeline
+from moa.trace import AnswerDelta, CallFinished, Event, StepFinished, StepStarted
+from serving.api.errors import APIError
+from serving.api.schemas import ChatCompletionRequest, CompletionRequest, MoAOptions
+from serving.api.state import ServerState
+from serving.api.targets import apply_overrides
+
+DEFAULT_MAX_TOKENS = 512
+EVENT_NAMES = {StepStarted: "layer_started", StepFinished: "layer_finished", CallFinished: "call_finished"}
+
+
+@dataclass
+class Envelope:
+    """The fields every response body and chunk of one request shares."""
+
+    model: str
+    object: str
+    id: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __call__(self, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+
+def usage(prompt: int, completion: int, cached: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class ChatJob:
+    state: ServerState
+    model: str
+    engine: Engine
+    prompt: list | str
+    params: SamplingParams
+    include_usage: bool = False
+    id: str = field(default_factory=_request_id)
+
+    def envelope(self, stream: bool) -> Envelope:
+        return Envelope(self.model, "chat.completion.chunk" if stream else "chat.completion", f"chatcmpl-{self.id}")
+
+    def choice(self, c: Completion) -> dict:
+        return {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason, "logprobs": None}
+
+    def delta_choice(self, d: Delta, first: bool) -> dict:
+        delta = {"role": "assistant", "content": d.text} if first else {"content": d.text}
+        return {"index": d.index, "delta": delta, "finish_reason": d.finish_reason, "logprobs": None}
+
+    async def complete(self) -> dict:
+        generation = await self.engine.generate(self.prompt, self.params, request_id=self.id)
+        self.state.metrics.count_generation(self.model, generation)
+        return self.envelope(False)([self.choice(c) for c in generation.completions], usage=_usage_of(generation))
+
+    async def chunks(self) -> AsyncIterator[dict]:
+        envelope, started = self.envelope(True), set()
+        async with aclosing(self.engine.stream(self.prompt, self.params, request_id=self.id)) as events:
+            async for event in events:
+                if isinstance(event, Delta):
+                    yield envelope([self.delta_choice(event, event.index not in started)])
+                    started.add(event.index)
+                    continue
+                self.state.metrics.count_generation(self.model, event)
+                if self.include_usage:
+                    yield envelope([], usage=_usage_of(event))
+
+
+class TextJob(ChatJob):
+    def envelope(self, stream: bool) -> Envelope:
+        return Envelope(self.model, "text_completion", f"cmpl-{self.id}")
+
+    def choice(self, c: Completion) -> dict:
+        return {"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+
+    def delta_choice(self, d: Delta, first: bool) -> dict:
+        return {"index": d.index, "text": d.text, "finish_reason": d.finish_reason, "logprobs": None}
+
+
+def _usage_of(generation: Generation) -> dict:
+    return usage(generation.prompt_tokens, generation.completion_tokens, generation.cached_prompt_tokens)
+
+
+@dataclass
+class PipelineJob:
+    state: ServerState
+    model: str
+    pipeline: Pipeline
+    messages: list
+    options: MoAOptions
+    seed: int | None = None
+    include_usage: bool = False
+    id: str = field(default_factory=_request_id)
+
+    def run(self) -> AsyncIterator:
+        return iter_run(self.pipeline, self.messages, self.state.engines, prices=self.state.registry.prices(),
+                        seed=self.seed)
+
+    async def complete(self) -> dict:
+        result: RunResult | None = None
+        async with aclosing(self.run()) as items:
+            async for item in items:
+                result = item if isinstance(item, RunResult) else result
+        assert result is not None  # iter_run ends with its RunResult or raises
+        self.state.metrics.count_run(self.model, result)
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.answer}, "finish_reason": "stop",
+                  "logprobs": None}
+        return Envelope(self.model, "chat.completion", f"chatcmpl-{self.id}")(
+            [choice], usage=self._usage(result), moa=self.summary(result))
+
+    async def chunks(self) -> AsyncIterator[dict]:
+        """Progress events (opt-in) as `choices: []` chunks; the role goes out with the first answer token."""
+        envelope = Envelope(self.model, "chat.completion.chunk", f"chatcmpl-{self.id}")
+        first = True
+        async with aclosing(self.run()) as items:
+            async for item in items:
+                if isinstance(item, AnswerDelta):
+                    delta = {"role": "assistant", "content": item.text} if first else {"content": item.text}
+                    first = False
+                    yield envelope([{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}])
+                elif isinstance(item, RunResult):
+                    self.state.metrics.count_run(self.model, item)
+                    yield envelope([{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}])
+                    extra = {"usage": self._usage(item)} if self.include_usage else {}
+                    yield envelope([], moa=self.summary(item), **extra)
+                elif self.options.events:
+                    yield envelope([], moa={"event": event_name(item), **asdict(item)})
+
+    def _usage(self, result: RunResult) -> dict:
+        u = result.usage
+        return usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+
+    def summary(self, result: RunResult) -> dict:
+        """The `moa` field: what the run did, per layer, and its full trace when asked for."""
+        u = result.usage
+        layers = [{"layer": s.layer, "step": s.step, "seconds": round((s.end_s or 0) - s.start_s, 3),
+                   "responses": s.outputs, "notes": s.notes} for s in result.trace.steps]
+        summary = {"pipeline": result.trace.pipeline, "engine_calls": u.calls, "cost_usd": u.cost_usd,
+                   "total_s": result.trace.total_s, "layers": layers, "data": result.data}
+        if self.options.trace:
+            summary["trace"] = result.trace.to_dict()
+        return summary
+
+
+def event_name(event: Event) -> str:
+    return EVENT_NAMES.get(type(event), type(event).__name__)
+
+
+Job = ChatJob | TextJob | PipelineJob
+
+
+def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    if req.model not in state.pipelines:
+        return ChatJob(state, req.model, state.engines[req.model], messages, _sampling(req), _include_usage(req))
+    if req.n != 1:
+        raise APIError(400, "n must be 1 for a pipeline (it writes one final answer)", param="n")
+    if messages[-1]["role"] != "user":
+        raise APIError(400, "the conversation must end with a user message", param="messages")
+    options = req.moa or MoAOptions()
+    pipeline = apply_overrides(state.pipelines[req.model], options, set(state.engines))
+    if req.token_limit():
+        pipeline = pipeline.with_max_tokens(req.token_limit())
+    return PipelineJob(state, req.model, pipeline, messages, options, req.seed, _include_usage(req))
+
+
+def text_job(state: ServerState, req: CompletionRequest) -> TextJob:
+    if req.model in state.pipelines:
+        raise APIError(400, f"{req.model!r} is a pipeline: pipelines answer conversations, use "
+                            "/v1/chat/completions", param="model")
+    return TextJob(state, req.model, state.engines[req.model], req.prompt, _sampling(req), _include_usage(req))
+
+
+def _sampling(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+    if getattr(req, "moa", None) is not None:
+        raise APIError(400, "moa options apply to pipelines only", param="moa")
+    if req.n > 1 and req.temperature == 0:
+        raise APIError(400, "n > 1 needs temperature > 0 (greedy samples would be identical)", param="n")
+    return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p,
+                          max_tokens=req.token_limit() or DEFAULT_MAX_TOKENS, seed=req.seed, stop=tuple(req.stop or ()))
+
+
+def _include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)

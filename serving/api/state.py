@@ -1,0 +1,73 @@
+"""What the server holds between requests: settings, engines, readiness, metrics, and concurrency slots."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from moa.engine import Engine
+from moa.steps import Pipeline
+from serving.api.errors import APIError
+from serving.api.metrics import Metrics
+from serving.registry import Registry
+
+
+@dataclass
+class ServerSettings:
+    api_keys: list[str] = field(default_factory=list)
+    max_concurrency: int = 16
+    max_queue: int = 64
+    request_timeout_s: float = 600.0
+    max_body_bytes: int = 1 << 20
+
+
+@dataclass
+class ServerState:
+    registry: Registry
+    models: list[str]
+    pipelines: dict[str, Pipeline]
+    settings: ServerSettings
+    engines: Mapping[str, Engine] = field(default_factory=dict)
+    ready: bool = False
+    checks: dict = field(default_factory=dict)  # model -> known-answer CheckResult, made at start
+    metrics: Metrics = field(default_factory=Metrics)
+    waiting: int = 0
+    semaphore: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.semaphore = asyncio.Semaphore(self.settings.max_concurrency)
+
+    def check_target(self, model: str) -> None:
+        """The request's `model` is served and the engines are up, or the matching 503/404."""
+        if not self.ready:
+            raise APIError(503, "engines are starting; retry when GET /ready answers 200",
+                           headers={"Retry-After": "5"})
+        if model not in self.models and model not in self.pipelines:
+            known = ", ".join([*self.models, *self.pipelines])
+            raise APIError(404, f"model {model!r} is neither a served model nor a pipeline; served: {known}",
+                           param="model", code="model_not_found")
+
+    def check_capacity(self) -> None:
+        """A full queue is a 429 with Retry-After, decided before any response starts."""
+        if self.semaphore.locked() and self.waiting >= self.settings.max_queue:
+            raise APIError(429, f"server busy: {self.settings.max_concurrency} requests running and "
+                                f"{self.waiting} queued; retry shortly", headers={"Retry-After": "1"})
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of `max_concurrency` slots for the body of the `async with`, waiting in the queue first."""
+        self.waiting += 1
+        self.metrics.queued.set(self.waiting)
+        try:
+            await self.semaphore.acquire()
+        finally:
+            self.waiting -= 1
+            self.metrics.queued.set(self.waiting)
+        self.metrics.in_flight.inc()
+        try:
+            yield
+        finally:
+            self.metrics.in_flight.dec()
+            self.semaphore.release()
