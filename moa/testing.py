@@ -45,6 +45,7 @@ class ScriptedEngine(StreamingEngine):
     name: str
     reply: Reply | None = None
     delay_s: float = 0.0  # per sample i: delay_s * (i + 1), so samples finish in index order
+    delay: Callable[[SamplingParams, int], float] | None = None  # or seconds for sample i of a request
     fail: str | None = None  # raise EngineError with this text
     calls: list[Call] = field(default_factory=list)
     stats: EngineStats = field(default_factory=EngineStats)
@@ -66,10 +67,11 @@ class ScriptedEngine(StreamingEngine):
                 raise EngineError(f"model {self.name!r}: {self.fail}")
             reply = self.reply or default_reply(self.name)
             texts = [reply(call.messages, params, i) for i in range(params.n)]
-            order = sorted(range(params.n), key=lambda i: self.delay_s * (i + 1))
+            delays = [self.delay(params, i) if self.delay else self.delay_s * (i + 1) for i in range(params.n)]
+            order = sorted(range(params.n), key=lambda i: delays[i])
             elapsed = 0.0
             for i in order:
-                wait = self.delay_s * (i + 1) - elapsed
+                wait = delays[i] - elapsed
                 if wait > 0:
                     await asyncio.sleep(wait)
                     elapsed += wait

@@ -75,6 +75,20 @@ class Trace:
             u.cost_usd += c.cost_usd
         return u
 
+    def critical_path_s(self) -> float:
+        """The time no scheduler could save: per layer, from its first call's start to its last call's end
+        (the slowest proposer; a sequential fold's calls end to end), summed over the layers.
+
+        A run's total over this is its orchestration overhead: gaps between layers, prompt building, queues.
+        """
+        spans: dict[int, tuple[float, float]] = {}
+        for c in self.calls:
+            if c.end_s is None:
+                continue
+            start, end = spans.get(c.layer, (c.start_s, c.end_s))
+            spans[c.layer] = (min(start, c.start_s), max(end, c.end_s))
+        return sum(end - start for start, end in spans.values())
+
     def to_dict(self) -> dict[str, Any]:
         usage = self.usage()
         return {

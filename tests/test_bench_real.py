@@ -44,13 +44,13 @@ def test_bench_runs_every_baseline_and_writes_tables_json_and_plots(local_model,
     assert (tmp_path / "throughput.png").stat().st_size > 5000
     assert (tmp_path / "latency_cdf.png").stat().st_size > 5000
     assert "efficiency (a)" in (tmp_path / "summary.md").read_text()
-    assert "moa against the baselines" in proc.stderr  # the rich tables (the console writes to stderr)
+    assert "moa against the baselines" in proc.stdout  # the rich tables are output: stdout
 
 
 def test_eval_scores_and_judges_pairs_in_both_orders(local_model, tmp_path):
     local_model(SMALL)
-    moa("eval", "-s", SMALL, "-s", "self-moa@after", "--swap", SWAP, "--limit", "4", "--max-tokens", "16",
-        "--pairwise", SMALL, "--judge", SMALL, "-o", str(tmp_path))
+    proc = moa("eval", "-s", SMALL, "-s", "self-moa@after", "--swap", SWAP, "--limit", "4", "--max-tokens", "16",
+               "--pairwise", SMALL, "--judge", SMALL, "-o", str(tmp_path))
     data = json.loads((tmp_path / "results.json").read_text())
     rows = {row["system"]: row for row in data["accuracy"]}
     assert set(rows) == {SMALL, "self-moa@after"}
@@ -62,3 +62,7 @@ def test_eval_scores_and_judges_pairs_in_both_orders(local_model, tmp_path):
     assert pair["wins"] + pair["ties"] + pair["losses"] == 4
     assert len(data["responses"][SMALL]) == 4 and all(r["answer"] for r in data["responses"][SMALL])
     assert "accuracy [95% CI]" in (tmp_path / "summary.md").read_text()
+    shown = proc.stdout.splitlines()  # the terminal tables, on stdout
+    assert any(line.startswith(SMALL) and "/4" in line for line in shown), proc.stdout
+    wtl = f"{pair['wins']}/{pair['ties']}/{pair['losses']}"
+    assert any(line.startswith("self-moa@after") and wtl in line for line in shown), proc.stdout  # pairwise

@@ -48,13 +48,14 @@ async def test_split_n_sends_k_single_requests_with_seeds_seed_plus_i():
 
 
 async def test_split_n_stream_merges_children_and_quorum_aborts_the_rest():
-    engine = ScriptedEngine("a", delay_s=0.05)
+    engine = ScriptedEngine("a", delay=lambda params, i: 0.02 if params.seed in (10, 11) else 5.0)
     pipe = Pipeline("q", (Propose(models=("a",), samples=4, temperature=0.7, quorum=2),))
-    result = await run(pipe, Q, {"a": SplitN(engine)})
+    result = await run(pipe, Q, {"a": SplitN(engine)}, seed=10)
     assert len(result.responses[0]) == 2
     assert len(engine.calls) == 4
-    await asyncio.sleep(0.3)
-    assert engine.stats.running == 0  # the children the quorum did not need were aborted
+    # By the time the run returns, the two children the quorum did not need were aborted, not left to finish.
+    assert [(c.finished, c.aborted) for c in engine.calls] == [(True, False)] * 2 + [(False, True)] * 2
+    assert (engine.stats.finished, engine.stats.aborted, engine.stats.running) == (2, 2, 0)
 
 
 async def test_serialized_runs_one_call_at_a_time_across_engines():
@@ -278,3 +279,21 @@ async def test_report_json_markdown_and_plots(tmp_path):
     assert len(seq) == 1 and len(merged["pipelines"][0]["levels"]) == len(data["pipelines"][0]["levels"])
     assert merged["pipelines"][0]["comparison"][0]["vs_sequential"] == pytest.approx(2 * rows[0]["vs_sequential"])
     assert "Merged with: `moa bench --systems sequential`" in report.markdown(merged)
+
+
+def test_critical_path_is_the_slowest_call_per_layer_summed():
+    from moa.trace import CallRecord, Trace
+
+    trace = Trace("p")
+    trace.calls = [CallRecord("propose", 1, "a", 1, 0.0, end_s=1.0), CallRecord("propose", 1, "b", 1, 0.1, end_s=2.0),
+                   CallRecord("aggregate", 2, "a", 1, 2.5, end_s=3.5), CallRecord("propose", 1, "c", 1, 0.2)]
+    assert trace.critical_path_s() == pytest.approx(2.0 + 1.0)  # unfinished calls do not count
+
+
+async def test_pipeline_request_reports_latency_over_critical_path():
+    engines = {"a": ScriptedEngine("a", delay_s=0.05)}
+    sample = await pipeline_request(SELF_MOA, Q, engines, 0, 0.0, seed=1)
+    assert sample.critical_path_s == pytest.approx(0.15 + 0.05, abs=0.05)  # 3 samples, then one aggregation
+    assert 1.0 <= sample.latency_s / sample.critical_path_s < 1.5
+    level = LevelResult("moa", "self", 1, sample.latency_s, [sample])
+    assert summarize(level)["critical_path_ratio"] == pytest.approx(sample.latency_s / sample.critical_path_s)

@@ -7,6 +7,7 @@ and outputs are capped, so the whole set runs in CI in a couple of minutes.
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -33,13 +34,64 @@ async def test_preset_runs_end_to_end(registry, pool, name):
     assert all(c.status == "ok" for c in result.trace.calls), [c.error for c in result.trace.calls]
     assert result.usage.completion_tokens > 0 and result.usage.prompt_tokens > 0
     json.dumps(result.trace.to_dict())
-    if name == "self-moa":
-        propose = [c for c in result.trace.calls if c.step == "propose"]
-        assert len(propose) == 1 and propose[0].n == 6  # six samples, one engine request
-        assert len(result.responses[0]) == 6
-    if name == "council":
-        assert set(result.data) >= {"final_answer", "agreement", "disagreement", "follow_up_questions",
-                                    "confidence"}, result.data
+    PROMISES.get(name, lambda p, r: None)(pipeline, result)
+
+
+def _self_moa(pipeline, result):
+    propose = [c for c in result.trace.calls if c.step == "propose"]
+    assert len(propose) == 1 and propose[0].n == 6  # six samples, one engine request
+    assert len(result.responses[0]) == 6
+
+
+def _council(pipeline, result):
+    assert set(result.data) >= {"final_answer", "agreement", "disagreement", "follow_up_questions",
+                                "confidence"}, result.data
+
+
+def _robust(pipeline, result):
+    """Shuffled (same responses, new order), then each dropped with probability 0.25 from the seeded draw."""
+    proposals, shuffled, dropped = ([r.text for r in step] for step in result.responses[:3])
+    assert sorted(shuffled) == sorted(proposals)
+    rng = random.Random(7 + 2)  # the request's seed + the dropout step's position
+    expected = [t for t in shuffled if rng.random() >= 0.25] or None
+    assert dropped == expected if expected else len(dropped) == 1
+    assert result.trace.steps[3].inputs == len(dropped)
+
+
+def _rank(pipeline, result):
+    note = next(n for n in result.trace.steps[1].notes if n.startswith("ranking: "))
+    order = [int(x) for x in note.removeprefix("ranking: ").strip("[]").split(", ")]
+    assert sorted(order) == [1, 2, 3, 4, 5]  # a full ranking, judge's picks first
+    assert result.answer == result.responses[0][order[0] - 1].text
+
+
+def _self_moa_seq(pipeline, result):
+    folds = [c for c in result.trace.calls if c.step == "aggregate-seq"]
+    assert len(folds) == 2 and folds[0].end_s <= folds[1].start_s  # 6 samples in windows of 3, one after another
+    assert "2 window(s) of up to 3 samples" in result.trace.steps[1].notes
+
+
+def _self_consistency(pipeline, result):
+    assert not [c for c in result.trace.calls if c.step == "majority-vote"]  # a vote without an engine call
+    assert result.answer in [r.text for r in result.responses[0]]
+    assert any(n.startswith("votes: ") for n in result.trace.steps[1].notes)
+
+
+def _chain(pipeline, result):
+    links = [c for c in result.trace.calls if c.step == "synthesize"]
+    assert [c.model for c in links] == list(pipeline.steps[1].models) and links[0].end_s <= links[1].start_s
+
+
+def _layers(widths):
+    def check(pipeline, result):
+        assert [len(r) for r in result.responses] == widths
+
+    return check
+
+
+PROMISES = {"self-moa": _self_moa, "council": _council, "robust-moa": _robust, "rank": _rank,
+            "self-moa-seq": _self_moa_seq, "self-consistency": _self_consistency, "chain": _chain,
+            "together-moa": _layers([3, 3, 3, 1]), "pyramid": _layers([6, 2, 1]), "moa": _layers([2, 2, 1])}
 
 
 async def test_synthesis_after_the_conversation_reuses_the_proposal_kv_cache(registry, pool):

@@ -41,6 +41,9 @@ def test_preset_shapes(registry):
     ([{"propose": {"models": ["a"], "samples": 3, "temperature": 0}}], "needs temperature > 0"),
     ([{"propose": {"models": ["a"]}}, {"aggregate": {"model": "a", "strategy": "magic"}}], "step 2 .*strategy"),
     ([{"propose": {"models": []}}], "at least one model"),
+    ([{"propose": {"models": ["a"], "max_tokens": 0}}], r"step 1 \(propose\): max_tokens must be >= 1"),
+    ([{"propose": {"models": ["a"]}}, {"aggregate": {"model": "a", "temperature": 3}}], "temperature must be between"),
+    ([{"propose": {"models": ["a"]}}, {"filter": {"pattern": "("}}], "not a valid regular expression"),
 ])
 def test_bad_presets_name_pipeline_step_and_field(steps, message):
     with pytest.raises(PresetError, match=message):

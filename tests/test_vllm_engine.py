@@ -45,6 +45,17 @@ async def test_n4_is_one_request_with_four_completions(smol):
     assert all(c.completion_tokens > 0 and c.text for c in result.completions)
     assert result.completion_tokens == sum(c.completion_tokens for c in result.completions)
     assert len(set(result.texts)) > 1  # sampled, not four copies
+    # vLLM's own bookkeeping mid-request: one request (one prompt) whose four samples are its children.
+    stream = smol.stream(FRANCE, SamplingParams(n=4, temperature=1.0, max_tokens=64, seed=3))
+    await anext(stream)
+    processor = smol._llm.output_processor
+    try:
+        assert len(processor.parent_requests) == 1
+        parent = next(iter(processor.parent_requests.values()))
+        assert len(processor.request_states) == 4
+        assert all(state.parent_req is parent for state in processor.request_states.values())
+    finally:
+        await stream.aclose()
 
 
 async def test_same_seed_reproduces(smol):

@@ -34,6 +34,7 @@ class RequestSample:
     cached_prompt_tokens: int = 0
     calls: int = 0
     cost_usd: float = 0.0
+    critical_path_s: float | None = None  # the engine calls' own chain (in-process runs, from the trace)
     layers: dict[str, float] = field(default_factory=dict)  # "L1 propose" -> seconds
     answer: str = ""
     error: str | None = None
@@ -81,6 +82,7 @@ async def pipeline_request(pipeline: Pipeline, messages: Sequence[ChatMessage], 
     sample.cached_prompt_tokens = usage.cached_prompt_tokens
     sample.calls = usage.calls
     sample.cost_usd = usage.cost_usd
+    sample.critical_path_s = result.trace.critical_path_s() or None
     firsts = [c.start_s + c.ttft_s for c in result.trace.calls if c.layer == 1 and c.ttft_s is not None]
     sample.first_token_s = min(firsts) if firsts else None
     final = [c for c in result.trace.calls if c.status == "ok"]
@@ -168,5 +170,7 @@ def summarize(level: LevelResult) -> dict:
             "answer_tokens": per_request("answer_tokens"),
             "cost_usd": per_request("cost_usd"),
         },
+        # One request's latency over its critical path (Trace.critical_path_s): 1.0 is no orchestration overhead.
+        "critical_path_ratio": mean([s.latency_s / s.critical_path_s for s in ok if s.critical_path_s]),
         "layer_latency_s": {name: mean([s.layers[name] for s in ok if name in s.layers]) for name in layer_names},
     }

@@ -112,12 +112,13 @@ LEVEL_COLUMNS = [
         f"{_f(lv['per_request']['prompt_tokens'], 0)} ({_f(lv['per_request']['cached_prompt_tokens'], 0)}) / "
         f"{_f(lv['per_request']['completion_tokens'], 0)}")),
     ("cost $/req", lambda lv: _f(lv["per_request"]["cost_usd"], 5)),
+    ("latency ÷ crit. path", lambda lv: _f(lv.get("critical_path_ratio"))),
     ("layers s", lambda lv: " · ".join(f"{_f(v, 1)}" for v in lv["layer_latency_s"].values()) or "–"),
 ]
 
 # The terminal gets the columns that decide a comparison; summary.md has all of them.
 TERMINAL_COLUMNS = ["system", "conc.", "req", "req/s", "all tok/s", "TTFT p50/p90 s", "e2e p50/p90/p99 s",
-                    "calls/req"]
+                    "calls/req", "latency ÷ crit. path"]
 
 COMPARISON_COLUMNS = [
     ("conc.", lambda r: str(r["concurrency"])),
