@@ -20,10 +20,10 @@ from serving.cli.common import (
     ensure_local,
     err,
     exit_cleanly_on_sigterm,
-    out,
     parse_swap,
     quiet_engines,
     registry,
+    show,
     user_errors,
 )
 
@@ -172,7 +172,7 @@ def _publish(data: dict, out_dir: Path, *, write_json: bool = True) -> None:
     for table in rpt.rich_tables(data):
         for column in table.columns[1:]:  # in a narrow terminal, headers and cells wrap rather than end in "…"
             column.no_wrap = False
-        out.print(table)
+        show(table)
     if write_json:
         (out_dir / "results.json").write_text(json.dumps(data, indent=1))
     (out_dir / "summary.md").write_text(rpt.markdown(data))

@@ -11,8 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from moa.engine import EngineError
 from serving.registry import ModelSpec, Registry, RegistryError, load_registry
@@ -31,6 +33,16 @@ out = Console(width=_stdout_width())
 # `err` writes to a private copy of stderr: engine output is redirected away from fd 2 (see quiet_engines),
 # ours is not.
 err = Console(file=os.fdopen(os.dup(2), "w", buffering=1, closefd=True))
+
+
+def show(table: Table) -> None:
+    """Print a result table on stdout in the CLI's one table style: a rule under the header, no vertical
+    borders, two spaces between columns. That fits wide tables in 80 columns, and reads well in a file."""
+    table.box = box.SIMPLE_HEAD
+    table.show_edge = False
+    table.pad_edge = False
+    table.collapse_padding = True
+    out.print(table)
 
 ConfigOption = typer.Option(
     None, "--config", "-c", help="models.yaml to use (default: $MOA_CONFIG or the repository's)."

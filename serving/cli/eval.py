@@ -21,10 +21,10 @@ from serving.cli.common import (
     ensure_local,
     err,
     exit_cleanly_on_sigterm,
-    out,
     parse_swap,
     quiet_engines,
     registry,
+    show,
     user_errors,
 )
 
@@ -90,7 +90,7 @@ def eval_(
     (out_dir / "results.json").write_text(json.dumps(data, indent=1))
     (out_dir / "summary.md").write_text(markdown(data))
     for table in tables(data):
-        out.print(table)
+        show(table)
     err.print(f"written: {out_dir / 'results.json'}, {out_dir / 'summary.md'}", highlight=False)
 
 

@@ -16,7 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from serving.cli.common import ConfigOption, ensure_local, err, out, quiet_engines, registry, user_errors
+from serving.cli.common import ConfigOption, ensure_local, err, out, quiet_engines, registry, show, user_errors
 from serving.registry import ModelSpec
 from serving.store import converted_dir, is_pulled, models_dir
 
@@ -46,8 +46,9 @@ def list_models(config: Path | None = ConfigOption) -> None:
     reg = registry(config)
     table = Table(title=f"models in {reg.path}", title_justify="left", caption=f"MOA_HOME models: {models_dir()}",
                   caption_justify="left")
-    table.add_column("name", no_wrap=True)  # the name is what a user types: other columns wrap first
-    for column in ("backend", "source", "local", "tags"):
+    table.add_column("name", no_wrap=True)  # what a user types: the other columns wrap first
+    table.add_column("backend", no_wrap=True)
+    for column in ("source", "local", "tags"):
         table.add_column(column)
     for spec in reg.models.values():
         if spec.backend == "openai":
@@ -59,7 +60,7 @@ def list_models(config: Path | None = ConfigOption) -> None:
             local = f"[yellow]no[/yellow] (moa models pull {spec.name})"
         name = spec.name + (" [bold](default)[/bold]" if spec.name == reg.default_model else "")
         table.add_row(name, spec.backend, _where(spec), local, ", ".join(spec.tags))
-    out.print(table)
+    show(table)
 
 
 @app.command("pull")
@@ -138,15 +139,21 @@ def check_models(
         table = Table(title=f"known-answer check: engine top-1 vs float32 reference, tokens where float32 "
                             f"led by >= {DECISIVE_MARGIN} nat; pass at {MIN_AGREEMENT:.0%}", title_justify="left")
         table.add_column("model", no_wrap=True)
-        for column in ("dtype", "decisive tokens", "agree", "all tokens", "answer to the first prompt", "verdict"):
-            table.add_column(column, overflow="fold")
+        table.add_column("dtype")
+        for column in ("decisive\ntokens", "agree", "all\ntokens"):
+            table.add_column(column, justify="right", no_wrap=True)
+        table.add_column("verdict", no_wrap=True)
+        answers = []  # below the table, where a sentence needs no narrow column
         for tries in results:
             for i, r in enumerate(tries):
                 every = sum(c.agreed_all for c in r.cases), sum(c.positions for c in r.cases)
-                table.add_row(r.model, r.dtype + (" (fallback)" if i else ""), str(r.decisive), f"{r.agreement:.0%}",
-                              f"{every[0]}/{every[1]}", r.engine_answer[:60],
+                dtype = r.dtype + (" (fallback)" if i else "")
+                table.add_row(r.model, dtype, str(r.decisive), f"{r.agreement:.0%}", f"{every[0]}/{every[1]}",
                               "[green]ok[/green]" if r.ok else "[bold red]WRONG[/bold red]")
-        out.print(table)
+                answers.append(f"{r.model}, {r.dtype}: {r.engine_answer[:80]!r}")
+        table.caption = "answers to the first prompt:\n" + "\n".join(answers) if answers else None
+        table.caption_justify = "left"
+        show(table)
         out.print(f"CPU: {results[0][0].cpu if results else '-'}", highlight=False, soft_wrap=True)
     for tries in results:
         if not tries[-1].ok or len(tries) > 1:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from serving.cli.common import ConfigOption, out, registry, served_targets, user_errors
+from serving.cli.common import ConfigOption, out, registry, served_targets, show, user_errors
 
 
 def plan(
@@ -45,38 +45,43 @@ def plan(
         return
     if nodes:
         table = Table(title=f"Ray: nodes of {address} that can hold each engine's actor", title_justify="left")
-        for column in ("model", "asks for", "candidate nodes"):
+        table.add_column("model", no_wrap=True)
+        for column in ("asks for", "candidate nodes"):
             table.add_column(column)
         for name, entry in nodes.items():
             table.add_row(name, ", ".join(f"{k} {v:g}" for k, v in entry["demand"].items()),
                           "\n".join(entry["nodes"]) or "[bold red]none: it would wait forever[/bold red]")
-        out.print(table)
+        show(table)
     if result.gpu is None:
-        table = Table(title="CPU plan: cores per vLLM engine, weighted by model size", title_justify="left")
-        table.add_column("model")
+        table = Table(title="CPU plan: each vLLM engine's cores, by model size", title_justify="left")
+        table.add_column("model", no_wrap=True)
         table.add_column("cores (VLLM_CPU_OMP_THREADS_BIND)")
         for name, cores in result.cores.items():
             table.add_row(name, cores)
-        out.print(table if result.cores else "no local vLLM engines to place (or VLLM_CPU_OMP_THREADS_BIND is set)")
+        if result.cores:
+            show(table)
+        else:
+            out.print("no local vLLM engines to place (or VLLM_CPU_OMP_THREADS_BIND is set)")
         return
     gpu = result.gpu
     totals = {g.id: g.total_bytes for g in gpu.gpus}
-    table = Table(title=f"GPU plan: {len(gpu.gpus)} GPU(s), engines may use {gpu.budget:.0%} of each",
-                  title_justify="left")
-    for column in ("model", "devices", "TP x PP", "weights/GPU", "KV cache/GPU", "needs/GPU", "fraction",
-                   "gets/GPU", "headroom/GPU"):
-        table.add_column(column, justify="left" if column in ("model", "devices") else "right")
+    table = Table(title=f"GPU plan: {len(gpu.gpus)} GPU(s), engines may use {gpu.budget:.0%} of each; memory in GB "
+                        "per GPU", title_justify="left")
+    table.add_column("model", no_wrap=True)  # names stay whole; in a narrow terminal the numbers' headers wrap
+    table.add_column("GPUs", overflow="fold")
+    for column in ("TP×PP", "weights", "KV cache", "needs", "fraction", "gets", "spare"):
+        table.add_column(column, justify="right")
     for name, p in gpu.placements.items():
         gets = min(p.gpu_memory_utilization * totals[d] for d in p.devices)
-        table.add_row(name, ",".join(p.devices), f"{p.tensor_parallel_size} x {p.pipeline_parallel_size}",
-                      f"{p.weights_per_device / GB:.1f} GB", f"{p.kv_per_device / GB:.1f} GB",
-                      f"{p.need_per_device / GB:.1f} GB", f"{p.gpu_memory_utilization:.3f}", f"{gets / GB:.1f} GB",
-                      f"{(gets - p.need_per_device) / GB:.1f} GB")
-    out.print(table)
+        table.add_row(name, ",".join(p.devices), f"{p.tensor_parallel_size}×{p.pipeline_parallel_size}",
+                      f"{p.weights_per_device / GB:.1f}", f"{p.kv_per_device / GB:.1f}",
+                      f"{p.need_per_device / GB:.1f}", f"{p.gpu_memory_utilization:.3f}", f"{gets / GB:.1f}",
+                      f"{(gets - p.need_per_device) / GB:.1f}")
+    show(table)
     for g in gpu.gpus:
         on = [n for n, p in gpu.placements.items() if g.id in p.devices]
         out.print(f"GPU {g.id} ({g.total_bytes / GB:.0f} GB{', ' + g.name if g.name else ''}): "
-                     f"{gpu.used.get(g.id, 0):.0%} handed out to {', '.join(on) or 'nothing'}", highlight=False)
+                  f"{gpu.used.get(g.id, 0):.0%} handed out to {', '.join(on) or 'nothing'}", highlight=False)
 
 
 def _ray_nodes(reg, names: list[str], address: str) -> dict[str, dict]:

@@ -11,7 +11,17 @@ from pathlib import Path
 
 import typer
 
-from serving.cli.common import ConfigOption, ensure_local, err, out, parse_swap, quiet_engines, registry, user_errors
+from serving.cli.common import (
+    ConfigOption,
+    ensure_local,
+    err,
+    out,
+    parse_swap,
+    quiet_engines,
+    registry,
+    show,
+    user_errors,
+)
 from serving.cli.trace_table import trace_table
 
 
@@ -111,9 +121,7 @@ async def _run_pipeline(reg, pipe, messages, *, seed, timeout, stream: bool):
             elif isinstance(event, CallFinished) and not answering:
                 status.update(f"{pipe.name}: layer {event.layer} ({event.step}) — {event.model} {event.status}")
         status.stop()
-        if stream:
-            if not answering:  # the last step was a transform (vote, rank): nothing streamed
-                sys.stdout.write(result.answer)
+        if stream:  # the runner's answer chunks add up to the answer, whichever step came last
             sys.stdout.write("\n")
         return result
     finally:
@@ -132,7 +140,7 @@ def _report_pipeline(result, as_json: bool, show_trace: bool) -> None:
         f"({usage.cached_prompt_tokens} cached), {usage.completion_tokens} completion tokens, "
         f"{result.trace.total_s:.1f} s[/dim]", highlight=False, soft_wrap=True)
     if show_trace:
-        out.print(trace_table(result.trace))
+        show(trace_table(result.trace))
 
 
 async def _answer(reg, name, messages, params, *, stream: bool):
