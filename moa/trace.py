@@ -42,7 +42,7 @@ class StepRecord:
 
 @dataclass(slots=True)
 class Usage:
-    calls: int = 0
+    engine_calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
@@ -68,7 +68,7 @@ class Trace:
     def usage(self) -> Usage:
         u = Usage()
         for c in self.calls:
-            u.calls += 1
+            u.engine_calls += 1
             u.prompt_tokens += c.prompt_tokens
             u.completion_tokens += c.completion_tokens
             u.cached_prompt_tokens += c.cached_prompt_tokens

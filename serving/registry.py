@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, InstanceOf, ValidationError, model_validator
 
 from moa.presets import PresetError, parse_pipelines
 from moa.steps import Pipeline
@@ -203,11 +203,10 @@ class ServerOptions(_Strict):
 class Registry(_Strict):
     default_model: str
     models: dict[str, ModelSpec]
-    # Named pipelines (presets) as data; parsed into moa Pipeline values at load (moa/presets.py).
-    pipelines: dict[str, Any] = Field(default_factory=dict)
+    # Named pipelines (presets): the YAML's `pipelines:` parsed by load_registry (moa/presets.py).
+    pipelines: dict[str, InstanceOf[Pipeline]] = Field(default_factory=dict)
     server: ServerOptions = ServerOptions()
     path: Path | None = None
-    _parsed: dict[str, Pipeline] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -234,11 +233,11 @@ class Registry(_Strict):
             raise KeyError(f"unknown {kind} {name!r}{where}; known: {', '.join(sorted(table))}") from None
 
     def pipeline(self, name: str) -> Pipeline:
-        return self._lookup("pipeline", self._parsed, name)
+        return self._lookup("pipeline", self.pipelines, name)
 
     @property
     def pipeline_names(self) -> list[str]:
-        return list(self._parsed)
+        return list(self.pipelines)
 
     def prices(self) -> dict[str, tuple[float, float]]:
         return {name: (m.price.prompt, m.price.completion) for name, m in self.models.items()}
@@ -271,16 +270,18 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
         raise RegistryError(f"{file}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise RegistryError(f"{file}: expected a mapping with `default_model` and `models`, got {type(data).__name__}")
+    raw_pipelines = data.get("pipelines") or {}
+    if not isinstance(raw_pipelines, dict):
+        raise RegistryError(f"{file}: `pipelines` must be a mapping of name -> pipeline")
     try:
-        registry = Registry.model_validate(data)
+        registry = Registry.model_validate({**data, "pipelines": {}})
     except ValidationError as exc:
         raise RegistryError(_format_errors(file, exc)) from None
-    registry = registry.model_copy(update={"path": file})
     try:
-        registry._parsed = parse_pipelines(registry.pipelines, registry.models)
+        pipelines = parse_pipelines(raw_pipelines, registry.models)
     except PresetError as exc:
         raise RegistryError(f"{file}: {exc}") from None
-    return registry
+    return registry.model_copy(update={"path": file, "pipelines": pipelines})
 
 
 def _format_errors(file: Path, exc: ValidationError) -> str:

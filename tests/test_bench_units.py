@@ -111,7 +111,7 @@ async def test_run_level_serves_each_request_once_within_the_concurrency():
 
     level = await run_level("moa", "self", request, concurrency=3, requests=7)
     assert sorted(seen) == list(range(7)) and [s.index for s in level.samples] == list(range(7))
-    assert all(s.ok and s.calls == 2 and s.ttft_s is not None and s.ttft_s <= s.latency_s for s in level.samples)
+    assert all(s.ok and s.engine_calls == 2 and s.ttft_s is not None and s.ttft_s <= s.latency_s for s in level.samples)
     assert set(level.samples[0].layers) == {"L1 propose", "L2 aggregate"}
     assert samples_in_one_request(SELF_MOA)
     assert not samples_in_one_request(Pipeline("x", (Propose(models=("a", "b")),)))
@@ -119,7 +119,7 @@ async def test_run_level_serves_each_request_once_within_the_concurrency():
 
 def test_summarize_computes_throughput_and_percentiles():
     samples = [RequestSample(i, 0.0, latency_s=float(i + 1), ttft_s=0.5, answer_tokens=11, completion_tokens=40,
-                             calls=2) for i in range(4)]
+                             engine_calls=2) for i in range(4)]
     samples.append(RequestSample(4, 0.0, latency_s=9.0, error="EngineError: boom"))
     s = summarize(LevelResult("moa", "p", 4, 10.0, samples))
     assert s["requests"] == 5 and s["errors"] == 1 and s["first_error"] == "EngineError: boom"

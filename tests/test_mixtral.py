@@ -61,4 +61,4 @@ async def test_mixtral_proposes_n3_in_one_request_and_aggregates(tiny_mixtral):
     calls = result.trace.calls
     assert [(c.step, c.n, c.status) for c in calls] == [("propose", 3, "ok"), ("aggregate", 1, "ok")]
     assert calls[0].completion_tokens > 0 and calls[1].prompt_tokens > calls[0].prompt_tokens
-    assert result.usage.calls == 2 and result.answer is not None
+    assert result.usage.engine_calls == 2 and result.answer is not None

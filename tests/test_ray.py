@@ -102,7 +102,7 @@ async def test_a_pipeline_mixing_ray_and_in_process_engines(ray_registry, ray_po
         result = await run(pipeline, FRANCE, engines, seed=1)
     assert [(c.model, c.status) for c in result.trace.calls][:3] == [("smol-a", "ok"), ("smol-b", "ok"),
                                                                      (QWEN_SMALL, "ok")]
-    assert result.answer and result.usage.calls == 4
+    assert result.answer and result.usage.engine_calls == 4
 
 
 async def test_disconnect_aborts_inside_both_actors(ray_pool):

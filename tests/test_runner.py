@@ -256,7 +256,7 @@ async def test_trace_usage_cost_and_events():
     assert all(c.status == "ok" and c.end_s >= c.start_s and c.completion_tokens == 3 for c in calls)
     agg = calls[2]
     assert agg.cost_usd == pytest.approx((agg.prompt_tokens * 1.0 + agg.completion_tokens * 2.0) / 1e6)
-    assert result.usage.calls == 3 and result.usage.cost_usd == pytest.approx(agg.cost_usd)
+    assert result.usage.engine_calls == 3 and result.usage.cost_usd == pytest.approx(agg.cost_usd)
     json.dumps(result.trace.to_dict())  # serialisable
     kinds = [type(e).__name__ for e in events]
     assert kinds[0] == "StepStarted" and kinds[-1] == "StepFinished"

@@ -160,7 +160,7 @@ class PipelineJob:
         u = result.usage
         layers = [{"layer": s.layer, "step": s.step, "seconds": round((s.end_s or 0) - s.start_s, 3),
                    "responses": s.outputs, "notes": s.notes} for s in result.trace.steps]
-        summary = {"pipeline": result.trace.pipeline, "engine_calls": u.calls, "cost_usd": u.cost_usd,
+        summary = {"pipeline": result.trace.pipeline, "engine_calls": u.engine_calls, "cost_usd": u.cost_usd,
                    "total_s": result.trace.total_s, "layers": layers, "data": result.data}
         if self.options.trace:
             summary["trace"] = result.trace.to_dict()

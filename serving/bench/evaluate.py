@@ -102,7 +102,7 @@ def accuracy_row(result: SystemResult, tasks: Sequence[Task]) -> dict:
         "ci95": [low, high],
         "by_category": {c: sum(v) / len(v) for c, v in categories.items()},
         "errors": len(result.samples) - len(ok),
-        "engine_calls_per_task": mean([s.calls for s in ok]),
+        "engine_calls_per_task": mean([s.engine_calls for s in ok]),
         "completion_tokens_per_task": mean([s.completion_tokens for s in ok]),
         "prompt_tokens_per_task": mean([s.prompt_tokens for s in ok]),
         "completion_tokens_per_correct": tokens / right if right else None,

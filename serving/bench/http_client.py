@@ -47,8 +47,8 @@ async def http_request(client: Any, model: str, messages: Sequence[ChatMessage],
         return sample
     sample.latency_s = time.perf_counter() - started
     sample.answer = "".join(text)
-    if not sample.calls:  # a plain model: one call, the answer is all of its output
-        sample.calls = 1
+    if not sample.engine_calls:  # a plain model: one call, the answer is all of its output
+        sample.engine_calls = 1
         sample.answer_tokens = sample.completion_tokens
     return sample
 
@@ -63,7 +63,7 @@ async def discover(client: Any) -> dict[str, str]:
 
 
 def _apply_summary(sample: RequestSample, summary: dict) -> None:
-    sample.calls = summary.get("engine_calls") or 0
+    sample.engine_calls = summary.get("engine_calls") or 0
     sample.cost_usd = summary.get("cost_usd") or 0.0
     for layer in summary.get("layers") or []:
         if layer.get("step") in llm_step_kinds():

@@ -32,7 +32,7 @@ class RequestSample:
     completion_tokens: int = 0  # every engine call of the request
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
-    calls: int = 0
+    engine_calls: int = 0
     cost_usd: float = 0.0
     critical_path_s: float | None = None  # the engine calls' own chain (in-process runs, from the trace)
     layers: dict[str, float] = field(default_factory=dict)  # "L1 propose" -> seconds
@@ -80,7 +80,7 @@ async def pipeline_request(pipeline: Pipeline, messages: Sequence[ChatMessage], 
     sample.completion_tokens = usage.completion_tokens
     sample.prompt_tokens = usage.prompt_tokens
     sample.cached_prompt_tokens = usage.cached_prompt_tokens
-    sample.calls = usage.calls
+    sample.engine_calls = usage.engine_calls
     sample.cost_usd = usage.cost_usd
     sample.critical_path_s = result.trace.critical_path_s() or None
     firsts = [c.start_s + c.ttft_s for c in result.trace.calls if c.layer == 1 and c.ttft_s is not None]
@@ -163,7 +163,7 @@ def summarize(level: LevelResult) -> dict:
         "tpot_s": {"p50": percentile(tpots, 50), "mean": mean(tpots)},
         "latency_s": {f"p{q}": percentile(latencies, q) for q in (50, 90, 99)} | {"mean": mean(latencies)},
         "per_request": {
-            "engine_calls": per_request("calls"),
+            "engine_calls": per_request("engine_calls"),
             "prompt_tokens": per_request("prompt_tokens"),
             "cached_prompt_tokens": per_request("cached_prompt_tokens"),
             "completion_tokens": per_request("completion_tokens"),

@@ -136,7 +136,7 @@ def _report_pipeline(result, as_json: bool, show_trace: bool) -> None:
         out.print_json(data=result.data)
     usage = result.usage
     err.print(
-        f"[dim]{result.trace.pipeline}: {usage.calls} engine calls, {usage.prompt_tokens} prompt tokens "
+        f"[dim]{result.trace.pipeline}: {usage.engine_calls} engine calls, {usage.prompt_tokens} prompt tokens "
         f"({usage.cached_prompt_tokens} cached), {usage.completion_tokens} completion tokens, "
         f"{result.trace.total_s:.1f} s[/dim]", highlight=False, soft_wrap=True)
     if show_trace:

@@ -38,7 +38,7 @@ def trace_table(trace: Trace) -> Table:
         if c.error or c.note:
             notes.append(f"layer {c.layer} {c.step}, {c.model}: {c.error or c.note}")
     table.add_section()
-    table.add_row("total", f"{usage.calls} calls", "", _s(trace.total_s), "",
+    table.add_row("total", f"{usage.engine_calls} calls", "", _s(trace.total_s), "",
                   f"{usage.prompt_tokens} ({usage.cached_prompt_tokens}) / {usage.completion_tokens}",
                   *([f"{usage.cost_usd:.6f}"] if priced else []))
     notes += [f"layer {s.layer} {s.step}: {note}" for s in trace.steps for note in s.notes]
