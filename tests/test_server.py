@@ -131,15 +131,17 @@ async def test_streaming_base_model_and_usage(client, small_pool):
 async def test_streaming_pipeline_with_progress_events(client):
     stream = await client.chat.completions.create(model="self-moa", messages=Q, max_tokens=16, stream=True,
                                                   extra_body={"moa": {"events": True}})
-    text, events, summary = "", [], None
+    text, events, summary, roles = "", [], None, []
     async for chunk in stream:  # progress events are chunks with choices: [] and a `moa` field
         if chunk.choices:
+            if not text and not roles:  # the role goes out with the first answer token, not before layer 1
+                roles.append((chunk.choices[0].delta.role, bool(chunk.choices[0].delta.content)))
             text += chunk.choices[0].delta.content or ""
         elif "event" in (chunk.model_extra.get("moa") or {}):
             events.append(chunk.model_extra["moa"]["event"])
         elif chunk.model_extra.get("moa"):
             summary = chunk.model_extra["moa"]
-    assert text.strip()
+    assert text.strip() and roles == [("assistant", True)]
     assert events[0] == "layer_started" and "call_finished" in events and events[-1] == "layer_finished"
     assert summary["engine_calls"] == 2
 
