@@ -58,7 +58,7 @@ async def main() -> None:
         pipeline = registry.pipeline(name)
         engines = {m: InstantEngine(m, tokenizer) for m in pipeline.models()}
         result = await run(pipeline, messages, engines, seed=0)  # warm-up
-        calls = result.usage.calls
+        calls = result.usage.engine_calls
         cpu0 = time.process_time()
         for _ in range(args.runs):
             await run(pipeline, messages, engines, seed=0)

@@ -112,7 +112,7 @@ LEVEL_COLUMNS = [
         f"{_f(lv['per_request']['prompt_tokens'], 0)} ({_f(lv['per_request']['cached_prompt_tokens'], 0)}) / "
         f"{_f(lv['per_request']['completion_tokens'], 0)}")),
     ("cost $/req", lambda lv: _f(lv["per_request"]["cost_usd"], 5)),
-    ("latency ÷ crit. path", lambda lv: _f(lv.get("critical_path_ratio"))),
+    ("latency ÷ crit. path", lambda lv: _f(lv.get("critical_path_ratio"), 3)),
     ("layers s", lambda lv: " · ".join(f"{_f(v, 1)}" for v in lv["layer_latency_s"].values()) or "–"),
 ]
 
