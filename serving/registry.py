@@ -198,6 +198,8 @@ class ServerOptions(_Strict):
     max_concurrency: int = Field(default=16, ge=1)
     max_queue: int = Field(default=64, ge=0)
     timeout_s: float = Field(default=600.0, gt=0)
+    # Answers to deterministic requests kept in memory (docs/API.md, "Response cache"); 0: off.
+    cache_entries: int = Field(default=0, ge=0)
 
 
 class Registry(_Strict):

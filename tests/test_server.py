@@ -311,3 +311,37 @@ async def test_bench_url_mode_measures_a_served_pipeline_and_model(server):
         assert set(level["layer_latency_s"]) == {"L1 propose", "L2 aggregate"}
     assert base["levels"][0]["per_request"]["engine_calls"] == 1
     assert base["levels"][0]["per_request"]["completion_tokens"] > 0
+
+
+async def test_response_cache_answers_deterministic_repeats_without_engine_calls(registry, small_pool):
+    async with serving(registry, small_pool, ServerSettings(cache_entries=8)) as (url, _):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        engine = small_pool[SMALL]
+
+        async def ask(max_tokens: int = 8, **kwargs):
+            before = engine.stats.started
+            out = await client.chat.completions.create(model=SMALL, messages=Q, max_tokens=max_tokens, **kwargs)
+            return out, engine.stats.started - before
+
+        first, calls = await ask(temperature=0)
+        again, repeat_calls = await ask(temperature=0)
+        assert (calls, repeat_calls) == (1, 0)
+        assert again.choices[0].message.content == first.choices[0].message.content and again.id != first.id
+        assert again.model_extra["moa"] == {"cached": True} and not (first.model_extra or {}).get("moa")
+        assert (await ask(temperature=0, max_tokens=9))[1] == 1  # another parameter, another key
+        assert (await ask(temperature=0, extra_headers={"Cache-Control": "no-cache"}))[1] == 1
+        assert (await ask(temperature=0, extra_body={"moa": {"cache": False}}))[1] == 1
+        assert [(await ask(temperature=1.0))[1] for _ in range(2)] == [1, 1]  # sampled: never from the cache
+        seeded = [await ask(temperature=1.0, seed=5) for _ in range(2)]
+        assert [c for _, c in seeded] == [1, 0]
+        # A seeded pipeline: the repeat makes no engine call at all.
+        started = {name: e.stats.started for name, e in small_pool.items()}
+        answers = [await client.chat.completions.create(model="moa-lite", messages=Q, max_tokens=8, seed=3)
+                   for _ in range(2)]
+        assert answers[1].model_extra["moa"]["cached"] is True
+        assert answers[1].choices[0].message.content == answers[0].choices[0].message.content
+        assert sum(e.stats.started - started[n] for n, e in small_pool.items()) == \
+            answers[0].model_extra["moa"]["engine_calls"]
+        async with httpx.AsyncClient(base_url=url) as http:
+            metrics = (await http.get("/metrics")).text
+        assert counter(metrics, 'moa_cache_lookups_total{result="hit"}') == 3

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from serving.api.cache import cache_key, replayed
 from serving.api.errors import APIError, as_api_error, body, error_response
 from serving.api.jobs import Job
 from serving.api.state import ServerState
@@ -25,15 +26,26 @@ log = logging.getLogger(__name__)
 
 
 async def respond(state: ServerState, job: Job, request: Request, *, stream: bool):
+    key = None if stream or not _may_cache(state, job, request) else cache_key(state, job)
+    if key is not None:
+        cached = state.cache.get(key)
+        state.metrics.cache.labels("hit" if cached else "miss").inc()
+        if cached is not None:  # a repeat of a deterministic request: no slot, no engine call
+            state.metrics.requests.labels(job.model, "200").inc()
+            return JSONResponse(replayed(cached, job))
     state.check_capacity()  # a full queue is a 429 before any response starts
     if stream:  # the slot is taken inside the stream, so a response that never starts holds none
         return StreamingResponse(_events(state, job), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     async with state.slot():
-        return await _complete(state, job, request)
+        return await _complete(state, job, request, key)
 
 
-async def _complete(state: ServerState, job: Job, request: Request) -> JSONResponse:
+def _may_cache(state: ServerState, job: Job, request: Request) -> bool:
+    return state.cache is not None and job.use_cache and "no-cache" not in request.headers.get("cache-control", "")
+
+
+async def _complete(state: ServerState, job: Job, request: Request, cache_as: str | None) -> JSONResponse:
     started, status = time.perf_counter(), "200"
     task = asyncio.create_task(job.complete())
     gone = asyncio.create_task(_disconnected(request))  # a request whose client left is cancelled
@@ -52,6 +64,8 @@ async def _complete(state: ServerState, job: Job, request: Request) -> JSONRespo
         if (failure := task.exception()) is not None:
             raise _logged(failure)
         state.metrics.latency.labels(job.model).observe(time.perf_counter() - started)
+        if cache_as is not None:
+            state.cache.put(cache_as, task.result())
         return JSONResponse(task.result())
     except APIError as exc:
         status = str(exc.status)

@@ -60,6 +60,7 @@ class ChatJob:
     prompt: list | str
     params: SamplingParams
     include_usage: bool = False
+    use_cache: bool = True  # `moa.cache: false` turns the response cache off for this request
     id: str = field(default_factory=_request_id)
 
     def envelope(self, stream: bool) -> Envelope:
@@ -116,6 +117,10 @@ class PipelineJob:
     seed: int | None = None
     include_usage: bool = False
     id: str = field(default_factory=_request_id)
+
+    @property
+    def use_cache(self) -> bool:
+        return self.options.cache
 
     def run(self) -> AsyncIterator:
         return iter_run(self.pipeline, self.messages, self.state.engines, prices=self.state.registry.prices(),
@@ -177,7 +182,8 @@ Job = ChatJob | TextJob | PipelineJob
 def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     if req.model not in state.pipelines:
-        return ChatJob(state, req.model, state.engines[req.model], messages, _sampling(req), _include_usage(req))
+        return ChatJob(state, req.model, state.engines[req.model], messages, _sampling(req), _include_usage(req),
+                       use_cache=req.moa.cache if req.moa else True)
     if req.n != 1:
         raise APIError(400, "n must be 1 for a pipeline (it writes one final answer)", param="n")
     if messages[-1]["role"] != "user":
@@ -197,8 +203,8 @@ def text_job(state: ServerState, req: CompletionRequest) -> TextJob:
 
 
 def _sampling(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
-    if getattr(req, "moa", None) is not None:
-        raise APIError(400, "moa options apply to pipelines only", param="moa")
+    if getattr(req, "moa", None) is not None and req.moa.model_fields_set - {"cache"}:
+        raise APIError(400, "moa options apply to pipelines only (a base model takes moa.cache alone)", param="moa")
     if req.n > 1 and req.temperature == 0:
         raise APIError(400, "n > 1 needs temperature > 0 (greedy samples would be identical)", param="n")
     return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p,

@@ -24,6 +24,8 @@ class Metrics:
                                     registry=r)
         self.in_flight = Gauge("moa_requests_in_flight", "Requests being served", registry=r)
         self.queued = Gauge("moa_requests_queued", "Requests waiting for a slot", registry=r)
+        self.cache = Counter("moa_cache_lookups", "Response-cache lookups of deterministic requests", ["result"],
+                             registry=r)
         self.aborted = Counter("moa_requests_aborted", "Requests aborted (client gone, timeout)", ["model", "reason"],
                                registry=r)
 

@@ -34,6 +34,7 @@ class MoAOptions(BaseModel):
     quorum: int | None = Field(default=None, ge=1)
     events: bool = False  # stream progress events as extra chunks (choices: [])
     trace: bool = False  # include every engine call in the response's `moa.trace`
+    cache: bool = True  # false: never answer from (or store into) the response cache
 
 
 class StreamOptions(BaseModel):

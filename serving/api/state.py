@@ -6,12 +6,16 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from moa.engine import Engine
 from moa.steps import Pipeline
 from serving.api.errors import APIError
 from serving.api.metrics import Metrics
 from serving.registry import Registry
+
+if TYPE_CHECKING:
+    from serving.api.cache import ResponseCache
 
 
 @dataclass
@@ -21,6 +25,7 @@ class ServerSettings:
     max_queue: int = 64
     request_timeout_s: float = 600.0
     max_body_bytes: int = 1 << 20
+    cache_entries: int = 0  # answers to deterministic requests kept in memory (serving/api/cache.py); 0: off
 
 
 @dataclass
@@ -35,9 +40,13 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     waiting: int = 0
     semaphore: asyncio.Semaphore = field(init=False)
+    cache: ResponseCache | None = field(init=False)
 
     def __post_init__(self) -> None:
+        from serving.api.cache import ResponseCache
+
         self.semaphore = asyncio.Semaphore(self.settings.max_concurrency)
+        self.cache = ResponseCache(self.settings.cache_entries) if self.settings.cache_entries else None
 
     def check_target(self, model: str) -> None:
         """The request's `model` is served and the engines are up, or the matching 503/404."""

@@ -24,6 +24,9 @@ def serve(
                                          help="Requests waiting for a slot; beyond: 429 [server: 64]."),
     timeout: float | None = typer.Option(None, "--timeout",
                                          help="Per request, seconds; beyond: 504 and aborted [server: 600]."),
+    cache_entries: int | None = typer.Option(None, "--cache-entries", min=0,
+                                             help="Keep answers to deterministic requests (greedy or seeded) and "
+                                                  "answer repeats without an engine call; 0: off [server: 0]."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Run every vLLM engine in a Ray actor on "
                                            "this cluster: auto, or ray://HOST:10001 (also $MOA_RAY_ADDRESS)."),
     allow_no_key: bool = typer.Option(False, "--allow-no-key", help="Bind a non-loopback address without an API "
@@ -63,6 +66,7 @@ def serve(
         max_concurrency=max_concurrency or options.max_concurrency,
         max_queue=options.max_queue if max_queue is None else max_queue,
         request_timeout_s=timeout or options.timeout_s,
+        cache_entries=options.cache_entries if cache_entries is None else cache_entries,
     )
     app = create_app(reg, models=models, pipelines=pipelines, settings=settings)
     err.print(f"moa serve: http://{host}:{port}/v1 — models {models}, pipelines {list(pipelines)}; "
