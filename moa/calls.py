@@ -45,9 +45,14 @@ class EngineCalls:
             self.emit(AnswerDelta(text))
 
     async def call(self, step: str, layer: int, model: str, messages: list[ChatMessage], params: SamplingParams,
-                   *, timeout_s: float | None = None, stream_answer: bool = False,
-                   need: int | None = None) -> list[str]:
-        """One engine request; returns its completions' texts. With `need`, stop once that many finished."""
+                   **options) -> list[str]:
+        """One engine request; returns its completions' texts (options: as for `generation`)."""
+        return (await self.generation(step, layer, model, messages, params, **options)).texts
+
+    async def generation(self, step: str, layer: int, model: str, messages: list[ChatMessage],
+                         params: SamplingParams, *, timeout_s: float | None = None, stream_answer: bool = False,
+                         need: int | None = None) -> Generation:
+        """One engine request, whole (finish reasons, log-probabilities). With `need`, stop once that many finished."""
         engine = self.engines.get(model)
         record = CallRecord(step, layer, model, params.n, self.trace.now())
         self.trace.calls.append(record)
@@ -79,7 +84,7 @@ class EngineCalls:
             prompt_price, completion_price = self.prices.get(model, (0.0, 0.0))
             record.cost_usd = (generation.prompt_tokens * prompt_price
                                + generation.completion_tokens * completion_price) / 1e6
-            return generation.texts
+            return generation
         finally:
             record.end_s = self.trace.now()
             self.emit(CallFinished(step, layer, model, record.status,

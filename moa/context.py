@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from moa.calls import EngineCalls
-from moa.engine import ChatMessage, SamplingParams
+from moa.engine import ChatMessage, Generation, SamplingParams
 from moa.steps import LLMStep, Step
 from moa.trace import StepRecord
 
@@ -52,14 +52,18 @@ class StepContext:
         return step.seed if step.seed is not None else self.seed
 
     def params(self, step: LLMStep, *, n: int = 1, temperature: float | None = None, seed: int | None = None,
-               json_schema: dict | None = None) -> SamplingParams:
+               json_schema: dict | None = None, logprobs: bool = False) -> SamplingParams:
         return SamplingParams(n=n, temperature=step.temperature if temperature is None else temperature,
-                              max_tokens=step.max_tokens, seed=seed, json_schema=json_schema)
+                              max_tokens=step.max_tokens, seed=seed, json_schema=json_schema, logprobs=logprobs)
 
     async def call(self, step: LLMStep, model: str, messages: list[ChatMessage], params: SamplingParams, *,
                    stream_answer: bool = False, need: int | None = None) -> list[str]:
-        return await self.calls.call(step.kind, self.layer, model, messages, params, timeout_s=step.timeout_s,
-                                     stream_answer=stream_answer and self.writes_answer, need=need)
+        return (await self.generation(step, model, messages, params, stream_answer=stream_answer, need=need)).texts
+
+    async def generation(self, step: LLMStep, model: str, messages: list[ChatMessage], params: SamplingParams, *,
+                         stream_answer: bool = False, need: int | None = None) -> Generation:
+        return await self.calls.generation(step.kind, self.layer, model, messages, params, timeout_s=step.timeout_s,
+                                           stream_answer=stream_answer and self.writes_answer, need=need)
 
 
 Handler = Callable[[StepContext, Step, list[Response]], Awaitable[list[Response]]]

@@ -37,6 +37,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     # Constrain the output to this JSON schema (guided decoding where the engine supports it).
     json_schema: dict | None = field(default=None, hash=False, compare=False)
+    # Ask for each completion's log-probability (a confidence signal); engines that cannot give None.
+    logprobs: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -57,6 +59,13 @@ class Completion:
     text: str
     completion_tokens: int
     finish_reason: FinishReason
+    logprob: float | None = None  # sum over the sampled tokens, when asked for (SamplingParams.logprobs)
+    min_logprob: float | None = None  # the least likely token chosen: one unsure step in a confident answer
+
+    @property
+    def mean_logprob(self) -> float | None:
+        """Per-token log-probability: exp() of it is the geometric-mean probability of the tokens chosen."""
+        return None if self.logprob is None else self.logprob / max(1, self.completion_tokens)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 
 from moa.calls import CallFailed
 from moa.context import LayerFailed, Response, StepContext, handles
-from moa.engine import ChatMessage
+from moa.engine import ChatMessage, Completion
 from moa.prompts import RANK_INSTRUCTION, REFINE_INSTRUCTION, VOTE_INSTRUCTION, build_messages, fit_references, strategy
-from moa.steps import Aggregate, AggregateSeq, LLMStep, Propose, Rank, Refine, Synthesis, Synthesize, Vote
+from moa.steps import Adaptive, Aggregate, AggregateSeq, LLMStep, Propose, Rank, Refine, Synthesis, Synthesize, Vote
+from moa.votes import normalize
 
 
 @handles(Propose)
@@ -156,6 +157,51 @@ async def aggregate_seq(ctx: StepContext, step: AggregateSeq, current: list[Resp
     if running is None:
         raise LayerFailed("every window failed", [])
     return [running]
+
+
+@handles(Adaptive)
+async def adaptive(ctx: StepContext, step: Adaptive, current: list[Response]) -> list[Response]:
+    conversation, seed = list(ctx.conversation), ctx.base_seed(step)
+    try:  # not streamed: whether this greedy answer is the final one is known only when it is complete
+        first = (await ctx.generation(step, step.model, conversation,
+                                      ctx.params(step, temperature=0.0, seed=seed, logprobs=True))).completions[0]
+    except CallFailed as exc:
+        raise LayerFailed("the first answer failed", [str(exc)]) from None
+    answer = Response(first.text, step.model, step.kind, ctx.layer)
+    unsure = _unsure(first, step.min_logprob)
+    if unsure is None:
+        ctx.note(f"sure: least likely token {first.min_logprob:.2f} >= {step.min_logprob}; one call")
+        return [answer]
+    try:
+        params = ctx.params(step, n=step.samples, seed=None if seed is None else seed + 1)
+        texts = await ctx.call(step, step.model, conversation, params)
+    except CallFailed as exc:
+        ctx.failures.append(str(exc))
+        ctx.note(f"unsure ({unsure}); the samples failed, the first answer stands")
+        return [answer]
+    samples = [Response(t, step.model, step.kind, ctx.layer) for t in texts]
+    keys = [normalize(r.text, step.agree) for r in [answer, *samples]]
+    if keys[0] is not None and len(set(keys)) == 1:
+        ctx.note(f"unsure ({unsure}); {step.samples} samples agree with it ({keys[0]!r}): it stands")
+        return [answer]
+    ctx.note(f"unsure ({unsure}); answers {keys}: synthesized")
+    try:
+        return [await synthesize_one(ctx, step, step.model, [answer, *samples], writes_answer=True)]
+    except CallFailed as exc:
+        ctx.failures.append(str(exc))
+        ctx.note("the synthesis failed; the first answer stands")
+        return [answer]
+
+
+def _unsure(completion: Completion, min_logprob: float) -> str | None:
+    """Why a greedy answer needs a second opinion, or None when it does not."""
+    if completion.finish_reason == "length":
+        return "it ran out of tokens"
+    if completion.min_logprob is None:
+        return "the engine gives no log-probabilities"
+    if completion.min_logprob < min_logprob:
+        return f"least likely token {completion.min_logprob:.2f} < {min_logprob}"
+    return None
 
 
 @handles(Refine)

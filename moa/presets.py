@@ -18,7 +18,8 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from moa.steps import STEP_TYPES, LLMStep, Pipeline, Propose, Step
+from moa.pipeline import Pipeline
+from moa.steps import STEP_TYPES, LLMStep, Step
 
 
 class PresetError(ValueError):
@@ -77,8 +78,9 @@ def parse_pipeline(name: str, data: Any, models: Collection[str] | None = None) 
         step = parse_step(where, entry)
         check_models(where, step, models)
         steps.append(step)
-    if not isinstance(steps[0], Propose):
-        raise PresetError(f"pipeline {name!r}: the first step must be `propose` (it makes the first responses)")
+    if not steps[0].from_conversation:
+        raise PresetError(f"pipeline {name!r}: the first step must be `propose` or `adaptive` (it makes the first "
+                          "responses from the conversation)")
     return Pipeline(name, tuple(steps), str(data.get("description", "")))
 
 

@@ -23,7 +23,8 @@ import moa.transforms  # noqa: F401 - registers the transform handlers
 from moa.calls import EngineCalls, Prices
 from moa.context import LayerFailed, Response, StepContext, handler_for
 from moa.engine import ChatMessage, Engine, InvalidRequest, validate_messages
-from moa.steps import LLMStep, Pipeline, Propose, Step
+from moa.pipeline import Pipeline
+from moa.steps import LLMStep, Step
 from moa.trace import AnswerDelta, Event, StepFinished, StepRecord, StepStarted, Trace, Usage
 
 EventSink = Callable[[Event], Awaitable[None] | None]
@@ -97,13 +98,13 @@ class PipelineRun:
     async def _step(self, ctx: StepContext, step: Step, current: list[Response]) -> list[Response]:
         """The step's responses; on LayerFailed the previous ones, unless there are none to fall back on."""
         try:
-            if not current and not isinstance(step, Propose):
+            if not current and not step.from_conversation:
                 raise LayerFailed("no responses to work on (a step before this one produced none)", [])
             return await handler_for(step)(ctx, step, current)
         except LayerFailed as exc:
             self.failures.extend(exc.failures)
             ctx.note(f"layer failed ({exc}); previous responses kept")
-            if isinstance(step, Propose) or not current:
+            if step.from_conversation or not current:
                 ctx.record.end_s = self.trace.total_s = self.trace.now()
                 causes = "; ".join(self.failures) or str(exc)
                 raise PipelineError(f"pipeline {self.pipeline.name!r} failed at step {ctx.index + 1} ({step.kind}): "

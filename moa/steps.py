@@ -45,6 +45,7 @@ class Step:
     """Base of every step; `kind` is set by `@step_kind`."""
 
     kind: ClassVar[str] = ""
+    from_conversation: ClassVar[bool] = False  # makes responses from the conversation alone (a first step)
 
     def __post_init__(self) -> None:
         for name, minimum in _MINIMUMS.items():
@@ -88,6 +89,7 @@ class LLMStep(Step):
 class Propose(LLMStep):
     """Every model answers the conversation. A model listed k times (or `samples: k`) is one n=k request."""
 
+    from_conversation: ClassVar[bool] = True
     models: tuple[str, ...] = ()
     samples: int = 1
     # Diversity: sample i gets temperature + offsets[i % len] and system prompt role_prompts[i % len].
@@ -152,6 +154,30 @@ class AggregateSeq(Synthesis):
     model: str = ""
     window: int = 3
     strategy: StrategyName = "self-moa"
+
+
+@step_kind("adaptive")
+@dataclass(frozen=True, slots=True)
+class Adaptive(Synthesis):
+    """One greedy answer; more samples and a synthesis only where that answer looks unsure (adaptive Self-MoA).
+
+    Unsure: it ran out of tokens, or its least likely token's log-probability is below `min_logprob` (an
+    engine that gives no log-probabilities always escalates). Escalation draws `samples` more in one n=k
+    request; if every one agrees with the first answer (`agree`: how answers are compared) it stands,
+    else `model` synthesizes all of them with `strategy`.
+    """
+
+    from_conversation: ClassVar[bool] = True
+    model: str = ""
+    min_logprob: float = -1.4
+    samples: int = 3
+    agree: Normalize = "number"
+    strategy: StrategyName = "self-moa"
+
+    def __post_init__(self) -> None:
+        Synthesis.__post_init__(self)
+        _require(self.min_logprob <= 0, f"min_logprob is a log-probability (<= 0), got {self.min_logprob}")
+        _require(self.temperature > 0, "the escalation samples need temperature > 0")
 
 
 @step_kind("refine")
@@ -259,35 +285,3 @@ class MajorityVote(Transform):
 def llm_step_kinds() -> set[str]:
     """Kinds of the steps that call engines (trace step names; the benchmark's per-layer timings)."""
     return {kind for kind, cls in STEP_TYPES.items() if issubclass(cls, LLMStep)}
-
-
-@dataclass(frozen=True, slots=True)
-class Pipeline:
-    name: str
-    steps: tuple[Step, ...]
-    description: str = ""
-
-    def models(self) -> tuple[str, ...]:
-        """Every model the pipeline calls, in first-use order (the order engines start in)."""
-        seen: dict[str, None] = {}
-        for step in self.steps:
-            if isinstance(step, LLMStep):
-                seen.update(dict.fromkeys(step.models_used()))
-        return tuple(seen)
-
-    def with_models(self, mapping: Mapping[str, str]) -> Pipeline:
-        """The same pipeline with models substituted (per-request overrides, tests on small models)."""
-        return replace(self, steps=tuple(s.with_models(mapping) if isinstance(s, LLMStep) else s
-                                         for s in self.steps))
-
-    def with_layout(self, layout: Layout) -> Pipeline:
-        """Every synthesis step with its references placed `layout` (`moa eval` compares the two)."""
-        return replace(self, name=f"{self.name}@{layout}", steps=tuple(
-            replace(s, layout=layout) if isinstance(s, Synthesis) else s for s in self.steps
-        ))
-
-    def with_max_tokens(self, cap: int) -> Pipeline:
-        """Cap every LLM step's max_tokens (quick runs, tests)."""
-        return replace(self, steps=tuple(
-            replace(s, max_tokens=min(s.max_tokens, cap)) if isinstance(s, LLMStep) else s for s in self.steps
-        ))

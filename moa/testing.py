@@ -46,6 +46,7 @@ class ScriptedEngine(StreamingEngine):
     reply: Reply | None = None
     delay_s: float = 0.0  # per sample i: delay_s * (i + 1), so samples finish in index order
     delay: Callable[[SamplingParams, int], float] | None = None  # or seconds for sample i of a request
+    min_logprob: float | None = None  # reported (with logprob = it x tokens) when a request asks for logprobs
     fail: str | None = None  # raise EngineError with this text
     calls: list[Call] = field(default_factory=list)
     stats: EngineStats = field(default_factory=EngineStats)
@@ -88,5 +89,8 @@ class ScriptedEngine(StreamingEngine):
             raise
         self.stats.end("finished")
         prompt = sum(self.count_tokens(m["content"]) for m in messages)
-        yield Generation(self.name, tuple(Completion(i, t, self.count_tokens(t), "stop") for i, t in enumerate(texts)),
+        low = self.min_logprob if params.logprobs else None
+        yield Generation(self.name, tuple(Completion(i, t, self.count_tokens(t), "stop",
+                                                     None if low is None else low * self.count_tokens(t), low)
+                                          for i, t in enumerate(texts)),
                          prompt_tokens=prompt, cached_prompt_tokens=0, ttft_s=0.0, total_s=0.0)

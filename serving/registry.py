@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, InstanceOf, ValidationError, model_validator
 
+from moa.pipeline import Pipeline
 from moa.presets import PresetError, parse_pipelines
-from moa.steps import Pipeline
 
 Backend = Literal["vllm", "openai", "transformers"]
 Quantization = Literal["bitsandbytes", "bitsandbytes-8bit", "awq", "gptq", "fp8", "compressed-tensors"]

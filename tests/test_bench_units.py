@@ -11,8 +11,9 @@ import json
 import pytest
 
 from moa.engine import SamplingParams
+from moa.pipeline import Pipeline
 from moa.runner import run
-from moa.steps import Aggregate, Pipeline, Propose
+from moa.steps import Aggregate, Propose
 from moa.testing import ScriptedEngine
 from serving.bench import report
 from serving.bench.baselines import RecordedCall, Recording, Sequential, SplitN

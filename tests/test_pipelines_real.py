@@ -17,7 +17,7 @@ from tests.conftest import FRANCE, QWEN_SMALL
 pytestmark = pytest.mark.vllm
 SWAP = {"qwen2.5-coder-1.5b": QWEN_SMALL}
 PRESETS = ["together-moa", "moa-lite", "moa", "self-moa", "self-moa-seq", "robust-moa", "pyramid", "council",
-           "consensus", "best-of", "chain", "rank", "self-consistency"]
+           "consensus", "best-of", "chain", "rank", "self-consistency", "adaptive-self-moa"]
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +89,21 @@ def _layers(widths):
     return check
 
 
-PROMISES = {"self-moa": _self_moa, "council": _council, "robust-moa": _robust, "rank": _rank,
-            "self-moa-seq": _self_moa_seq, "self-consistency": _self_consistency, "chain": _chain,
+def _adaptive(pipeline, result):
+    """One greedy call with log-probabilities; a second (n=3) only if unsure; a synthesis only if they disagree."""
+    calls, note = result.trace.calls, result.trace.steps[0].notes[-1]
+    assert calls[0].n == 1 and [c.n for c in calls[1:2]] in ([], [3])
+    assert len(calls) == (1 if note.startswith("sure") else 2 if "agree" in note or "failed" in note else 3), note
+
+
+PROMISES = {"adaptive-self-moa": _adaptive, "self-moa": _self_moa, "council": _council, "robust-moa": _robust,
+            "rank": _rank, "self-moa-seq": _self_moa_seq, "self-consistency": _self_consistency, "chain": _chain,
             "together-moa": _layers([3, 3, 3, 1]), "pyramid": _layers([6, 2, 1]), "moa": _layers([2, 2, 1])}
 
 
 async def test_synthesis_after_the_conversation_reuses_the_proposal_kv_cache(registry, pool):
-    from moa.steps import Aggregate, Pipeline, Propose
+    from moa.pipeline import Pipeline
+    from moa.steps import Aggregate, Propose
 
     system = {"role": "system", "content": "You are a meticulous geography tutor. " * 40}
     convo = [system, *FRANCE]
@@ -104,3 +112,20 @@ async def test_synthesis_after_the_conversation_reuses_the_proposal_kv_cache(reg
     result = await run(pipeline, convo, pool)
     aggregate = result.trace.calls[-1]
     assert aggregate.cached_prompt_tokens >= 256  # the shared system prompt + question came from the cache
+
+
+async def test_adaptive_answers_once_when_sure_and_escalates_when_cut_short(pool):
+    from moa.pipeline import Pipeline
+    from moa.steps import Adaptive
+
+    four = [{"role": "user", "content": "What is 2 + 2? Reply with the number only."}]
+    sure = Pipeline("sure", (Adaptive(model=QWEN_SMALL, min_logprob=-50.0, max_tokens=64),))
+    result = await run(sure, four, pool, seed=1)
+    note = result.trace.steps[0].notes[-1]
+    assert result.usage.engine_calls == 1 and note.startswith("sure: least likely token -"), note
+    assert -50.0 <= float(note.split("token ")[1].split(" ")[0]) <= 0
+    essay = [{"role": "user", "content": "Write a long essay on the history of Paris."}]
+    cut = Pipeline("cut", (Adaptive(model=QWEN_SMALL, max_tokens=3),))
+    result = await run(cut, essay, pool, seed=1)
+    assert [c.n for c in result.trace.calls] == [1, 3, 1]  # answer, 3 samples, synthesis (no numbers to agree on)
+    assert "ran out of tokens" in result.trace.steps[0].notes[-1] and result.answer.strip()

@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from moa.engine import Delta, EngineError, Generation, SamplingParams
+from moa.pipeline import Pipeline
 from moa.runner import run
-from moa.steps import Aggregate, Pipeline, Propose
+from moa.steps import Aggregate, Propose
 from serving.engines.pool import EnginePool
 from serving.registry import load_registry
 from serving.store import resolve

@@ -6,16 +6,17 @@ import json
 
 import pytest
 
+from moa.pipeline import Pipeline
 from moa.prompts import STRATEGIES, format_references
 from moa.runner import PipelineError, iter_run, run
 from moa.steps import (
+    Adaptive,
     Aggregate,
     AggregateSeq,
     Dropout,
     Filter,
     MajorityVote,
     Map,
-    Pipeline,
     Propose,
     Rank,
     ReferenceBudget,
@@ -280,3 +281,54 @@ async def test_bad_conversations_are_rejected():
         await run(pipe(Propose(models=("a",))), [], engines("a"))
     with pytest.raises(InvalidRequest, match="end with a user message"):
         await run(pipe(Propose(models=("a",))), [*Q, {"role": "assistant", "content": "4"}], engines("a"))
+
+
+# -- adaptive: one greedy answer, escalation only where it looks unsure -----------------------------
+
+
+def adaptive_engines(min_logprob, sample_reply):
+    def reply(messages, params, i):
+        if params.temperature == 0:
+            return "The answer is 4"
+        if "drafts" in (messages[0]["content"] if messages[0]["role"] == "system" else ""):
+            return "Synthesized: 4"
+        return sample_reply(i)
+
+    return {"m": ScriptedEngine("m", reply=reply, min_logprob=min_logprob)}
+
+
+async def test_adaptive_stops_at_one_call_when_the_greedy_answer_is_sure():
+    es = adaptive_engines(-0.2, lambda i: "5")
+    events = []
+    result = await run(pipe(Adaptive(model="m", min_logprob=-1.0)), Q, es, on_event=events.append, seed=1)
+    assert result.answer == "The answer is 4" and [c.params.temperature for c in es["m"].calls] == [0.0]
+    assert es["m"].calls[0].params.logprobs and result.usage.engine_calls == 1
+    assert any(n.startswith("sure: least likely token -0.20") for n in result.trace.steps[0].notes)
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == result.answer
+
+
+async def test_adaptive_unsure_but_agreeing_samples_keep_the_first_answer():
+    es = adaptive_engines(-2.0, lambda i: f"I get {2 + 2} as well")
+    result = await run(pipe(Adaptive(model="m", min_logprob=-1.0, samples=3)), Q, es, seed=1)
+    assert result.answer == "The answer is 4" and result.usage.engine_calls == 2
+    assert [c.params.n for c in es["m"].calls] == [1, 3] and es["m"].calls[1].params.seed == 2
+    assert "samples agree" in result.trace.steps[0].notes[-1]
+
+
+async def test_adaptive_unsure_and_disagreeing_samples_are_synthesized_and_streamed():
+    es = adaptive_engines(-2.0, lambda i: f"It is {4 + i}")
+    events = []
+    result = await run(pipe(Adaptive(model="m", min_logprob=-1.0, samples=2)), Q, es, on_event=events.append)
+    assert result.answer == "Synthesized: 4" and result.usage.engine_calls == 3
+    synthesis = es["m"].calls[2].messages[0]["content"]
+    assert all(t in synthesis for t in ("The answer is 4", "It is 4", "It is 5"))
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == "Synthesized: 4"
+    assert [c.step for c in result.trace.calls] == ["adaptive"] * 3
+
+
+async def test_adaptive_escalates_without_log_probabilities_and_is_a_first_step():
+    es = adaptive_engines(None, lambda i: "4")
+    result = await run(pipe(Adaptive(model="m")), Q, es)
+    assert result.usage.engine_calls == 2 and "no log-probabilities" in result.trace.steps[0].notes[-1]
+    with pytest.raises(ValueError, match="log-probability"):
+        Adaptive(model="m", min_logprob=0.5)

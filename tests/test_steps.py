@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import pytest
 
 from moa.context import HANDLERS, Response, StepContext, handles
+from moa.pipeline import Pipeline
 from moa.presets import PresetError, parse_pipeline
 from moa.runner import iter_run, run
-from moa.steps import STEP_TYPES, Aggregate, Dropout, LLMStep, Map, Pipeline, Propose, llm_step_kinds, step_kind
+from moa.steps import STEP_TYPES, Aggregate, Dropout, LLMStep, Map, Propose, llm_step_kinds, step_kind
 from moa.testing import ScriptedEngine
 from moa.trace import AnswerDelta, CallFinished, StepStarted
 from serving.api.targets import describe

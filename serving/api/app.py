@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from moa.engine import Engine
-from moa.steps import Pipeline
+from moa.pipeline import Pipeline
 from serving.api.delivery import respond
 from serving.api.errors import APIError, api_error_handler, error_response, validation_handler
 from serving.api.jobs import chat_job, text_job

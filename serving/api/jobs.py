@@ -17,8 +17,8 @@ from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 
 from moa.engine import Completion, Delta, Engine, Generation, SamplingParams
+from moa.pipeline import Pipeline
 from moa.runner import RunResult, iter_run
-from moa.steps import Pipeline
 from moa.trace import AnswerDelta, CallFinished, Event, StepFinished, StepStarted
 from serving.api.errors import APIError
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest, MoAOptions

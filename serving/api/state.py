@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from moa.engine import Engine
-from moa.steps import Pipeline
+from moa.pipeline import Pipeline
 from serving.api.errors import APIError
 from serving.api.metrics import Metrics
 from serving.registry import Registry

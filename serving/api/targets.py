@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
-from moa.steps import Aggregate, AggregateSeq, LLMStep, Pipeline, Propose, Step, Synthesis, Synthesize
+from moa.pipeline import Pipeline
+from moa.steps import Aggregate, AggregateSeq, LLMStep, Propose, Step, Synthesis, Synthesize
 from serving.api.errors import APIError
 from serving.api.schemas import MoAOptions
 

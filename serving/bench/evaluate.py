@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from moa.engine import ChatMessage, Engine, SamplingParams
-from moa.steps import Pipeline, Propose
+from moa.pipeline import Pipeline
+from moa.steps import Propose
 from serving.bench.datasets import Task
 from serving.bench.measure import RequestSample, pipeline_request, run_level
 from serving.bench.scoring import score

@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from moa.engine import ChatMessage, Engine
+from moa.pipeline import Pipeline
 from moa.runner import Prices, run
-from moa.steps import Pipeline, llm_step_kinds
+from moa.steps import llm_step_kinds
 from moa.trace import AnswerDelta, Event
 from serving.bench.baselines import RecordedCall
 from serving.bench.stats import mean, percentile

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moa.engine import ChatMessage, Engine, SamplingParams
-from moa.steps import Pipeline, Propose
+from moa.pipeline import Pipeline
+from moa.steps import Propose
 from serving.bench.baselines import RecordedCall, Recording, Sequential, SplitN
 from serving.bench.measure import LevelResult, ReplayResult, RequestSample, pipeline_request, replay, run_level
 from serving.registry import Registry

@@ -214,6 +214,7 @@ class VLLMEngine(StreamingEngine):
             max_tokens=params.max_tokens,
             seed=params.seed,
             stop=list(params.stop) or None,
+            logprobs=0 if params.logprobs else None,  # 0: only the sampled token's log-probability
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -230,6 +231,8 @@ class VLLMEngine(StreamingEngine):
         texts = [""] * params.n
         tokens = [0] * params.n
         reasons: list[str | None] = [None] * params.n
+        logprobs: list[float | None] = [0.0 if params.logprobs else None] * params.n
+        lowest = [0.0] * params.n
         cached = 0
         started = time.perf_counter()
         ttft: float | None = None
@@ -244,6 +247,11 @@ class VLLMEngine(StreamingEngine):
                         ttft = time.perf_counter() - started
                     texts[piece.index] += piece.text
                     tokens[piece.index] += len(piece.token_ids)
+                    if piece.logprobs and logprobs[piece.index] is not None:
+                        chosen = [position[token].logprob
+                                  for token, position in zip(piece.token_ids, piece.logprobs, strict=False)]
+                        logprobs[piece.index] += sum(chosen)
+                        lowest[piece.index] = min([lowest[piece.index], *chosen])
                     if piece.finish_reason is not None:
                         reasons[piece.index] = piece.finish_reason
                     if piece.text or piece.finish_reason is not None:
@@ -263,7 +271,9 @@ class VLLMEngine(StreamingEngine):
         yield Generation(
             model=self.name,
             completions=tuple(
-                Completion(i, texts[i], tokens[i], finish_reason(reasons[i]) or "stop") for i in range(params.n)
+                Completion(i, texts[i], tokens[i], finish_reason(reasons[i]) or "stop", logprobs[i],
+                           lowest[i] if params.logprobs else None)
+                for i in range(params.n)
             ),
             prompt_tokens=len(prompt_ids),
             cached_prompt_tokens=cached,

@@ -1,0 +1,41 @@
+"""A pipeline: a named sequence of steps, and the variants a request or a benchmark derives from it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from moa.prompts import Layout
+from moa.steps import LLMStep, Step, Synthesis
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    name: str
+    steps: tuple[Step, ...]
+    description: str = ""
+
+    def models(self) -> tuple[str, ...]:
+        """Every model the pipeline calls, in first-use order (the order engines start in)."""
+        seen: dict[str, None] = {}
+        for step in self.steps:
+            if isinstance(step, LLMStep):
+                seen.update(dict.fromkeys(step.models_used()))
+        return tuple(seen)
+
+    def with_models(self, mapping: Mapping[str, str]) -> Pipeline:
+        """The same pipeline with models substituted (per-request overrides, tests on small models)."""
+        return replace(self, steps=tuple(s.with_models(mapping) if isinstance(s, LLMStep) else s
+                                         for s in self.steps))
+
+    def with_layout(self, layout: Layout) -> Pipeline:
+        """Every synthesis step with its references placed `layout` (`moa eval` compares the two)."""
+        return replace(self, name=f"{self.name}@{layout}", steps=tuple(
+            replace(s, layout=layout) if isinstance(s, Synthesis) else s for s in self.steps
+        ))
+
+    def with_max_tokens(self, cap: int) -> Pipeline:
+        """Cap every LLM step's max_tokens (quick runs, tests)."""
+        return replace(self, steps=tuple(
+            replace(s, max_tokens=min(s.max_tokens, cap)) if isinstance(s, LLMStep) else s for s in self.steps
+        ))
