@@ -186,6 +186,7 @@ async def test_sse_wire_format_byte_for_byte(server, small_pool):
     ({"model": "moa-lite", "n": 2}, 400, "n must be 1 for a pipeline"),
     ({"model": "moa-lite", "extra_body": {"moa": {"proposers": ["ghost"]}}}, 400, "'ghost' is not served"),
     ({"model": "moa-lite", "extra_body": {"moa": {"colour": "red"}}}, 400, "colour"),
+    ({"model": "adaptive-self-moa", "extra_body": {"moa": {"quorum": 2}}}, 400, "pipelines with a propose step"),
 ])
 async def test_errors_map_to_openai_statuses(client, kwargs, status, fragment):
     args = {"model": SMALL, "messages": Q, "max_tokens": 8, **kwargs}

@@ -24,7 +24,11 @@ def _apply(pipeline: Pipeline, options: MoAOptions, served: set[str]) -> Pipelin
             raise APIError(400, f"moa: model {name!r} is not served here; served: {', '.join(sorted(served))}",
                            param="moa", code="model_not_served")
     steps = list(pipeline.steps)
-    propose_at = next(i for i, s in enumerate(steps) if isinstance(s, Propose))
+    propose_at = next((i for i, s in enumerate(steps) if isinstance(s, Propose)), None)
+    needs_propose = [k for k in ("proposers", "quorum", "layers") if getattr(options, k) is not None]
+    if propose_at is None and needs_propose:
+        raise APIError(400, f"moa.{needs_propose[0]} applies to pipelines with a propose step; "
+                            f"{pipeline.name!r} starts with {steps[0].kind}", param=f"moa.{needs_propose[0]}")
     if options.proposers:
         steps[propose_at] = replace(steps[propose_at], models=tuple(options.proposers))
     if options.quorum is not None:
