@@ -44,6 +44,7 @@ def show(table: Table) -> None:
     table.collapse_padding = True
     out.print(table)
 
+
 ConfigOption = typer.Option(
     None, "--config", "-c", help="models.yaml to use (default: $MOA_CONFIG or the repository's)."
 )
