@@ -62,6 +62,7 @@ def test_eval_scores_and_judges_pairs_in_both_orders(local_model, tmp_path):
     assert pair["wins"] + pair["ties"] + pair["losses"] == 4
     assert len(data["responses"][SMALL]) == 4 and all(r["answer"] for r in data["responses"][SMALL])
     assert "accuracy [95% CI]" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000  # accuracy vs tokens, with the Pareto front
     shown = proc.stdout.splitlines()  # the terminal tables, on stdout
     assert any(line.startswith(SMALL) and "/4" in line for line in shown), proc.stdout
     wtl = f"{pair['wins']}/{pair['ties']}/{pair['losses']}"

@@ -298,3 +298,19 @@ async def test_pipeline_request_reports_latency_over_critical_path():
     assert 1.0 <= sample.latency_s / sample.critical_path_s < 1.5
     level = LevelResult("moa", "self", 1, sample.latency_s, [sample])
     assert summarize(level)["critical_path_ratio"] == pytest.approx(sample.latency_s / sample.critical_path_s)
+
+
+def test_pareto_front_keeps_the_systems_nothing_beats_on_accuracy_and_tokens(tmp_path):
+    from serving.bench.pareto import main, pareto_front
+
+    def row(name, accuracy, tokens):
+        return {"system": name, "models": [name], "accuracy": accuracy, "ci95": [accuracy - 0.1, accuracy + 0.05],
+                "completion_tokens_per_task": tokens}
+
+    rows = [row("greedy", 0.90, 75), row("adaptive", 0.92, 139), row("self-moa", 0.92, 500), row("small", 0.58, 83),
+            row("vote", 0.56, 367)]
+    assert [r["system"] for r in pareto_front(rows)] == ["greedy", "adaptive"]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"accuracy": rows}))
+    main([str(results), "-o", str(tmp_path / "pareto.png")])
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000

@@ -89,9 +89,16 @@ def eval_(
     data["meta"] = meta
     (out_dir / "results.json").write_text(json.dumps(data, indent=1))
     (out_dir / "summary.md").write_text(markdown(data))
+    written = [out_dir / "results.json", out_dir / "summary.md"]
+    try:
+        from serving.bench.pareto import plot
+
+        written.append(plot(data["accuracy"], out_dir / "pareto.png"))
+    except ImportError:  # matplotlib is the `bench` extra
+        err.print("no pareto.png: pip install 'moa-stack[bench]' for plots", highlight=False)
     for table in tables(data):
         show(table)
-    err.print(f"written: {out_dir / 'results.json'}, {out_dir / 'summary.md'}", highlight=False)
+    err.print(f"written: {', '.join(map(str, written))}", highlight=False)
 
 
 async def _evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, progress) -> dict:
