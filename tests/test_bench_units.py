@@ -46,6 +46,9 @@ async def test_split_n_sends_k_single_requests_with_seeds_seed_plus_i():
     assert sorted(c.params.seed for c in engine.calls) == [10, 11, 12]
     assert [c.index for c in result.completions] == [0, 1, 2]
     assert result.texts == ["a answer 0 seed 10", "a answer 0 seed 11", "a answer 0 seed 12"]
+    engine.min_logprob = -0.5  # what a child reports survives the merge (the adaptive step reads it)
+    merged = await SplitN(engine).generate(Q, SamplingParams(n=2, temperature=0.7, logprobs=True))
+    assert [c.min_logprob for c in merged.completions] == [-0.5, -0.5]
 
 
 async def test_split_n_stream_merges_children_and_quorum_aborts_the_rest():

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 
-from moa.engine import ChatMessage, Completion, Delta, Engine, Generation, SamplingParams, StreamEvent
+from moa.engine import ChatMessage, Delta, Engine, Generation, SamplingParams, StreamEvent
 
 
 class _Wrapper:
@@ -55,8 +55,7 @@ def merge(model: str, parts: Sequence[Generation], started: float) -> Generation
     ttfts = [p.ttft_s for p in parts if p.ttft_s is not None]
     return Generation(
         model=model,
-        completions=tuple(Completion(i, p.completions[0].text, p.completions[0].completion_tokens,
-                                     p.completions[0].finish_reason) for i, p in enumerate(parts)),
+        completions=tuple(replace(p.completions[0], index=i) for i, p in enumerate(parts)),  # logprobs kept
         prompt_tokens=sum(p.prompt_tokens for p in parts),  # k prefills were asked for
         cached_prompt_tokens=sum(p.cached_prompt_tokens for p in parts),
         ttft_s=min(ttfts) if ttfts else None,
