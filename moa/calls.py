@@ -17,6 +17,25 @@ from moa.trace import AnswerDelta, CallFinished, CallRecord, Event, Trace
 Prices = Mapping[str, tuple[float, float]]  # model -> USD per million (prompt, completion) tokens
 
 
+@dataclass(frozen=True, slots=True)
+class Ceiling:
+    """A request's spending limit (`moa.max_total_tokens`, `moa.max_cost_usd`).
+
+    The calls that make the first answer (a first `propose` step, the first call of an
+    `adaptive`/`route` step) always go ahead: there must be an answer. Any other call
+    whose worst case (its prompt plus n x max_tokens, priced where models.yaml sets
+    prices) would take the run past the limit is refused as a failed call, so the fault
+    rules keep what exists: an escalation is not made, an optional layer is skipped,
+    and the run still answers.
+    """
+
+    tokens: int | None = None
+    cost_usd: float | None = None
+
+    def __bool__(self) -> bool:
+        return self.tokens is not None or self.cost_usd is not None
+
+
 class CallFailed(Exception):
     """An engine call failed or ran over its timeout; the message names the model and the cause."""
 
@@ -32,7 +51,37 @@ class EngineCalls:
     emit: Callable[[Event], None]
     prices: Prices = field(default_factory=dict)
     timeout_s: float | None = None  # the run's default per-call timeout
+    ceiling: Ceiling = field(default_factory=Ceiling)
     streamed: list[str] = field(default_factory=list)  # answer text sent as AnswerDelta so far
+    _reserved: dict[int, tuple[int, float]] = field(default_factory=dict)  # in-flight calls' worst cases
+
+    def spent(self) -> tuple[int, float]:
+        """Tokens and dollars of the finished calls plus the worst case of those in flight."""
+        tokens = sum(r.prompt_tokens + r.completion_tokens for r in self.trace.calls)
+        cost = sum(r.cost_usd for r in self.trace.calls)
+        return (tokens + sum(t for t, _ in self._reserved.values()),
+                cost + sum(c for _, c in self._reserved.values()))
+
+    def _worst_case(self, model: str, messages: list[ChatMessage], params: SamplingParams) -> tuple[int, float]:
+        prompt = sum(self.count_tokens(model, m["content"]) for m in messages)
+        completion = params.n * params.max_tokens
+        prompt_price, completion_price = self.prices.get(model, (0.0, 0.0))
+        return prompt + completion, (prompt * prompt_price + completion * completion_price) / 1e6
+
+    def _over_ceiling(self, model: str, messages: list[ChatMessage], params: SamplingParams) -> str | None:
+        """Why this call may not run (it could pass the ceiling), or None."""
+        if not self.ceiling:
+            return None
+        tokens, cost = self._worst_case(model, messages, params)
+        spent_tokens, spent_cost = self.spent()
+        limit = self.ceiling
+        if limit.tokens is not None and spent_tokens + tokens > limit.tokens:
+            return (f"skipped: up to {tokens} more tokens would pass max_total_tokens {limit.tokens} "
+                    f"({spent_tokens} spent or reserved)")
+        if limit.cost_usd is not None and spent_cost + cost > limit.cost_usd:
+            return (f"skipped: up to ${cost:.6f} more would pass max_cost_usd {limit.cost_usd} "
+                    f"(${spent_cost:.6f} spent or reserved)")
+        return None
 
     def count_tokens(self, model: str, text: str) -> int:
         """Tokens of `text` in `model`'s tokenizer (reference budgets, re-counting after a quorum cut)."""
@@ -51,8 +100,11 @@ class EngineCalls:
 
     async def generation(self, step: str, layer: int, model: str, messages: list[ChatMessage],
                          params: SamplingParams, *, timeout_s: float | None = None, stream_answer: bool = False,
-                         need: int | None = None) -> Generation:
-        """One engine request, whole (finish reasons, log-probabilities). With `need`, stop once that many finished."""
+                         need: int | None = None, essential: bool = False) -> Generation:
+        """One engine request, whole (finish reasons, log-probabilities). With `need`, stop once that many finished.
+
+        `essential`: it makes the run's first answer, so the ceiling never refuses it.
+        """
         engine = self.engines.get(model)
         record = CallRecord(step, layer, model, params.n, self.trace.now())
         self.trace.calls.append(record)
@@ -62,6 +114,11 @@ class EngineCalls:
             if engine is None:
                 record.status, record.error = "error", "no engine for this model (not started)"
                 raise CallFailed(model, record.error)
+            if not essential and (over := self._over_ceiling(model, messages, params)) is not None:
+                record.status, record.error = "skipped", over
+                raise CallFailed(model, over)
+            if self.ceiling:
+                self._reserved[id(record)] = self._worst_case(model, messages, params)
             coro = self._consume(engine, messages, params, record, stream_answer, need)
             generation = await (asyncio.wait_for(coro, timeout) if timeout else coro)
         except TimeoutError:
@@ -71,7 +128,8 @@ class EngineCalls:
             record.status = "aborted"
             raise
         except (InvalidRequest, CallFailed):
-            record.status = "error"
+            if record.status == "running":  # else already says why (no engine, skipped)
+                record.status = "error"
             raise
         except Exception as exc:  # engine errors: recorded, and the fault rules decide
             record.status, record.error = "error", f"{type(exc).__name__}: {exc}"
@@ -86,6 +144,7 @@ class EngineCalls:
                                + generation.completion_tokens * completion_price) / 1e6
             return generation
         finally:
+            self._reserved.pop(id(record), None)
             record.end_s = self.trace.now()
             self.emit(CallFinished(step, layer, model, record.status,
                                    len(generation.completions) if generation is not None else 0))

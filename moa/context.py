@@ -8,13 +8,14 @@ on step types.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 
 from moa.calls import EngineCalls
 from moa.engine import ChatMessage, Generation, SamplingParams
+from moa.routing import Scorer
 from moa.steps import LLMStep, Step
-from moa.trace import StepRecord
+from moa.trace import StepNote, StepRecord
 
 
 @dataclass(slots=True)
@@ -44,9 +45,12 @@ class StepContext:
     failures: list[str]  # the run's failed calls, for the error message if the run gives up
     seed: int | None  # the request's seed
     writes_answer: bool  # the pipeline's last step: stream the call that writes the final answer
+    scorers: Mapping[str, Scorer] = field(default_factory=dict)  # routers by name (`route` steps)
 
     def note(self, text: str) -> None:
+        """A decision: kept in the trace and sent as a progress event."""
         self.record.notes.append(text)
+        self.calls.emit(StepNote(self.record.step, self.layer, text))
 
     def base_seed(self, step: LLMStep) -> int | None:
         return step.seed if step.seed is not None else self.seed
@@ -57,13 +61,16 @@ class StepContext:
                               max_tokens=step.max_tokens, seed=seed, json_schema=json_schema, logprobs=logprobs)
 
     async def call(self, step: LLMStep, model: str, messages: list[ChatMessage], params: SamplingParams, *,
-                   stream_answer: bool = False, need: int | None = None) -> list[str]:
-        return (await self.generation(step, model, messages, params, stream_answer=stream_answer, need=need)).texts
+                   stream_answer: bool = False, need: int | None = None, essential: bool = False) -> list[str]:
+        return (await self.generation(step, model, messages, params, stream_answer=stream_answer, need=need,
+                                      essential=essential)).texts
 
     async def generation(self, step: LLMStep, model: str, messages: list[ChatMessage], params: SamplingParams, *,
-                         stream_answer: bool = False, need: int | None = None) -> Generation:
+                         stream_answer: bool = False, need: int | None = None, essential: bool = False) -> Generation:
+        """One engine call (moa/calls.py); `essential`: it makes the first answer (the ceiling never refuses it)."""
         return await self.calls.generation(step.kind, self.layer, model, messages, params, timeout_s=step.timeout_s,
-                                           stream_answer=stream_answer and self.writes_answer, need=need)
+                                           stream_answer=stream_answer and self.writes_answer, need=need,
+                                           essential=essential)
 
 
 Handler = Callable[[StepContext, Step, list[Response]], Awaitable[list[Response]]]

@@ -55,15 +55,22 @@ def _problem(error: Any) -> str:
     return f"field {loc}: {message}" if loc else message
 
 
-def check_models(where: str, step: Step, models: Collection[str] | None) -> None:
-    if models is None or not isinstance(step, LLMStep):
+def check_models(where: str, step: Step, models: Collection[str] | None,
+                 routers: Collection[str] | None = None) -> None:
+    """The models (and router) a step names exist in the registry."""
+    if not isinstance(step, LLMStep):
         return
-    missing = [m for m in step.models_used() if m not in models]
+    missing = [m for m in step.models_used() if models is not None and m not in models]
     if missing:
-        raise PresetError(f"{where}: unknown model(s) {missing}; known: {', '.join(sorted(models))}")
+        raise PresetError(f"{where}: unknown model(s) {missing}; known: {', '.join(sorted(models or ()))}")
+    router = getattr(step, "router", None)
+    if router is not None and routers is not None and router not in routers:
+        known = ", ".join(sorted(routers)) or "none (add a `routers:` section; `moa route fit` writes one)"
+        raise PresetError(f"{where}: unknown router {router!r}; known: {known}")
 
 
-def parse_pipeline(name: str, data: Any, models: Collection[str] | None = None) -> Pipeline:
+def parse_pipeline(name: str, data: Any, models: Collection[str] | None = None,
+                   routers: Collection[str] | None = None) -> Pipeline:
     if not isinstance(data, Mapping):
         raise PresetError(f"pipeline {name!r}: expected a mapping with `steps`")
     unknown = sorted(set(data) - {"steps", "description"})
@@ -76,16 +83,18 @@ def parse_pipeline(name: str, data: Any, models: Collection[str] | None = None) 
     for i, entry in enumerate(raw_steps, 1):
         where = f"pipeline {name!r}, step {i}"
         step = parse_step(where, entry)
-        check_models(where, step, models)
+        check_models(where, step, models, routers)
         steps.append(step)
     if not steps[0].from_conversation:
-        raise PresetError(f"pipeline {name!r}: the first step must be `propose` or `adaptive` (it makes the first "
+        firsts = ", ".join(f"`{kind}`" for kind, cls in STEP_TYPES.items() if cls.from_conversation)
+        raise PresetError(f"pipeline {name!r}: the first step must be one of {firsts} (it makes the first "
                           "responses from the conversation)")
     return Pipeline(name, tuple(steps), str(data.get("description", "")))
 
 
-def parse_pipelines(data: Mapping[str, Any], models: Collection[str] | None = None) -> dict[str, Pipeline]:
+def parse_pipelines(data: Mapping[str, Any], models: Collection[str] | None = None,
+                    routers: Collection[str] | None = None) -> dict[str, Pipeline]:
     overlap = sorted(set(data) & set(models or ()))
     if overlap:
         raise PresetError(f"pipeline name(s) {overlap} are also model names; a request could not tell them apart")
-    return {name: parse_pipeline(name, body, models) for name, body in data.items()}
+    return {name: parse_pipeline(name, body, models, routers) for name, body in data.items()}

@@ -20,15 +20,16 @@ from dataclasses import dataclass
 
 import moa.handlers  # noqa: F401 - registers the LLM step handlers
 import moa.transforms  # noqa: F401 - registers the transform handlers
-from moa.calls import EngineCalls, Prices
+from moa.calls import Ceiling, EngineCalls, Prices
 from moa.context import LayerFailed, Response, StepContext, handler_for
 from moa.engine import ChatMessage, Engine, InvalidRequest, validate_messages
 from moa.pipeline import Pipeline
+from moa.routing import Scorer
 from moa.steps import LLMStep, Step
 from moa.trace import AnswerDelta, Event, StepFinished, StepRecord, StepStarted, Trace, Usage
 
 EventSink = Callable[[Event], Awaitable[None] | None]
-__all__ = ["PipelineError", "PipelineRun", "Prices", "Response", "RunResult", "iter_run", "run"]
+__all__ = ["Ceiling", "PipelineError", "PipelineRun", "Prices", "Response", "RunResult", "iter_run", "run"]
 
 
 @dataclass(slots=True)
@@ -54,11 +55,14 @@ class PipelineRun:
     """The state of one run: the trace, the failures so far, and the queue handlers report into."""
 
     def __init__(self, pipeline: Pipeline, conversation: list[ChatMessage], engines: Mapping[str, Engine], *,
-                 prices: Prices | None = None, seed: int | None = None, timeout_s: float | None = None) -> None:
+                 prices: Prices | None = None, seed: int | None = None, timeout_s: float | None = None,
+                 ceiling: Ceiling | None = None, scorers: Mapping[str, Scorer] | None = None) -> None:
         self.pipeline, self.conversation, self.seed = pipeline, conversation, seed
         self.trace = Trace(pipeline.name)
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.calls = EngineCalls(engines, self.trace, self.queue.put_nowait, prices or {}, timeout_s)
+        self.calls = EngineCalls(engines, self.trace, self.queue.put_nowait, prices or {}, timeout_s,
+                                 ceiling or Ceiling())
+        self.scorers = scorers or {}
         self.failures: list[str] = []
 
     async def events(self) -> AsyncIterator[Event | RunResult]:
@@ -72,7 +76,7 @@ class PipelineRun:
             self.trace.steps.append(record)
             yield StepStarted(step.kind, layer)
             ctx = StepContext(self.conversation, self.calls, index, layer, record, self.failures, self.seed,
-                              writes_answer=index == last)
+                              writes_answer=index == last, scorers=self.scorers)
             task = asyncio.create_task(self._step(ctx, step, current))
             task.add_done_callback(lambda _: self.queue.put_nowait(_STEP_DONE))
             try:
@@ -120,11 +124,15 @@ def _check_conversation(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
 
 
 async def iter_run(pipeline: Pipeline, messages: Sequence[ChatMessage], engines: Mapping[str, Engine], *,
-                   prices: Prices | None = None, seed: int | None = None,
-                   timeout_s: float | None = None) -> AsyncIterator[Event | RunResult]:
-    """Run `pipeline` on a conversation: progress events and answer chunks, then the RunResult."""
+                   prices: Prices | None = None, seed: int | None = None, timeout_s: float | None = None,
+                   ceiling: Ceiling | None = None,
+                   scorers: Mapping[str, Scorer] | None = None) -> AsyncIterator[Event | RunResult]:
+    """Run `pipeline` on a conversation: progress events and answer chunks, then the RunResult.
+
+    `ceiling`: the request's token/cost limit; `scorers`: the routers `route` steps name.
+    """
     state = PipelineRun(pipeline, _check_conversation(messages), engines, prices=prices, seed=seed,
-                        timeout_s=timeout_s)
+                        timeout_s=timeout_s, ceiling=ceiling, scorers=scorers)
     async with aclosing(state.events()) as items:
         async for item in items:
             yield item
@@ -132,10 +140,11 @@ async def iter_run(pipeline: Pipeline, messages: Sequence[ChatMessage], engines:
 
 async def run(pipeline: Pipeline, messages: Sequence[ChatMessage], engines: Mapping[str, Engine], *,
               prices: Prices | None = None, on_event: EventSink | None = None, seed: int | None = None,
-              timeout_s: float | None = None) -> RunResult:
+              timeout_s: float | None = None, ceiling: Ceiling | None = None,
+              scorers: Mapping[str, Scorer] | None = None) -> RunResult:
     """Run `pipeline` to its answer; `on_event` sees every event `iter_run` yields on the way."""
-    async with aclosing(iter_run(pipeline, messages, engines, prices=prices, seed=seed,
-                                 timeout_s=timeout_s)) as items:
+    async with aclosing(iter_run(pipeline, messages, engines, prices=prices, seed=seed, timeout_s=timeout_s,
+                                 ceiling=ceiling, scorers=scorers)) as items:
         async for item in items:
             if isinstance(item, RunResult):
                 return item

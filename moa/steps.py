@@ -156,19 +156,17 @@ class AggregateSeq(Synthesis):
     strategy: StrategyName = "self-moa"
 
 
-@step_kind("adaptive")
 @dataclass(frozen=True, slots=True)
-class Adaptive(Synthesis):
-    """One greedy answer; more samples and a synthesis only where that answer looks unsure (adaptive Self-MoA).
+class Cascade(Synthesis):
+    """Answer cheaply first; spend more only where that answer looks unsure (`adaptive`, `route`).
 
     Unsure: it ran out of tokens, or its least likely token's log-probability is below `min_logprob` (an
-    engine that gives no log-probabilities always escalates). Escalation draws `samples` more in one n=k
-    request; if every one agrees with the first answer (`agree`: how answers are compared) it stands,
-    else `model` synthesizes all of them with `strategy`.
+    engine that gives no log-probabilities always escalates). Escalation draws `samples` more from the
+    strongest model in one n=k request; if every one agrees with its answer (`agree`: how answers are
+    compared) it stands, else the strongest model synthesizes all of them with `strategy`.
     """
 
     from_conversation: ClassVar[bool] = True
-    model: str = ""
     min_logprob: float = -1.4
     samples: int = 3
     agree: Normalize = "number"
@@ -178,6 +176,33 @@ class Adaptive(Synthesis):
         Synthesis.__post_init__(self)
         _require(self.min_logprob <= 0, f"min_logprob is a log-probability (<= 0), got {self.min_logprob}")
         _require(self.temperature > 0, "the escalation samples need temperature > 0")
+
+
+@step_kind("adaptive")
+@dataclass(frozen=True, slots=True)
+class Adaptive(Cascade):
+    """One greedy answer from `model`; more samples and a synthesis only where it looks unsure (adaptive Self-MoA)."""
+
+    model: str = ""
+
+
+@step_kind("route")
+@dataclass(frozen=True, slots=True)
+class Route(Cascade):
+    """A router picks who answers first: the cheapest of `models` (listed cheapest first) whose predicted
+    success reaches `min_score` (default: the router's fitted threshold), else the likeliest. Unsure → the
+    likeliest model answers too; two answers that agree stand; else its samples, then a synthesis.
+    """
+
+    models: tuple[str, ...] = ()
+    router: str = ""  # a router named under `routers:` in models.yaml
+    min_score: float | None = None
+
+    def __post_init__(self) -> None:
+        Cascade.__post_init__(self)
+        _require(bool(self.router), "`router` is required (a name under `routers:` in models.yaml)")
+        _require(self.min_score is None or 0 <= self.min_score <= 1,
+                 f"min_score is a probability (0..1), got {self.min_score}")
 
 
 @step_kind("refine")

@@ -24,7 +24,7 @@ class CallRecord:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     cost_usd: float = 0.0
-    status: str = "running"  # ok | error | timeout | aborted
+    status: str = "running"  # ok | error | timeout | aborted | skipped (the ceiling)
     error: str | None = None
     note: str | None = None
 
@@ -68,6 +68,8 @@ class Trace:
     def usage(self) -> Usage:
         u = Usage()
         for c in self.calls:
+            if c.status == "skipped":  # refused by the ceiling: it never reached an engine
+                continue
             u.engine_calls += 1
             u.prompt_tokens += c.prompt_tokens
             u.completion_tokens += c.completion_tokens
@@ -130,10 +132,19 @@ class StepFinished:
 
 
 @dataclass(frozen=True, slots=True)
+class StepNote:
+    """A decision a step made (routing scores, agreement, why it stopped or escalated); also in the trace."""
+
+    step: str
+    layer: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class AnswerDelta:
     """A chunk of the final answer, streamed by the pipeline's last LLM step."""
 
     text: str
 
 
-Event = StepStarted | CallFinished | StepFinished | AnswerDelta
+Event = StepStarted | CallFinished | StepNote | StepFinished | AnswerDelta

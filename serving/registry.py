@@ -8,6 +8,7 @@ a typo in an engine argument should not be silently ignored).
 from __future__ import annotations
 
 import os
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -200,6 +201,14 @@ class ServerOptions(_Strict):
     timeout_s: float = Field(default=600.0, gt=0)
     # Answers to deterministic requests kept in memory (docs/API.md, "Response cache"); 0: off.
     cache_entries: int = Field(default=0, ge=0)
+    cache_path: Path | None = None  # also keep them in this SQLite file (relative to models.yaml)
+
+
+class RouterSpec(_Strict):
+    """`routers:` in models.yaml: a router file `moa route fit` wrote (a path relative to models.yaml)."""
+
+    path: Path
+    description: str = ""
 
 
 class Registry(_Strict):
@@ -208,6 +217,7 @@ class Registry(_Strict):
     # Named pipelines (presets): the YAML's `pipelines:` parsed by load_registry (moa/presets.py).
     pipelines: dict[str, InstanceOf[Pipeline]] = Field(default_factory=dict)
     server: ServerOptions = ServerOptions()
+    routers: dict[str, RouterSpec] = Field(default_factory=dict)
     path: Path | None = None
 
     @model_validator(mode="before")
@@ -241,11 +251,31 @@ class Registry(_Strict):
     def pipeline_names(self) -> list[str]:
         return list(self.pipelines)
 
+    def router_path(self, name: str) -> Path:
+        spec = self._lookup("router", self.routers, name)
+        return spec.path if spec.path.is_absolute() or self.path is None else self.path.parent / spec.path
+
+    def scorer(self, name: str):  # -> serving.routing.scorer.EmbeddingScorer
+        """The router `name`, ready to score (its embedding model loads on the first query)."""
+        return _scorer(self.router_path(name), name)
+
+    def scorers(self) -> dict:
+        """Every router by name, for `route` steps (iter_run's `scorers`)."""
+        return {name: self.scorer(name) for name in self.routers}
+
     def prices(self) -> dict[str, tuple[float, float]]:
         return {name: (m.price.prompt, m.price.completion) for name, m in self.models.items()}
 
     def get(self, name: str) -> ModelSpec:
         return self._lookup("model", self.models, name)
+
+
+@cache
+def _scorer(path: Path, name: str):
+    from serving.routing.router_file import read_router
+    from serving.routing.scorer import EmbeddingScorer
+
+    return EmbeddingScorer(read_router(path), name)
 
 
 class RegistryError(ValueError):
@@ -279,11 +309,30 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
         registry = Registry.model_validate({**data, "pipelines": {}})
     except ValidationError as exc:
         raise RegistryError(_format_errors(file, exc)) from None
+    registry = registry.model_copy(update={"path": file})
     try:
-        pipelines = parse_pipelines(raw_pipelines, registry.models)
-    except PresetError as exc:
+        pipelines = parse_pipelines(raw_pipelines, registry.models, registry.routers)
+        _check_routers(registry, pipelines)
+    except (PresetError, ValueError) as exc:
         raise RegistryError(f"{file}: {exc}") from None
-    return registry.model_copy(update={"path": file, "pipelines": pipelines})
+    return registry.model_copy(update={"pipelines": pipelines})
+
+
+def _check_routers(registry: Registry, pipelines: dict[str, Pipeline]) -> None:
+    """Every router file reads, and predicts for every model a `route` step gives it."""
+    from serving.routing.router_file import read_router
+
+    routers = {name: read_router(registry.router_path(name)) for name in registry.routers}
+    for pipeline in pipelines.values():
+        for i, step in enumerate(pipeline.steps, 1):
+            router = getattr(step, "router", None)
+            if router is None:
+                continue
+            unknown = [m for m in step.models_used() if m not in routers[router].models]
+            if unknown:
+                raise PresetError(f"pipeline {pipeline.name!r}, step {i}: router {router!r} "
+                                  f"({registry.router_path(router)}) has no prediction for {unknown}; it knows "
+                                  f"{sorted(routers[router].models)} (refit it with `moa route fit`)")
 
 
 def _format_errors(file: Path, exc: ValidationError) -> str:

@@ -17,7 +17,7 @@ from tests.conftest import FRANCE, QWEN_SMALL
 pytestmark = pytest.mark.vllm
 SWAP = {"qwen2.5-coder-1.5b": QWEN_SMALL}
 PRESETS = ["together-moa", "moa-lite", "moa", "self-moa", "self-moa-seq", "robust-moa", "pyramid", "council",
-           "consensus", "best-of", "chain", "rank", "self-consistency", "adaptive-self-moa"]
+           "consensus", "best-of", "chain", "rank", "self-consistency", "adaptive-self-moa", "routed"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def pool(small_pool):
 @pytest.mark.parametrize("name", PRESETS)
 async def test_preset_runs_end_to_end(registry, pool, name):
     pipeline = registry.pipeline(name).with_models(SWAP).with_max_tokens(200 if name == "council" else 24)
-    result = await run(pipeline, FRANCE, pool, prices=registry.prices(), seed=7)
+    result = await run(pipeline, FRANCE, pool, prices=registry.prices(), seed=7, scorers=registry.scorers())
     assert result.answer.strip(), result.trace.to_dict()
     assert len(result.trace.steps) == len(pipeline.steps)
     assert all(c.status == "ok" for c in result.trace.calls), [c.error for c in result.trace.calls]
@@ -93,10 +93,18 @@ def _adaptive(pipeline, result):
     """One greedy call with log-probabilities; a second (n=3) only if unsure; a synthesis only if they disagree."""
     calls, note = result.trace.calls, result.trace.steps[0].notes[-1]
     assert calls[0].n == 1 and [c.n for c in calls[1:2]] in ([], [3])
-    assert len(calls) == (1 if note.startswith("sure") else 2 if "agree" in note or "failed" in note else 3), note
+    assert len(calls) == (1 if " sure:" in note else 2 if "agree" in note or "no samples" in note else 3), note
 
 
-PROMISES = {"adaptive-self-moa": _adaptive, "self-moa": _self_moa, "council": _council, "robust-moa": _robust,
+def _routed(pipeline, result):
+    """The router's choice answers first; the likeliest model only if that one was unsure; samples, synthesis."""
+    notes, calls = result.trace.steps[0].notes, result.trace.calls
+    assert notes[0].startswith("route: predicted success smollm2-135m 0.") and calls[0].n == 1
+    assert calls[0].model in notes[0].split("; ")[1] and len(calls) <= 4
+
+
+PROMISES = {"adaptive-self-moa": _adaptive, "routed": _routed, "self-moa": _self_moa, "council": _council,
+            "robust-moa": _robust,
             "rank": _rank, "self-moa-seq": _self_moa_seq, "self-consistency": _self_consistency, "chain": _chain,
             "together-moa": _layers([3, 3, 3, 1]), "pyramid": _layers([6, 2, 1]), "moa": _layers([2, 2, 1])}
 
@@ -122,10 +130,41 @@ async def test_adaptive_answers_once_when_sure_and_escalates_when_cut_short(pool
     sure = Pipeline("sure", (Adaptive(model=QWEN_SMALL, min_logprob=-50.0, max_tokens=64),))
     result = await run(sure, four, pool, seed=1)
     note = result.trace.steps[0].notes[-1]
-    assert result.usage.engine_calls == 1 and note.startswith("sure: least likely token -"), note
+    assert result.usage.engine_calls == 1 and " sure: least likely token -" in note, note
     assert -50.0 <= float(note.split("token ")[1].split(" ")[0]) <= 0
     essay = [{"role": "user", "content": "Write a long essay on the history of Paris."}]
     cut = Pipeline("cut", (Adaptive(model=QWEN_SMALL, max_tokens=3),))
     result = await run(cut, essay, pool, seed=1)
     assert [c.n for c in result.trace.calls] == [1, 3, 1]  # answer, 3 samples, synthesis (no numbers to agree on)
-    assert "ran out of tokens" in result.trace.steps[0].notes[-1] and result.answer.strip()
+    assert "ran out of tokens" in result.trace.steps[0].notes[0] and result.answer.strip()
+
+
+async def test_unsure_answer_with_agreeing_real_samples_stops_without_a_synthesis(pool):
+    from moa.pipeline import Pipeline
+    from moa.steps import Adaptive
+
+    four = [{"role": "user", "content": "What is 2 + 2? Explain in one short sentence, then give the number."}]
+    always_unsure = Adaptive(model=QWEN_SMALL, min_logprob=0.0, temperature=0.05, samples=2, max_tokens=64)
+    result = await run(Pipeline("agree", (always_unsure,)), four, pool, seed=1)
+    notes = result.trace.steps[0].notes
+    assert [c.n for c in result.trace.calls] == [1, 2], notes  # the answer, 2 samples, no synthesis call
+    assert "2 samples of" in notes[-1] and "agree with its answer ('4')" in notes[-1], notes
+
+
+async def test_route_asks_the_models_the_real_router_picks(registry, pool):
+    from moa.pipeline import Pipeline
+    from moa.steps import Route
+    from tests.conftest import SMALL
+
+    scorers = registry.scorers()
+    scores = await scorers["embedded"].score(FRANCE, [SMALL, QWEN_SMALL])
+    likeliest = max(scores, key=scores.get)
+    cheapest_first = Route(models=(SMALL, QWEN_SMALL), router="embedded", min_score=0.0, min_logprob=-50.0,
+                           max_tokens=16)
+    result = await run(Pipeline("cheap", (cheapest_first,)), FRANCE, pool, scorers=scorers)
+    assert [c.model for c in result.trace.calls] == [SMALL]  # any prediction reaches 0: the cheapest, sure
+    assert result.trace.steps[0].notes[0].startswith(f"route: predicted success {SMALL} {scores[SMALL]:.2f}")
+    likeliest_first = Route(models=(SMALL, QWEN_SMALL), router="embedded", min_score=1.0, min_logprob=-50.0,
+                            max_tokens=16)
+    result = await run(Pipeline("likeliest", (likeliest_first,)), FRANCE, pool, scorers=scorers)
+    assert [c.model for c in result.trace.calls] == [likeliest]

@@ -36,7 +36,7 @@ def test_preset_shapes(registry):
     ([{"propose": {"models": ["a"], "temprature": 1}}], r"step 1 \(propose\): unknown field\(s\) \['temprature'\]"),
     ([{"propose": {"models": ["a"]}}, {"blend": {}}], "step 2: unknown step kind 'blend'"),
     ([{"propose": {"models": ["zzz"]}}], r"step 1: unknown model\(s\) \['zzz'\]"),
-    ([{"aggregate": {"model": "a"}}], "the first step must be `propose`"),
+    ([{"aggregate": {"model": "a"}}], "the first step must be one of `propose`"),
     ([{"propose": {"models": ["a"], "quorum": 5}}], "quorum 5 must be between 1 and the 1 samples"),
     ([{"propose": {"models": ["a"], "samples": 3, "temperature": 0}}], "needs temperature > 0"),
     ([{"propose": {"models": ["a"]}}, {"aggregate": {"model": "a", "strategy": "magic"}}], "step 2 .*strategy"),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from moa.pipeline import Pipeline
 from moa.prompts import STRATEGIES, format_references
-from moa.runner import PipelineError, iter_run, run
+from moa.runner import Ceiling, PipelineError, iter_run, run
 from moa.steps import (
     Adaptive,
     Aggregate,
@@ -21,6 +22,7 @@ from moa.steps import (
     Rank,
     ReferenceBudget,
     Refine,
+    Route,
     Sample,
     Shuffle,
     Synthesize,
@@ -28,7 +30,7 @@ from moa.steps import (
     Vote,
 )
 from moa.testing import ScriptedEngine
-from moa.trace import AnswerDelta, CallFinished, StepFinished, StepStarted
+from moa.trace import AnswerDelta, CallFinished, StepFinished, StepNote, StepStarted
 
 Q = [{"role": "user", "content": "What is 2 + 2?"}]
 
@@ -303,7 +305,8 @@ async def test_adaptive_stops_at_one_call_when_the_greedy_answer_is_sure():
     result = await run(pipe(Adaptive(model="m", min_logprob=-1.0)), Q, es, on_event=events.append, seed=1)
     assert result.answer == "The answer is 4" and [c.params.temperature for c in es["m"].calls] == [0.0]
     assert es["m"].calls[0].params.logprobs and result.usage.engine_calls == 1
-    assert any(n.startswith("sure: least likely token -0.20") for n in result.trace.steps[0].notes)
+    assert any("m sure: least likely token -0.20" in n for n in result.trace.steps[0].notes)
+    assert [e.text for e in events if isinstance(e, StepNote)] == result.trace.steps[0].notes  # decisions stream
     assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == result.answer
 
 
@@ -312,7 +315,7 @@ async def test_adaptive_unsure_but_agreeing_samples_keep_the_first_answer():
     result = await run(pipe(Adaptive(model="m", min_logprob=-1.0, samples=3)), Q, es, seed=1)
     assert result.answer == "The answer is 4" and result.usage.engine_calls == 2
     assert [c.params.n for c in es["m"].calls] == [1, 3] and es["m"].calls[1].params.seed == 2
-    assert "samples agree" in result.trace.steps[0].notes[-1]
+    assert "3 samples of m agree with its answer" in result.trace.steps[0].notes[-1]
 
 
 async def test_adaptive_unsure_and_disagreeing_samples_are_synthesized_and_streamed():
@@ -329,6 +332,116 @@ async def test_adaptive_unsure_and_disagreeing_samples_are_synthesized_and_strea
 async def test_adaptive_escalates_without_log_probabilities_and_is_a_first_step():
     es = adaptive_engines(None, lambda i: "4")
     result = await run(pipe(Adaptive(model="m")), Q, es)
-    assert result.usage.engine_calls == 2 and "no log-probabilities" in result.trace.steps[0].notes[-1]
+    assert result.usage.engine_calls == 2 and "no log-probabilities" in result.trace.steps[0].notes[-2]
     with pytest.raises(ValueError, match="log-probability"):
         Adaptive(model="m", min_logprob=0.5)
+
+
+# -- route: a router picks who answers first; escalation to the likeliest model ------------------------
+
+
+class FixedScorer:
+    """Predictions set by the test (the real scorer: serving/routing, tested with its embedding)."""
+
+    def __init__(self, scores: dict[str, float], threshold: float = 0.6) -> None:
+        self.scores, self.threshold, self.asked = scores, threshold, []
+
+    async def score(self, conversation, models):
+        self.asked.append(list(models))
+        return {m: self.scores[m] for m in models}
+
+
+def route_engines(cheap_logprob, strong_logprob, cheap="The answer is 4", strong="The answer is 4",
+                  sample=lambda i: f"It is {4 + i}"):
+    def replies(greedy):
+        def reply(messages, params, i):
+            if "drafts" in (messages[0]["content"] if messages[0]["role"] == "system" else ""):
+                return "Synthesized: 4"
+            return greedy if params.temperature == 0 else sample(i)
+        return reply
+
+    return {"cheap": ScriptedEngine("cheap", reply=replies(cheap), min_logprob=cheap_logprob),
+            "strong": ScriptedEngine("strong", reply=replies(strong), min_logprob=strong_logprob)}
+
+
+ROUTE = Route(models=("cheap", "strong"), router="r", min_logprob=-1.0, samples=2)
+
+
+async def test_route_asks_the_cheapest_model_predicted_to_succeed_and_stops_when_it_is_sure():
+    es, scorer, events = route_engines(-0.1, -0.1), FixedScorer({"cheap": 0.7, "strong": 0.9}), []
+    result = await run(pipe(ROUTE), Q, es, scorers={"r": scorer}, on_event=events.append)
+    assert result.usage.engine_calls == 1 and len(es["cheap"].calls) == 1 and not es["strong"].calls
+    notes = result.trace.steps[0].notes
+    assert notes[0] == "route: predicted success cheap 0.70, strong 0.90; cheap is the cheapest at >= 0.6"
+    assert "cheap sure" in notes[1] and scorer.asked == [["cheap", "strong"]]
+    assert [e.text for e in events if isinstance(e, StepNote)] == notes
+
+
+async def test_route_sends_a_query_no_model_is_predicted_to_answer_to_the_likeliest_ties_to_the_cheaper():
+    es = route_engines(-0.1, -0.1)
+    result = await run(pipe(ROUTE), Q, es, scorers={"r": FixedScorer({"cheap": 0.3, "strong": 0.5})})
+    assert [c.model for c in result.trace.calls] == ["strong"]
+    result = await run(pipe(replace(ROUTE, min_score=0.9)), Q, es,
+                       scorers={"r": FixedScorer({"cheap": 0.5, "strong": 0.5})})
+    assert [c.model for c in result.trace.calls] == ["cheap"]  # a tie: the cheaper one
+
+
+async def test_route_escalates_an_unsure_cheap_answer_and_stops_when_the_two_models_agree():
+    es = route_engines(-3.0, -3.0, cheap="I think 4", strong="Surely 4.0")
+    result = await run(pipe(ROUTE), Q, es, scorers={"r": FixedScorer({"cheap": 0.7, "strong": 0.9})})
+    assert [c.model for c in result.trace.calls] == ["cheap", "strong"] and result.answer == "Surely 4.0"
+    assert "strong unsure (least likely token -3.00 < -1.0) but agrees with cheap" in result.trace.steps[0].notes[-1]
+
+
+async def test_route_samples_the_likeliest_model_and_synthesizes_when_nobody_agrees():
+    es = route_engines(-3.0, -3.0, cheap="I think 5", strong="It is 4")
+    result = await run(pipe(ROUTE), Q, es, scorers={"r": FixedScorer({"cheap": 0.7, "strong": 0.9})})
+    assert [(c.model, c.n) for c in result.trace.calls] == [("cheap", 1), ("strong", 1), ("strong", 2),
+                                                            ("strong", 1)]
+    assert result.answer == "Synthesized: 4"
+    synthesis = es["strong"].calls[-1].messages[0]["content"]
+    assert all(t in synthesis for t in ("I think 5", "It is 4", "It is 5"))  # both models' answers + samples
+    assert "synthesized by strong" in result.trace.steps[0].notes[-1]
+
+
+async def test_route_without_its_router_fails_with_the_router_name():
+    with pytest.raises(PipelineError, match="router 'r' is not loaded"):
+        await run(pipe(ROUTE), Q, route_engines(-0.1, -0.1))
+    with pytest.raises(ValueError, match="`router` is required"):
+        Route(models=("a",))
+
+
+# -- the spending ceiling: optional work is skipped, the run still answers --------------------------------
+
+
+async def test_a_token_ceiling_stops_escalation_and_the_first_answer_stands():
+    es = adaptive_engines(-2.0, lambda i: f"It is {4 + i}")
+    step = Adaptive(model="m", min_logprob=-1.0, samples=2, max_tokens=50)
+    result = await run(pipe(step), Q, es, ceiling=Ceiling(tokens=60))
+    assert result.answer == "The answer is 4" and len(es["m"].calls) == 1
+    skipped = result.trace.calls[-1]
+    assert skipped.status == "skipped" and "would pass max_total_tokens 60" in skipped.error
+    assert "no samples (skipped: up to" in result.trace.steps[0].notes[-1]
+    unlimited = await run(pipe(step), Q, adaptive_engines(-2.0, lambda i: f"It is {4 + i}"))
+    assert unlimited.usage.engine_calls == 3
+
+
+async def test_a_ceiling_skips_optional_layers_but_never_the_first_answer():
+    es = engines("a", "b", "c")
+    pipeline = pipe(Propose(models=("a", "b"), max_tokens=40), Synthesize(models=("a", "b"), max_tokens=40),
+                    Aggregate(model="c", max_tokens=40))
+    result = await run(pipeline, Q, es, ceiling=Ceiling(tokens=5))  # less than the proposals alone
+    assert result.answer == "a answer 0" and [c.status for c in result.trace.calls] == ["ok"] * 2 + ["skipped"] * 3
+    assert "layer failed" in result.trace.steps[1].notes[-1] and "layer failed" in result.trace.steps[2].notes[-1]
+    roomy = await run(pipeline, Q, engines("a", "b", "c"), ceiling=Ceiling(tokens=10_000))
+    assert roomy.usage.engine_calls == 5 and roomy.answer.startswith("c answer")
+
+
+async def test_a_cost_ceiling_uses_the_prices():
+    es = engines("a", "c")
+    pipeline = pipe(Propose(models=("a",), max_tokens=10), Aggregate(model="c", max_tokens=10))
+    prices = {"a": (0.0, 0.0), "c": (0.0, 1000.0)}  # c: $0.001 a completion token
+    capped = await run(pipeline, Q, es, prices=prices, ceiling=Ceiling(cost_usd=0.005))  # worst case $0.01
+    assert [c.status for c in capped.trace.calls] == ["ok", "skipped"] and "max_cost_usd" in capped.trace.calls[1].error
+    allowed = await run(pipeline, Q, engines("a", "c"), prices=prices, ceiling=Ceiling(cost_usd=0.02))
+    assert [c.status for c in allowed.trace.calls] == ["ok", "ok"]

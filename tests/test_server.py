@@ -314,6 +314,33 @@ async def test_bench_url_mode_measures_a_served_pipeline_and_model(server):
     assert base["levels"][0]["per_request"]["completion_tokens"] > 0
 
 
+async def test_response_cache_on_disk_answers_after_a_restart(registry, small_pool, tmp_path):
+    settings = ServerSettings(cache_entries=8, cache_path=tmp_path / "answers.sqlite")
+    answers, calls = [], []
+    for _ in range(2):  # two servers, one after the other, on the same file
+        async with serving(registry, small_pool, settings) as (url, _):
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+            before = small_pool[SMALL].stats.started
+            answers.append(await client.chat.completions.create(model=SMALL, messages=Q, max_tokens=8, temperature=0))
+            calls.append(small_pool[SMALL].stats.started - before)
+    assert calls == [1, 0] and answers[1].model_extra["moa"] == {"cached": True}
+    assert answers[1].choices[0].message.content == answers[0].choices[0].message.content
+
+
+async def test_a_token_ceiling_skips_the_aggregator_and_still_answers(server):
+    url, _ = server
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    capped = await client.chat.completions.create(model="moa-lite", messages=Q, max_tokens=8, seed=1,
+                                                  extra_body={"moa": {"max_total_tokens": 40, "trace": True}})
+    moa = capped.model_extra["moa"]
+    statuses = [c["status"] for c in moa["trace"]["calls"]]
+    assert statuses == ["ok", "ok", "skipped"] and moa["engine_calls"] == 2 and capped.choices[0].message.content
+    assert "max_total_tokens 40" in moa["trace"]["calls"][-1]["error"]
+    assert "layer failed" in moa["layers"][-1]["notes"][-1]
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(model="moa-lite", messages=Q, extra_body={"moa": {"max_total_tokens": 0}})
+
+
 async def test_response_cache_answers_deterministic_repeats_without_engine_calls(registry, small_pool):
     async with serving(registry, small_pool, ServerSettings(cache_entries=8)) as (url, _):
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)

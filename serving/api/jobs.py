@@ -18,15 +18,16 @@ from dataclasses import asdict, dataclass, field
 
 from moa.engine import Completion, Delta, Engine, Generation, SamplingParams
 from moa.pipeline import Pipeline
-from moa.runner import RunResult, iter_run
-from moa.trace import AnswerDelta, CallFinished, Event, StepFinished, StepStarted
+from moa.runner import Ceiling, RunResult, iter_run
+from moa.trace import AnswerDelta, CallFinished, Event, StepFinished, StepNote, StepStarted
 from serving.api.errors import APIError
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest, MoAOptions
 from serving.api.state import ServerState
 from serving.api.targets import apply_overrides
 
 DEFAULT_MAX_TOKENS = 512
-EVENT_NAMES = {StepStarted: "layer_started", StepFinished: "layer_finished", CallFinished: "call_finished"}
+EVENT_NAMES = {StepStarted: "layer_started", StepFinished: "layer_finished", CallFinished: "call_finished",
+               StepNote: "decision"}
 
 
 @dataclass
@@ -124,7 +125,8 @@ class PipelineJob:
 
     def run(self) -> AsyncIterator:
         return iter_run(self.pipeline, self.messages, self.state.engines, prices=self.state.registry.prices(),
-                        seed=self.seed)
+                        seed=self.seed, scorers=self.state.registry.scorers(),
+                        ceiling=Ceiling(self.options.max_total_tokens, self.options.max_cost_usd))
 
     async def complete(self) -> dict:
         result: RunResult | None = None

@@ -35,6 +35,9 @@ class MoAOptions(BaseModel):
     events: bool = False  # stream progress events as extra chunks (choices: [])
     trace: bool = False  # include every engine call in the response's `moa.trace`
     cache: bool = True  # false: never answer from (or store into) the response cache
+    # Spending limit of the run: once it has a first answer, no call that could pass it (moa/calls.py Ceiling).
+    max_total_tokens: int | None = Field(default=None, ge=1)
+    max_cost_usd: float | None = Field(default=None, gt=0)
 
 
 class StreamOptions(BaseModel):

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moa.engine import Engine
@@ -26,6 +27,7 @@ class ServerSettings:
     request_timeout_s: float = 600.0
     max_body_bytes: int = 1 << 20
     cache_entries: int = 0  # answers to deterministic requests kept in memory (serving/api/cache.py); 0: off
+    cache_path: Path | None = None  # and in this SQLite file, across restarts
 
 
 @dataclass
@@ -46,7 +48,8 @@ class ServerState:
         from serving.api.cache import ResponseCache
 
         self.semaphore = asyncio.Semaphore(self.settings.max_concurrency)
-        self.cache = ResponseCache(self.settings.cache_entries) if self.settings.cache_entries else None
+        self.cache = (ResponseCache(self.settings.cache_entries, self.settings.cache_path)
+                      if self.settings.cache_entries else None)
 
     def check_target(self, model: str) -> None:
         """The request's `model` is served and the engines are up, or the matching 503/404."""

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from moa.engine import ChatMessage, Engine, SamplingParams
 from moa.pipeline import Pipeline
+from moa.routing import Scorer
+from moa.runner import Prices
 from moa.steps import Propose
 from serving.bench.datasets import Task
 from serving.bench.measure import RequestSample, pipeline_request, run_level
@@ -69,10 +72,11 @@ def resolve_system(registry: Registry, text: str, mapping: Mapping[str, str], ma
 
 
 async def answer_tasks(system: System, tasks: Sequence[Task], engines: Mapping[str, Engine], *, concurrency: int,
-                       seed: int | None, on_done: Callable[[RequestSample], None] | None = None) -> SystemResult:
+                       seed: int | None, on_done: Callable[[RequestSample], None] | None = None,
+                       prices: Prices | None = None, scorers: Mapping[str, Scorer] | None = None) -> SystemResult:
     async def request(i: int, t0: float) -> RequestSample:
         return await pipeline_request(system.pipeline, tasks[i].conversation(), engines, i, t0,
-                                      seed=None if seed is None else seed + 1000 * i)
+                                      seed=None if seed is None else seed + 1000 * i, prices=prices, scorers=scorers)
 
     level = await run_level(system.label, system.pipeline.name, request, concurrency=concurrency,
                             requests=len(tasks), on_done=on_done)
@@ -196,3 +200,25 @@ def group_by_models(systems: Sequence[System]) -> list[list[System]]:
     for system in systems:
         groups.setdefault(tuple(sorted(system.pipeline.models())), []).append(system)
     return list(groups.values())
+
+
+def routing_rows(registry: Registry, systems: Sequence[System], results: Mapping[str, SystemResult]) -> list[dict]:
+    """Per system with a `route` step: who its router asked first, how often it escalated, and the router's
+    held-out figures from its fit (`moa route fit`)."""
+    rows = []
+    for system in systems:
+        routers = [r for s in system.pipeline.steps if (r := getattr(s, "router", None))]
+        if not routers:
+            continue
+        fit = registry.scorer(routers[0]).router.fit
+        ok = [s for s in results[system.label].samples if s.ok and s.calls]
+        firsts = Counter(s.calls[0].split(" x")[0] for s in ok)
+        rows.append({
+            "system": system.label, "router": routers[0], "path": str(registry.router_path(routers[0])),
+            "first_asked": {m: n / len(ok) for m, n in firsts.most_common()} if ok else {},
+            "escalated": sum(len(s.calls) > 1 for s in ok) / len(ok) if ok else None,
+            "held_out_auroc": {m: p["auroc"] for m, p in fit.get("prediction", {}).items()},
+            "held_out_best": fit.get("best"), "fit_tasks": fit.get("tasks"),
+            "beats_strongest": fit.get("beats_strongest"),
+        })
+    return rows

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from moa.engine import ChatMessage, Engine
 from moa.pipeline import Pipeline
+from moa.routing import Scorer
 from moa.runner import Prices, run
 from moa.steps import llm_step_kinds
 from moa.trace import AnswerDelta, Event
@@ -37,6 +38,8 @@ class RequestSample:
     cost_usd: float = 0.0
     critical_path_s: float | None = None  # the engine calls' own chain (in-process runs, from the trace)
     layers: dict[str, float] = field(default_factory=dict)  # "L1 propose" -> seconds
+    calls: list[str] = field(default_factory=list)  # "model xn" per engine call, in order (who routing asked)
+    notes: list[str] = field(default_factory=list)  # the steps' decisions (routing, escalation, skipped layers)
     answer: str = ""
     error: str | None = None
 
@@ -59,7 +62,7 @@ RequestFn = Callable[[int, float], Awaitable[RequestSample]]  # (index, level st
 
 async def pipeline_request(pipeline: Pipeline, messages: Sequence[ChatMessage], engines: Mapping[str, Engine],
                            index: int, t0: float, *, seed: int | None = None,
-                           prices: Prices | None = None) -> RequestSample:
+                           prices: Prices | None = None, scorers: Mapping[str, Scorer] | None = None) -> RequestSample:
     """Run the pipeline once in-process; TTFT is the first streamed chunk of the final answer."""
     started = time.perf_counter()
     sample = RequestSample(index, started - t0)
@@ -70,7 +73,7 @@ async def pipeline_request(pipeline: Pipeline, messages: Sequence[ChatMessage], 
             first.append(time.perf_counter() - started)
 
     try:
-        result = await run(pipeline, messages, engines, prices=prices, on_event=on_event, seed=seed)
+        result = await run(pipeline, messages, engines, prices=prices, on_event=on_event, seed=seed, scorers=scorers)
     except Exception as exc:  # a failed request is counted, not fatal: the level goes on
         sample.latency_s = time.perf_counter() - started
         sample.error = f"{type(exc).__name__}: {exc}"
@@ -93,6 +96,8 @@ async def pipeline_request(pipeline: Pipeline, messages: Sequence[ChatMessage], 
     for step in result.trace.steps:
         if step.end_s is not None and step.step in llm_kinds:
             sample.layers[f"L{step.layer} {step.step}"] = step.end_s - step.start_s
+    sample.calls = [f"{c.model} x{c.n}" for c in result.trace.calls if c.status != "skipped"]
+    sample.notes = [note for step in result.trace.steps for note in step.notes]
     sample.answer = result.answer
     return sample
 

@@ -81,6 +81,7 @@ class Bench:
         self.plan = plan
         self.progress = progress
         self.prices = registry.prices()
+        self.scorers = registry.scorers()
 
     async def level(self, system: str, pipeline: Pipeline, engines: Mapping[str, Engine], concurrency: int,
                     requests: int) -> LevelResult:
@@ -89,7 +90,8 @@ class Bench:
 
         async def request(i: int, t0: float) -> RequestSample:
             return await pipeline_request(pipeline, prompts[i % len(prompts)], engines, i, t0,
-                                          seed=None if seed is None else seed + 1000 * i, prices=self.prices)
+                                          seed=None if seed is None else seed + 1000 * i, prices=self.prices,
+                                          scorers=self.scorers)
 
         on_done = self.progress(f"{pipeline.name} · {system} · c={concurrency}", requests)
         return await run_level(system, pipeline.name, request, concurrency=concurrency, requests=requests,

@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from serving.cli import bench, eval, models, plan, run, serve
+from serving.cli import bench, eval, models, plan, route, run, serve
 
 app = typer.Typer(
     name="moa",
@@ -17,6 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(models.app, name="models")
+app.add_typer(route.app, name="route")
 app.command("run")(run.run)
 app.command("serve")(serve.serve)
 app.command("plan")(plan.plan)

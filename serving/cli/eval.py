@@ -102,7 +102,7 @@ def eval_(
 
 
 async def _evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, progress) -> dict:
-    from serving.bench.evaluate import accuracy_row, answer_tasks, group_by_models, judge_pairs
+    from serving.bench.evaluate import accuracy_row, answer_tasks, group_by_models, judge_pairs, routing_rows
     from serving.engines.pool import EnginePool
 
     results = {}
@@ -110,7 +110,8 @@ async def _evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, pro
         async with EnginePool(reg, group[0].pipeline.models()) as pool:
             for system in group:
                 results[system.label] = await answer_tasks(
-                    system, tasks, pool.engines, concurrency=concurrency, seed=seed,
+                    system, tasks, pool.engines, concurrency=concurrency, seed=seed, prices=reg.prices(),
+                    scorers=reg.scorers(),
                     on_done=progress(f"{system.label} · {len(tasks)} tasks", len(tasks)))
     rows = [accuracy_row(results[s.label], tasks) for s in systems]
     pairs = []
@@ -124,7 +125,7 @@ async def _evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, pro
                                                 concurrency=concurrency)).row())
     details = {label: [{"task": t.id, "category": t.category, "correct": r.correct.get(t.id), **asdict(sample)}
                        for t, sample in zip(tasks, r.samples, strict=True)] for label, r in results.items()}
-    return {"accuracy": rows, "pairwise": pairs, "responses": details}
+    return {"accuracy": rows, "pairwise": pairs, "routing": routing_rows(reg, systems, results), "responses": details}
 
 
 def _pct(value: float | None) -> str:
@@ -215,6 +216,16 @@ def markdown(data: dict) -> str:
     lines += ["| " + " | ".join(_accuracy_cells(row, categories)) + " |" for row in data["accuracy"]]
     lines += ["", "s/correct: the system's wall time over the task set divided by its correct answers "
               "(tasks run concurrently; each system had the machine to itself)."]
+    for row in data.get("routing", []):
+        best = row["held_out_best"] or {}
+        lines += ["", f"Routing ({row['system']}, router `{row['router']}`): first asked "
+                  + ", ".join(f"{m} {_pct(share)}" for m, share in row["first_asked"].items())
+                  + f"; escalated on {_pct(row['escalated'])} of tasks. The router's held-out fit "
+                  f"({row['fit_tasks']} tasks): AUROC "
+                  + ", ".join(f"{m} {_num(a, 2)}" for m, a in row["held_out_auroc"].items())
+                  + f"; its best rule alone {_pct(best.get('accuracy'))} at {_num(best.get('relative_cost'), 2)}x "
+                  f"the strongest model's cost ({'beats' if row['beats_strongest'] else 'does not beat'} it on "
+                  "the cost-weighted score)."]
     if data["pairwise"]:
         lines += ["", "| " + " | ".join(PAIR_HEADERS) + " |", "|" + "---|" * len(PAIR_HEADERS)]
         lines += ["| " + " | ".join(_pair_cells(row)) + " |" for row in data["pairwise"]]

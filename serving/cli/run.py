@@ -107,7 +107,7 @@ async def _run_pipeline(reg, pipe, messages, *, seed, timeout, stream: bool):
         status.start()
         answering = False
         async for event in iter_run(pipe, messages, pool.engines, prices=reg.prices(), seed=seed,
-                                    timeout_s=timeout):
+                                    timeout_s=timeout, scorers=reg.scorers()):
             if isinstance(event, RunResult):
                 result = event
             elif isinstance(event, AnswerDelta) and stream:

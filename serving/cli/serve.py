@@ -27,6 +27,8 @@ def serve(
     cache_entries: int | None = typer.Option(None, "--cache-entries", min=0,
                                              help="Keep answers to deterministic requests (greedy or seeded) and "
                                                   "answer repeats without an engine call; 0: off [server: 0]."),
+    cache_path: Path | None = typer.Option(None, "--cache-path", help="Also keep cached answers in this SQLite "
+                                           "file: they survive restarts [server: cache_path]."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Run every vLLM engine in a Ray actor on "
                                            "this cluster: auto, or ray://HOST:10001 (also $MOA_RAY_ADDRESS)."),
     allow_no_key: bool = typer.Option(False, "--allow-no-key", help="Bind a non-loopback address without an API "
@@ -61,12 +63,17 @@ def serve(
             ensure_local(reg.get(name))
         # The placement, checked now: models that do not fit fail before any weights load.
         planning.plan_engines(reg, needed, ray=planning.ray_address(ray_address))
+    entries = options.cache_entries if cache_entries is None else cache_entries
+    if (cache_path or options.cache_path) and not entries:
+        raise typer.BadParameter("a cache path needs a cache: set --cache-entries N (or server.cache_entries)")
     settings = ServerSettings(
         api_keys=keys,
         max_concurrency=max_concurrency or options.max_concurrency,
         max_queue=options.max_queue if max_queue is None else max_queue,
         request_timeout_s=timeout or options.timeout_s,
-        cache_entries=options.cache_entries if cache_entries is None else cache_entries,
+        cache_entries=entries,
+        cache_path=cache_path or (reg.path.parent / options.cache_path if options.cache_path and reg.path
+                                  else options.cache_path),
     )
     app = create_app(reg, models=models, pipelines=pipelines, settings=settings)
     err.print(f"moa serve: http://{host}:{port}/v1 — models {models}, pipelines {list(pipelines)}; "
