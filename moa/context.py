@@ -58,7 +58,8 @@ class StepContext:
     def params(self, step: LLMStep, *, n: int = 1, temperature: float | None = None, seed: int | None = None,
                json_schema: dict | None = None, logprobs: bool = False) -> SamplingParams:
         return SamplingParams(n=n, temperature=step.temperature if temperature is None else temperature,
-                              max_tokens=step.max_tokens, seed=seed, json_schema=json_schema, logprobs=logprobs)
+                              top_p=step.top_p, max_tokens=step.max_tokens, seed=seed, stop=step.stop,
+                              json_schema=json_schema, logprobs=logprobs)
 
     async def call(self, step: LLMStep, model: str, messages: list[ChatMessage], params: SamplingParams, *,
                    stream_answer: bool = False, need: int | None = None, essential: bool = False) -> list[str]:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from moa.prompts import Layout
-from moa.steps import LLMStep, Step, Synthesis
+from moa.steps import LLMStep, Step, Synthesis, writes_answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,3 +39,17 @@ class Pipeline:
         return replace(self, steps=tuple(
             replace(s, max_tokens=min(s.max_tokens, cap)) if isinstance(s, LLMStep) else s for s in self.steps
         ))
+
+    def with_answer_sampling(self, **sampling: object) -> Pipeline:
+        """The step that writes the answer (the last) with a request's temperature / top_p / stop.
+
+        Raises ValueError when the last step picks or reshapes answers instead of writing one, or refuses
+        the values (e.g. temperature 0 for a step that samples one model several times).
+        """
+        if not sampling:
+            return self
+        last = self.steps[-1]
+        if not writes_answer(last):
+            raise ValueError(f"{', '.join(sampling)} cannot apply to pipeline {self.name!r}: its answer is "
+                             f"picked by its last step ({last.kind}), not written by it")
+        return replace(self, steps=(*self.steps[:-1], replace(last, **sampling)))

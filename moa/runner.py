@@ -7,7 +7,9 @@ reading (closes the generator) cancels the step, which aborts its engine calls.
 
 The answer streams from the pipeline's last step when it is an LLM step that
 writes one answer; otherwise (a transform or a judge last) it arrives whole, after
-the last step. Either way the AnswerDelta chunks concatenate to `RunResult.answer`.
+the last step. Either way the AnswerDelta chunks concatenate to `RunResult.answer` — counted
+from the last AnswerRestarted, sent when the call writing the answer failed part-way and the
+fault rules fell back to the previous responses (the fallback then follows whole).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from moa.engine import ChatMessage, Engine, InvalidRequest, validate_messages
 from moa.pipeline import Pipeline
 from moa.routing import Scorer
 from moa.steps import LLMStep, Step
-from moa.trace import AnswerDelta, Event, StepFinished, StepRecord, StepStarted, Trace, Usage
+from moa.trace import AnswerDelta, AnswerRestarted, Event, StepFinished, StepRecord, StepStarted, Trace, Usage
 
 EventSink = Callable[[Event], Awaitable[None] | None]
 __all__ = ["Ceiling", "PipelineError", "PipelineRun", "Prices", "Response", "RunResult", "iter_run", "run"]
@@ -94,8 +96,11 @@ class PipelineRun:
         if not current:
             raise PipelineError(f"pipeline {self.pipeline.name!r} produced no response")
         answer = current[0].text
-        if not self.calls.streamed:  # nothing streamed (a transform or judge last): the answer whole
-            self.calls.streamed.append(answer)
+        streamed = "".join(self.calls.streamed)
+        if streamed != answer:  # nothing streamed (a transform or judge last), or the writer failed part-way
+            if streamed:
+                yield AnswerRestarted(len(streamed), self.failures[-1] if self.failures else "the writer failed")
+            self.calls.streamed[:] = [answer]
             yield AnswerDelta(answer)
         yield RunResult(answer, history, self.trace, current[0].data)
 

@@ -65,10 +65,13 @@ class LLMStep(Step):
     prompt: str | None = None  # replaces the step's instruction text
     timeout_s: float | None = None  # per engine call; the call is aborted when it runs over
     seed: int | None = None
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         Step.__post_init__(self)
         _require(0 <= self.temperature <= 2, f"temperature must be between 0 and 2, got {self.temperature}")
+        _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _require(self.timeout_s is None or self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}")
         names = self.models_used()
         _require(bool(names) and all(names), "`models` must name at least one model" if hasattr(self, "models")
@@ -305,6 +308,11 @@ class MajorityVote(Transform):
     """Self-consistency without an LLM call: keep one response carrying the most common normalised answer."""
 
     normalize: Normalize = "text"
+
+
+def writes_answer(step: Step) -> bool:
+    """Whether the step's own text becomes the answer when it comes last (not a judge's pick, not a transform)."""
+    return isinstance(step, LLMStep) and not isinstance(step, Rank | Vote)
 
 
 def llm_step_kinds() -> set[str]:

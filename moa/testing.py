@@ -48,6 +48,7 @@ class ScriptedEngine(StreamingEngine):
     delay: Callable[[SamplingParams, int], float] | None = None  # or seconds for sample i of a request
     min_logprob: float | None = None  # reported (with logprob = it x tokens) when a request asks for logprobs
     fail: str | None = None  # raise EngineError with this text
+    fail_after: int | None = None  # with `fail`: raise it after this many words of the reply have streamed
     calls: list[Call] = field(default_factory=list)
     stats: EngineStats = field(default_factory=EngineStats)
 
@@ -64,7 +65,7 @@ class ScriptedEngine(StreamingEngine):
         self.calls.append(call)
         self.stats.begin()
         try:
-            if self.fail:
+            if self.fail and self.fail_after is None:
                 raise EngineError(f"model {self.name!r}: {self.fail}")
             reply = self.reply or default_reply(self.name)
             texts = [reply(call.messages, params, i) for i in range(params.n)]
@@ -76,8 +77,10 @@ class ScriptedEngine(StreamingEngine):
                 if wait > 0:
                     await asyncio.sleep(wait)
                     elapsed += wait
-                for word in texts[i].split(" "):
-                    yield Delta(i, word if word == texts[i].split(" ")[0] else " " + word)
+                for w, word in enumerate(texts[i].split(" ")):
+                    if self.fail and w == self.fail_after:
+                        raise EngineError(f"model {self.name!r}: {self.fail}")
+                    yield Delta(i, word if w == 0 else " " + word)
                 yield Delta(i, "", "stop")
             call.finished = True
         except (asyncio.CancelledError, GeneratorExit):

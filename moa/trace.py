@@ -147,4 +147,13 @@ class AnswerDelta:
     text: str
 
 
-Event = StepStarted | CallFinished | StepNote | StepFinished | AnswerDelta
+@dataclass(frozen=True, slots=True)
+class AnswerRestarted:
+    """The call writing the answer failed part-way: the `discarded` characters streamed so far are void, and
+    the answer the fault rules kept (the previous responses' first) follows, whole."""
+
+    discarded: int
+    reason: str
+
+
+Event = StepStarted | CallFinished | StepNote | StepFinished | AnswerDelta | AnswerRestarted

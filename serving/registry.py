@@ -191,6 +191,13 @@ class ModelSpec(_Strict):
         return self
 
 
+class RateLimit(_Strict):
+    """Per API key (per client address when no keys are set): a token bucket."""
+
+    requests_per_minute: float = Field(gt=0)
+    burst: int = Field(default=10, ge=1)
+
+
 class ServerOptions(_Strict):
     """`server:` in models.yaml: defaults for `moa serve` (command-line options win)."""
 
@@ -202,6 +209,8 @@ class ServerOptions(_Strict):
     # Answers to deterministic requests kept in memory (docs/API.md, "Response cache"); 0: off.
     cache_entries: int = Field(default=0, ge=0)
     cache_path: Path | None = None  # also keep them in this SQLite file (relative to models.yaml)
+    metrics_public: bool = False  # /metrics without a key even when keys are set (a scraper inside a trusted net)
+    rate_limit: RateLimit | None = None  # 429 + Retry-After beyond it
 
 
 class RouterSpec(_Strict):

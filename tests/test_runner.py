@@ -30,7 +30,7 @@ from moa.steps import (
     Vote,
 )
 from moa.testing import ScriptedEngine
-from moa.trace import AnswerDelta, CallFinished, StepFinished, StepNote, StepStarted
+from moa.trace import AnswerDelta, AnswerRestarted, CallFinished, StepFinished, StepNote, StepStarted
 
 Q = [{"role": "user", "content": "What is 2 + 2?"}]
 
@@ -445,3 +445,17 @@ async def test_a_cost_ceiling_uses_the_prices():
     assert [c.status for c in capped.trace.calls] == ["ok", "skipped"] and "max_cost_usd" in capped.trace.calls[1].error
     allowed = await run(pipeline, Q, engines("a", "c"), prices=prices, ceiling=Ceiling(cost_usd=0.02))
     assert [c.status for c in allowed.trace.calls] == ["ok", "ok"]
+
+
+async def test_an_answer_broken_off_mid_stream_is_restarted_with_the_fallback():
+    es = engines("a", "c")
+    es["c"].fail, es["c"].fail_after = "connection lost", 2  # the aggregator dies after streaming two words
+    events = []
+    result = await run(pipe(Propose(models=("a",)), Aggregate(model="c")), Q, es, on_event=events.append, seed=1)
+    assert result.answer == "a answer 0 seed 1"  # the fault rules keep the proposal
+    kinds = [type(e).__name__ for e in events if isinstance(e, AnswerDelta | AnswerRestarted)]
+    assert kinds == ["AnswerDelta", "AnswerDelta", "AnswerRestarted", "AnswerDelta"]
+    restart = next(e for e in events if isinstance(e, AnswerRestarted))
+    assert restart.discarded == len("c answer") and "connection lost" in restart.reason
+    after = events[events.index(restart) + 1:]
+    assert "".join(e.text for e in after if isinstance(e, AnswerDelta)) == result.answer

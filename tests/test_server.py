@@ -281,6 +281,16 @@ async def test_auth_busy_timeout_and_not_ready(registry, small_pool):
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
 
 
+async def test_response_format_json_schema_is_guided_decoding_on_vllm(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    out = await client.chat.completions.create(
+        model=SMALL, messages=[{"role": "user", "content": "Which city is the capital of France? Answer in JSON."}],
+        max_tokens=40, temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "a",
+                                                                                              "schema": schema}})
+    data = json.loads(out.choices[0].message.content)
+    assert isinstance(data, dict) and isinstance(data["city"], str)
+
+
 async def test_completions_endpoint_for_base_models(client, small_pool):
     from moa.engine import SamplingParams
 

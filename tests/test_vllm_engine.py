@@ -117,6 +117,19 @@ async def test_cancelled_request_leaves_no_running_request(smol):
     assert (await smol.generate(FRANCE, GREEDY)).texts == before
 
 
+async def test_closing_a_stream_aborts_its_samples_in_the_engine_before_aclose_returns(smol):
+    """What a quorum relies on: closing an n=k stream aborts every sample at once, not when collected."""
+    aborted = smol.stats.aborted
+    stream = smol.stream(FRANCE, SamplingParams(n=3, temperature=1.0, max_tokens=2000, seed=5))
+    async for event in stream:
+        if isinstance(event, Delta) and event.text:
+            break
+    assert smol.running_requests == 3  # the parent's three children
+    await stream.aclose()
+    assert smol.running_requests == 0  # no sleep, no gc: aborted inside aclose()
+    assert smol.stats.aborted == aborted + 1 and smol.stats.running == 0
+
+
 async def test_repeated_long_prefix_reports_cached_tokens(smol):
     system = {"role": "system", "content": "You answer briefly and precisely. " * 80}
     first = await smol.generate([system, {"role": "user", "content": "Name a colour."}],

@@ -20,8 +20,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from moa.engine import Engine
 from moa.pipeline import Pipeline
+from serving.api.access import BodyLimit, RateLimiter, accepted, key_of
 from serving.api.delivery import respond
-from serving.api.errors import APIError, api_error_handler, error_response, validation_handler
+from serving.api.errors import (
+    APIError,
+    api_error_handler,
+    documented_errors,
+    error_response,
+    validation_handler,
+    without_422,
+)
 from serving.api.jobs import chat_job, text_job
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest
 from serving.api.state import ServerSettings, ServerState
@@ -63,18 +71,22 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
     app.state.moa = state
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_handler)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # inside `guard`: keys are checked first
+    limiter = (RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+               if settings.rate_limit_per_minute else None)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if settings.api_keys:
-                header = request.headers.get("authorization", "")
-                if not header.startswith("Bearer ") or header[7:] not in settings.api_keys:
-                    return error_response(401, "missing or invalid API key (Authorization: Bearer ...)",
-                                          code="invalid_api_key")
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > settings.max_body_bytes:
-                return error_response(413, f"request body of {length} bytes exceeds {settings.max_body_bytes}")
+        path = request.url.path
+        key = key_of(request.headers.get("authorization", ""))
+        protected = path.startswith("/v1/") or (path == "/metrics" and not settings.metrics_public)
+        if settings.api_keys and protected and not accepted(key, settings.api_keys):
+            return error_response(401, "missing or invalid API key (Authorization: Bearer ...)",
+                                  code="invalid_api_key")
+        if limiter is not None and path.startswith("/v1/") and request.method == "POST":
+            wait = limiter.take(key or (request.client.host if request.client else "unknown"))
+            if wait is not None:
+                return limiter.refusal(wait)
         return await call_next(request)
 
     @app.get("/health")
@@ -82,7 +94,7 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
         return {"status": "ok", "engines": {name: _engine_health(registry, name, engine)
                                             for name, engine in state.engines.items()}}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=documented_errors(503))
     async def ready() -> JSONResponse:
         if not state.ready:
             return error_response(503, "engines are starting", code="not_ready")
@@ -92,11 +104,13 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
         return JSONResponse({"status": "ready", "models": state.models, "pipelines": list(state.pipelines),
                              "known_answer_checks": checks})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus metrics", "content": {CONTENT_TYPE_LATEST.split(";")[0]: {
+            "schema": {"type": "string"}}}}, **documented_errors(401)})
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=documented_errors(401))
     async def list_models() -> dict:
         created = int(time.time())
         data = [{"id": name, "object": "model", "created": created, "owned_by": "moa-stack",
@@ -105,17 +119,24 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
                  for name, p in state.pipelines.items()]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=POST_ERRORS)
     async def chat(req: ChatCompletionRequest, request: Request):
         state.check_target(req.model)
         return await respond(state, chat_job(state, req), request, stream=req.stream)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=POST_ERRORS)
     async def completions(req: CompletionRequest, request: Request):
         state.check_target(req.model)
         return await respond(state, text_job(state, req), request, stream=req.stream)
 
+    openapi = app.openapi
+    app.openapi = lambda: without_422(openapi())  # type: ignore[method-assign]
     return app
+
+
+# 200: a JSON body, or with `stream: true` server-sent events (docs/API.md); then every error status.
+POST_ERRORS = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+               **documented_errors(400, 401, 404, 413, 429, 500, 503, 504)}
 
 
 def _engine_health(registry: Registry, name: str, engine: Engine) -> dict:

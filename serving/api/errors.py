@@ -10,6 +10,7 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from moa.engine import EngineError, InvalidRequest
 from moa.runner import PipelineError
@@ -65,3 +66,39 @@ async def validation_handler(request: Request, exc: RequestValidationError) -> J
     param = ".".join(loc) or None
     message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
     return error_response(400, message, param=param, code="invalid_value")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error this server answers, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+_WHY = {400: "invalid request (a bad field names it in `param`)", 401: "missing or invalid API key",
+        404: "no such model or pipeline", 413: "request body too large",
+        429: "server busy or rate limit reached (see Retry-After)", 500: "internal error (a bug)",
+        503: "engines starting or failing (see Retry-After)", 504: "no answer within the request timeout"}
+
+
+def documented_errors(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` for these statuses: the OpenAI error body, and Retry-After where it is sent."""
+    retry = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
+    return {status: {"model": ErrorBody, "description": _WHY[status], **({"headers": retry} if status in (429, 503)
+                                                                          else {})} for status in statuses}
+
+
+def without_422(schema: dict) -> dict:
+    """FastAPI documents its 422 on every route with a body; this server answers 400 instead."""
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return schema

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from moa.engine import Completion, Delta, Engine, Generation, SamplingParams
 from moa.pipeline import Pipeline
 from moa.runner import Ceiling, RunResult, iter_run
-from moa.trace import AnswerDelta, CallFinished, Event, StepFinished, StepNote, StepStarted
+from moa.trace import AnswerDelta, AnswerRestarted, CallFinished, Event, StepFinished, StepNote, StepStarted
 from serving.api.errors import APIError
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest, MoAOptions
 from serving.api.state import ServerState
@@ -150,6 +150,8 @@ class PipelineJob:
                     delta = {"role": "assistant", "content": item.text} if first else {"content": item.text}
                     first = False
                     yield envelope([{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}])
+                elif isinstance(item, AnswerRestarted):  # always sent: the text before it is void
+                    yield envelope([], moa={"event": "answer_restarted", **asdict(item)})
                 elif isinstance(item, RunResult):
                     self.state.metrics.count_run(self.model, item)
                     yield envelope([{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}])
@@ -182,10 +184,15 @@ Job = ChatJob | TextJob | PipelineJob
 
 
 def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
+    _refuse_tools(req)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    schema = req.response_format.schema_or_none() if req.response_format else None
     if req.model not in state.pipelines:
-        return ChatJob(state, req.model, state.engines[req.model], messages, _sampling(req), _include_usage(req),
-                       use_cache=req.moa.cache if req.moa else True)
+        return ChatJob(state, req.model, state.engines[req.model], messages, _sampling(req, schema),
+                       _include_usage(req), use_cache=req.moa.cache if req.moa else True)
+    if schema is not None:
+        raise APIError(400, "response_format applies to base models; a pipeline writes free text (the council "
+                            "preset answers with a structured verdict)", param="response_format")
     if req.n != 1:
         raise APIError(400, "n must be 1 for a pipeline (it writes one final answer)", param="n")
     if messages[-1]["role"] != "user":
@@ -194,23 +201,38 @@ def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
     pipeline = apply_overrides(state.pipelines[req.model], options, set(state.engines))
     if req.token_limit():
         pipeline = pipeline.with_max_tokens(req.token_limit())
+    sampling = {k: getattr(req, k) for k in ("temperature", "top_p", "stop") if k in req.model_fields_set
+                and getattr(req, k) is not None}
+    try:  # the request's sampling shapes the answer: it applies to the step that writes it
+        pipeline = pipeline.with_answer_sampling(**{k: tuple(v) if k == "stop" else v for k, v in sampling.items()})
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=next(iter(sampling))) from None
     return PipelineJob(state, req.model, pipeline, messages, options, req.seed, _include_usage(req))
 
 
+def _refuse_tools(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """No function calling here: a request that relies on it gets a 400, not an answer that ignored its tools."""
+    if req.tools or req.functions or req.tool_choice not in (None, "none"):
+        raise APIError(400, "tools / functions / tool_choice are not supported: moa-stack serves no function "
+                            "calling; send the request without them", param="tools")
+
+
 def text_job(state: ServerState, req: CompletionRequest) -> TextJob:
+    _refuse_tools(req)
     if req.model in state.pipelines:
         raise APIError(400, f"{req.model!r} is a pipeline: pipelines answer conversations, use "
                             "/v1/chat/completions", param="model")
     return TextJob(state, req.model, state.engines[req.model], req.prompt, _sampling(req), _include_usage(req))
 
 
-def _sampling(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+def _sampling(req: ChatCompletionRequest | CompletionRequest, json_schema: dict | None = None) -> SamplingParams:
     if getattr(req, "moa", None) is not None and req.moa.model_fields_set - {"cache"}:
         raise APIError(400, "moa options apply to pipelines only (a base model takes moa.cache alone)", param="moa")
     if req.n > 1 and req.temperature == 0:
         raise APIError(400, "n > 1 needs temperature > 0 (greedy samples would be identical)", param="n")
     return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p,
-                          max_tokens=req.token_limit() or DEFAULT_MAX_TOKENS, seed=req.seed, stop=tuple(req.stop or ()))
+                          max_tokens=req.token_limit() or DEFAULT_MAX_TOKENS, seed=req.seed, stop=tuple(req.stop or ()),
+                          json_schema=json_schema)
 
 
 def _include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:

@@ -25,7 +25,10 @@ class ServerSettings:
     max_concurrency: int = 16
     max_queue: int = 64
     request_timeout_s: float = 600.0
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 1 << 20  # counted while the body arrives (serving/api/access.py)
+    metrics_public: bool = False  # with API keys set, /metrics needs one too unless this is True
+    rate_limit_per_minute: float | None = None  # per API key (per client address without keys); None: off
+    rate_limit_burst: int = 10
     cache_entries: int = 0  # answers to deterministic requests kept in memory (serving/api/cache.py); 0: off
     cache_path: Path | None = None  # and in this SQLite file, across restarts
 

@@ -95,7 +95,7 @@ def run(
 
 async def _run_pipeline(reg, pipe, messages, *, seed, timeout, stream: bool):
     from moa.runner import RunResult, iter_run
-    from moa.trace import AnswerDelta, CallFinished, StepStarted
+    from moa.trace import AnswerDelta, AnswerRestarted, CallFinished, StepStarted
     from serving.engines.pool import EnginePool
 
     with err.status(f"starting {len(pipe.models())} engine(s): {', '.join(pipe.models())}…"):
@@ -116,6 +116,10 @@ async def _run_pipeline(reg, pipe, messages, *, seed, timeout, stream: bool):
                     answering = True
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
+            elif isinstance(event, AnswerRestarted) and stream:
+                sys.stdout.write("\n")
+                err.print(f"[yellow]the answer above broke off ({event.reason}); the fallback answer follows[/yellow]",
+                          highlight=False, soft_wrap=True)
             elif isinstance(event, StepStarted) and not answering:
                 status.update(f"{pipe.name}: layer {event.layer} ({event.step})…")
             elif isinstance(event, CallFinished) and not answering:

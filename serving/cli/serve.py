@@ -72,6 +72,9 @@ def serve(
         max_queue=options.max_queue if max_queue is None else max_queue,
         request_timeout_s=timeout or options.timeout_s,
         cache_entries=entries,
+        metrics_public=options.metrics_public,
+        rate_limit_per_minute=options.rate_limit.requests_per_minute if options.rate_limit else None,
+        rate_limit_burst=options.rate_limit.burst if options.rate_limit else 10,
         cache_path=cache_path or (reg.path.parent / options.cache_path if options.cache_path and reg.path
                                   else options.cache_path),
     )

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from typing import Any
 
 from moa.engine import (
@@ -240,22 +240,25 @@ class VLLMEngine(StreamingEngine):
         outcome = "error"
         try:
             engine_input = self._llm.renderer.render_cmpl([{"prompt_token_ids": prompt_ids}])[0]
-            async for out in self._llm.generate(engine_input, self._sampling_params(params), rid):
-                cached = out.num_cached_tokens or cached
-                for piece in out.outputs:
-                    if ttft is None and piece.token_ids:
-                        ttft = time.perf_counter() - started
-                    texts[piece.index] += piece.text
-                    tokens[piece.index] += len(piece.token_ids)
-                    if piece.logprobs and logprobs[piece.index] is not None:
-                        chosen = [position[token].logprob
-                                  for token, position in zip(piece.token_ids, piece.logprobs, strict=False)]
-                        logprobs[piece.index] += sum(chosen)
-                        lowest[piece.index] = min([lowest[piece.index], *chosen])
-                    if piece.finish_reason is not None:
-                        reasons[piece.index] = piece.finish_reason
-                    if piece.text or piece.finish_reason is not None:
-                        yield Delta(piece.index, piece.text, finish_reason(piece.finish_reason))
+            # aclosing: when this stream is closed (a quorum, a client that left), AsyncLLM.generate is closed
+            # too, and aborts the request in the engine before aclose() returns - not whenever it is collected.
+            async with aclosing(self._llm.generate(engine_input, self._sampling_params(params), rid)) as outputs:
+                async for out in outputs:
+                    cached = out.num_cached_tokens or cached
+                    for piece in out.outputs:
+                        if ttft is None and piece.token_ids:
+                            ttft = time.perf_counter() - started
+                        texts[piece.index] += piece.text
+                        tokens[piece.index] += len(piece.token_ids)
+                        if piece.logprobs and logprobs[piece.index] is not None:
+                            chosen = [position[token].logprob
+                                      for token, position in zip(piece.token_ids, piece.logprobs, strict=False)]
+                            logprobs[piece.index] += sum(chosen)
+                            lowest[piece.index] = min([lowest[piece.index], *chosen])
+                        if piece.finish_reason is not None:
+                            reasons[piece.index] = piece.finish_reason
+                        if piece.text or piece.finish_reason is not None:
+                            yield Delta(piece.index, piece.text, finish_reason(piece.finish_reason))
             outcome = "finished"
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "aborted"  # AsyncLLM.generate aborted the request inside the engine

@@ -1,0 +1,82 @@
+"""Keys, body limit, rate limits and /metrics access, on a real HTTP server (no engine needed: the app stays
+'starting', so a request that passes every check answers 503)."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+
+from serving.api.access import RateLimiter, accepted
+from serving.api.app import ServerSettings, create_app
+from serving.registry import load_registry
+from tests.conftest import SMALL, uvicorn_serving
+
+BODY = {"model": SMALL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@asynccontextmanager
+async def _idle(app):
+    yield
+
+
+@asynccontextmanager
+async def starting_server(settings: ServerSettings):
+    app = create_app(load_registry(), models=[SMALL], pipelines={}, settings=settings)
+    app.router.lifespan_context = _idle  # no engines: /v1 requests that pass the guard get 503 "starting"
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+        yield http
+
+
+def test_keys_are_compared_whole():
+    assert accepted("k2", ["k1", "k2"]) and not accepted("k", ["k1"]) and not accepted(None, ["k1"])
+    assert not accepted("k1x", ["k1"]) and not accepted("", ["k1"])
+
+
+def test_token_bucket_allows_a_burst_then_the_rate():
+    limiter = RateLimiter(per_minute=6, burst=2)  # one token every 10 s
+    assert limiter.take("a", now=0.0) is None and limiter.take("a", now=0.0) is None
+    assert limiter.take("a", now=1.0) == pytest.approx(9.0)  # 0.1 token back after 1 s: 9 s to go
+    assert limiter.take("b", now=1.0) is None  # another key, another bucket
+    assert limiter.take("a", now=10.0) is None and limiter.take("a", now=10.0) is not None
+
+
+async def test_a_key_guards_the_api_and_metrics_unless_metrics_are_public():
+    async with starting_server(ServerSettings(api_keys=["secret"])) as http:
+        assert (await http.post("/v1/chat/completions", json=BODY)).status_code == 401
+        wrong = await http.get("/metrics", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        assert (await http.get("/metrics", headers={"Authorization": "Bearer secret"})).status_code == 200
+        ok = await http.post("/v1/chat/completions", json=BODY, headers={"Authorization": "Bearer secret"})
+        assert ok.status_code == 503  # past the guard: the engines are "starting"
+        assert (await http.get("/health")).status_code == 200  # liveness stays open
+    async with starting_server(ServerSettings(api_keys=["secret"], metrics_public=True)) as http:
+        assert (await http.get("/metrics")).status_code == 200
+
+
+async def test_a_chunked_body_is_cut_at_the_limit_while_it_arrives():
+    async def chunks(n: int):
+        for _ in range(n):
+            yield b"x" * 1024
+
+    async with starting_server(ServerSettings(max_body_bytes=8 * 1024)) as http:
+        big = await http.post("/v1/chat/completions", content=chunks(64), headers={"Content-Type": "application/json"})
+        assert big.status_code == 413 and "more than 8192 bytes arrived" in big.json()["error"]["message"]
+        declared = await http.post("/v1/chat/completions", content=b"x" * 9000)
+        assert declared.status_code == 413 and "9000 bytes declared" in declared.json()["error"]["message"]
+        small = await http.post("/v1/chat/completions", json=BODY)
+        assert small.status_code == 503  # under the limit: read, replayed to the app, past the guard
+
+
+async def test_each_key_gets_a_token_bucket_and_429_says_when_to_retry():
+    settings = ServerSettings(api_keys=["a", "b"], rate_limit_per_minute=1, rate_limit_burst=2)
+    async with starting_server(settings) as http:
+        as_a, as_b = {"Authorization": "Bearer a"}, {"Authorization": "Bearer b"}
+        codes = [(await http.post("/v1/chat/completions", json=BODY, headers=as_a)).status_code for _ in range(3)]
+        assert codes == [503, 503, 429]
+        refused = await http.post("/v1/chat/completions", json=BODY, headers=as_a)
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 50 <= int(refused.headers["retry-after"]) <= 60
+        assert (await http.post("/v1/chat/completions", json=BODY, headers=as_b)).status_code == 503
+        assert (await http.get("/v1/models", headers=as_a)).status_code == 200  # reads are not counted

@@ -1,0 +1,84 @@
+"""What an HTTP client sees, on scripted engines: exact failures at exact points, and the exact sampling each
+engine call received (real-engine tests: tests/test_server.py, tests/test_vllm_engine.py)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from moa.pipeline import Pipeline
+from moa.steps import Aggregate, MajorityVote, Propose
+from moa.testing import ScriptedEngine
+from serving.api.app import ServerSettings, create_app
+from serving.registry import load_registry
+from tests.conftest import QWEN_SMALL, SMALL, uvicorn_serving
+
+Q = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+async def test_a_stream_whose_aggregator_breaks_off_gets_the_fallback_answer_the_json_path_returns():
+    engines = {SMALL: ScriptedEngine(SMALL), QWEN_SMALL: ScriptedEngine(QWEN_SMALL, fail="connection lost",
+                                                                        fail_after=2)}
+    pipeline = Pipeline("p", (Propose(models=(SMALL,)), Aggregate(model=QWEN_SMALL)))
+    app = create_app(load_registry(), models=[], pipelines={"p": pipeline}, settings=ServerSettings(),
+                     engines=engines)
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        whole = (await http.post("/v1/chat/completions", json={"model": "p", "messages": Q, "seed": 1})).json()
+        answer = whole["choices"][0]["message"]["content"]
+        assert answer == f"{SMALL} answer 0 seed 1"  # the proposal, kept when the aggregator failed
+        async with http.stream("POST", "/v1/chat/completions",
+                               json={"model": "p", "messages": Q, "seed": 1, "stream": True}) as response:
+            lines = [line.removeprefix("data: ") async for line in response.aiter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in lines[:-1]]
+    restarts = [i for i, c in enumerate(chunks) if (c.get("moa") or {}).get("event") == "answer_restarted"]
+    assert len(restarts) == 1, chunks
+    content = ["".join(c["choices"][0]["delta"].get("content", "") for c in part if c["choices"])
+               for part in (chunks[:restarts[0]], chunks[restarts[0]:])]
+    assert content == [f"{QWEN_SMALL} answer", answer]  # the broken-off words, then the whole fallback
+    assert chunks[restarts[0]]["moa"]["discarded"] == len(content[0])
+    assert "connection lost" in chunks[restarts[0]]["moa"]["reason"]
+
+
+def scripted_app(**pipelines: Pipeline):
+    engines = {SMALL: ScriptedEngine(SMALL), QWEN_SMALL: ScriptedEngine(QWEN_SMALL)}
+    return create_app(load_registry(), models=[SMALL], pipelines=pipelines, settings=ServerSettings(),
+                      engines=engines), engines
+
+
+async def test_temperature_top_p_and_stop_shape_the_step_that_writes_a_pipelines_answer():
+    written = Pipeline("p", (Propose(models=(SMALL,), temperature=0.8), Aggregate(model=QWEN_SMALL)))
+    app, engines = scripted_app(p=written, vote=Pipeline("vote", (Propose(models=(SMALL,), samples=3), MajorityVote())))
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        ok = await http.post("/v1/chat/completions", json={"model": "p", "messages": Q, "temperature": 0.2,
+                                                           "top_p": 0.5, "stop": ["END"]})
+        assert ok.status_code == 200
+        proposal, aggregate = engines[SMALL].calls[-1].params, engines[QWEN_SMALL].calls[-1].params
+        assert (aggregate.temperature, aggregate.top_p, aggregate.stop) == (0.2, 0.5, ("END",))
+        assert (proposal.temperature, proposal.top_p, proposal.stop) == (0.8, 1.0, ())  # the pipeline's own
+        default = await http.post("/v1/chat/completions", json={"model": "p", "messages": Q})
+        assert default.status_code == 200 and engines[QWEN_SMALL].calls[-1].params.temperature == 0.7
+        picked = await http.post("/v1/chat/completions", json={"model": "vote", "messages": Q, "temperature": 0})
+        assert picked.status_code == 400 and picked.json()["error"]["param"] == "temperature"
+        assert "picked by its last step (majority-vote)" in picked.json()["error"]["message"]
+
+
+async def test_tools_are_refused_and_response_format_is_for_base_models():
+    app, engines = scripted_app(p=Pipeline("p", (Propose(models=(SMALL,)),)))
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        for body in ({"tools": [tool]}, {"tool_choice": "auto"}, {"functions": [tool["function"]]}):
+            r = await http.post("/v1/chat/completions", json={"model": SMALL, "messages": Q, **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "tools", body
+        fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+        r = await http.post("/v1/chat/completions", json={"model": SMALL, "messages": Q, "response_format": fmt})
+        assert r.status_code == 200 and engines[SMALL].calls[-1].params.json_schema == schema
+        r = await http.post("/v1/chat/completions", json={"model": SMALL, "messages": Q,
+                                                          "response_format": {"type": "json_object"}})
+        assert engines[SMALL].calls[-1].params.json_schema == {"type": "object"}
+        r = await http.post("/v1/chat/completions", json={"model": "p", "messages": Q, "response_format": fmt})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+        assert (await http.post("/v1/chat/completions", json={"model": SMALL, "messages": Q,
+                                                              "tool_choice": "none"})).status_code == 200
