@@ -89,6 +89,10 @@ class Endpoint(_Strict):
     timeout_s: float = 600.0
     # Ask for vLLM's extensions (per-choice token ids); turn off for servers other than vLLM.
     vllm_extensions: bool = True
+    # A refused connection or a 502/503/504 before the first token is retried this many times (jittered
+    # exponential backoff from retry_backoff_s); once tokens have arrived a failure is the call's.
+    retries: int = Field(default=3, ge=0, le=10)
+    retry_backoff_s: float = Field(default=0.5, gt=0)
 
 
 class EngineArgs(_Strict):

@@ -95,6 +95,28 @@ async def test_stream_and_cancel(hf):
     assert hf.stats.running == 0 and hf.stats.aborted >= 1
 
 
+async def test_a_worker_thread_killed_by_a_fatal_error_is_replaced(hf, monkeypatch):
+    from moa.engine import EngineError
+
+    real_run, calls = hf._run, []
+
+    def fatal_once(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise SystemExit("simulated fatal error in the worker")
+        return real_run(batch)
+
+    monkeypatch.setattr(hf, "_run", fatal_once)
+    restarts = hf.stats.restarts
+    with pytest.raises(EngineError, match="simulated fatal error"):
+        await hf.generate(FRANCE, SamplingParams(temperature=0, max_tokens=4))
+    hf._worker.join(5)
+    assert not hf._worker.is_alive()  # the thread is gone ...
+    result = await asyncio.wait_for(hf.generate(FRANCE, SamplingParams(temperature=0, max_tokens=4)), 60)
+    assert result.completions[0].completion_tokens > 0  # ... and the next request is served by a new one
+    assert hf.stats.restarts == restarts + 1 and hf._worker.is_alive()
+
+
 async def test_bad_input_is_an_invalid_request(hf):
     with pytest.raises(InvalidRequest):
         await hf.generate([], SamplingParams())

@@ -191,7 +191,8 @@ async def test_dead_engine_core_is_detected_and_restarted(smol):
         if smol._llm.errored:
             break
         await asyncio.sleep(0.1)
-    assert smol._llm.errored
-    result = await smol.generate(FRANCE, GREEDY)
-    assert result.texts == before  # the restarted engine is the same model, answering the same way
-    assert smol.stats.restarts == 1
+    assert smol._llm.errored and smol.state == "dead"
+    # Three requests at once: the first restarts the engine, the others wait for it instead of failing.
+    results = await asyncio.gather(*(smol.generate(FRANCE, GREEDY) for _ in range(3)))
+    assert [r.texts for r in results] == [before] * 3  # the restarted engine answers the same way
+    assert smol.stats.restarts == 1 and smol.state == "ready"

@@ -98,6 +98,10 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
     async def ready() -> JSONResponse:
         if not state.ready:
             return error_response(503, "engines are starting", code="not_ready")
+        unwell = {name: s for name, e in state.engines.items() if (s := getattr(e, "state", "ready")) != "ready"}
+        if unwell:  # a dead engine restarts on its next request; until then this replica is not ready
+            return error_response(503, f"engines not ready: {unwell}", code="not_ready",
+                                  headers={"Retry-After": "5"})
         checks = {name: {"ok": r.ok, "agreement": round(r.agreement, 3), "decisive_tokens": r.decisive,
                          "dtype": r.dtype, "replaced": r.replaced.dtype if r.replaced else None}
                   for name, r in state.checks.items()}
@@ -142,9 +146,12 @@ POST_ERRORS = {200: {"content": {"text/event-stream": {"schema": {"type": "strin
 def _engine_health(registry: Registry, name: str, engine: Engine) -> dict:
     """An engine and where it runs: a Ray node, or this machine (local devices, or a remote server's client)."""
     where = getattr(engine, "node", None) or {}
+    inside = getattr(engine, "running_requests", None)  # vLLM's own count of unfinished requests (in-process)
     return {"backend": registry.get(name).backend, "placement": "ray" if where else "local",
             **({"node_id": where.get("node_id"), "host": where.get("host")} if where else {}),
-            "running": engine.stats.running, "restarts": engine.stats.restarts}
+            "state": getattr(engine, "state", "ready"), "running": engine.stats.running,
+            "restarts": engine.stats.restarts,
+            **({"unfinished_in_engine": inside} if isinstance(inside, int) else {})}
 
 
 async def _start(pool, state: ServerState) -> None:

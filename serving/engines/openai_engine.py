@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
+import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from moa.engine import (
@@ -30,6 +32,8 @@ from moa.engine import (
     validate_messages,
 )
 from serving.registry import ModelSpec
+
+log = logging.getLogger(__name__)
 
 _ids = itertools.count()
 
@@ -97,6 +101,26 @@ class OpenAIEngine(StreamingEngine):
         return [int(next(token for token, lp in ranked[pos].items() if lp["rank"] == 1))
                 for pos in range(start, len(token_ids))]
 
+    async def _opened(self, open_stream: Callable[[], Awaitable[Any]]) -> Any:
+        """The stream, opened; a refused connection or a 502/503/504 (a server restarting, a proxy without a
+        backend) is retried with jittered backoff, as nothing has been generated yet."""
+        from openai import APIConnectionError, APIStatusError, APITimeoutError
+
+        for attempt in range(self.endpoint.retries + 1):
+            try:
+                return await open_stream()
+            except (APIConnectionError, APIStatusError) as exc:
+                transient = (isinstance(exc, APIConnectionError) and not isinstance(exc, APITimeoutError)) or \
+                    (isinstance(exc, APIStatusError) and exc.status_code in (502, 503, 504))
+                if not transient or attempt == self.endpoint.retries:
+                    raise
+                delay = self.endpoint.retry_backoff_s * 2 ** attempt * random.uniform(0.5, 1.5)
+                log.warning("model %s: %s; retry %d of %d in %.1f s", self.name, _message(exc), attempt + 1,
+                            self.endpoint.retries, delay)
+                self.stats.extra["retries"] = self.stats.extra.get("retries", 0) + 1
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
     async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
                      request_id: str | None = None) -> AsyncIterator[StreamEvent]:
         from openai import APIConnectionError, APIStatusError, BadRequestError
@@ -121,15 +145,15 @@ class OpenAIEngine(StreamingEngine):
                 extra_headers={"X-Request-Id": request_id} if request_id else None,
             )
             if isinstance(messages, str):  # a raw prompt: the server's /v1/completions
-                stream = await self._client.completions.create(prompt=messages, **common)
+                stream = await self._opened(lambda: self._client.completions.create(prompt=messages, **common))
             else:
                 schema = params.json_schema
-                stream = await self._client.chat.completions.create(
+                stream = await self._opened(lambda: self._client.chat.completions.create(
                     messages=list(messages),
                     response_format=({"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
                                      if schema else None),
                     **common,
-                )
+                ))
             async with stream:
                 async for chunk in stream:
                     if chunk.usage is not None:

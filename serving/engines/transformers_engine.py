@@ -156,6 +156,7 @@ class TransformersEngine(StreamingEngine):
                      request_id: str | None = None) -> AsyncIterator[StreamEvent]:
         if self._worker is None:
             raise EngineError(f"model {self.name!r}: engine is not started")
+        self._ensure_worker()
         validate_messages(messages)
         if params.json_schema is not None:
             raise InvalidRequest(
@@ -192,6 +193,14 @@ class TransformersEngine(StreamingEngine):
         finally:
             self.stats.end(outcome)
 
+    def _ensure_worker(self) -> None:
+        """A worker thread that died (a fatal error in a batch) is replaced; the model it served is intact."""
+        if self._worker is not None and not self._worker.is_alive():
+            log.error("transformers engine %s: its worker thread died; starting another", self.name)
+            self.stats.restarts += 1
+            self._worker = threading.Thread(target=self._serve, name=f"transformers-{self.name}", daemon=True)
+            self._worker.start()
+
     # -- worker thread -------------------------------------------------------------
 
     def _serve(self) -> None:
@@ -218,10 +227,12 @@ class TransformersEngine(StreamingEngine):
             self.stats.extra["largest_batch"] = max(self.stats.extra.get("largest_batch", 0), len(batch))
             try:
                 self._run(batch)
-            except Exception as exc:  # report to every waiting request; keep serving the others
+            except BaseException as exc:  # report to every waiting request; keep serving the others
                 log.exception("transformers engine %s: batch failed", self.name)
                 for j in batch:
                     j.emit(exc)
+                if not isinstance(exc, Exception):
+                    raise  # a fatal error ends this thread; the next request starts another (_ensure_worker)
 
     def _run(self, batch: list[_Job]) -> None:
         params = batch[0].params

@@ -151,7 +151,25 @@ class VLLMEngine(StreamingEngine):
         if self._llm is not None:
             await self._llm.reset_prefix_cache()
 
+    restart_wait_s: float = 180.0  # how long a request waits for a restart under way before it fails
+
+    @property
+    def state(self) -> str:
+        """ready | restarting | dead (its EngineCore died; the next request restarts it) | stopped."""
+        if self._restart_lock.locked():
+            return "restarting"
+        if self._llm is None:
+            return "stopped"
+        return "dead" if self._llm.errored else "ready"
+
     async def _ensure_alive(self) -> None:
+        if self._restart_lock.locked():  # another request is restarting the engine: wait for it, do not fail
+            try:
+                await asyncio.wait_for(self._restart_lock.acquire(), self.restart_wait_s)
+            except TimeoutError:
+                raise EngineError(f"model {self.name!r}: still restarting after {self.restart_wait_s:.0f} s; "
+                                  "retry later") from None
+            self._restart_lock.release()
         if self._llm is None:
             raise EngineError(f"model {self.name!r}: engine is not started")
         if not self._llm.errored:
