@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
 from moa.runner import run
-from tests.conftest import FRANCE, QWEN_SMALL
+from tests.conftest import FRANCE, QWEN_SMALL, SMALL
 
 pytestmark = pytest.mark.vllm
 SWAP = {"qwen2.5-coder-1.5b": QWEN_SMALL}
@@ -168,3 +169,46 @@ async def test_route_asks_the_models_the_real_router_picks(registry, pool):
                             max_tokens=16)
     result = await run(Pipeline("likeliest", (likeliest_first,)), FRANCE, pool, scorers=scorers)
     assert [c.model for c in result.trace.calls] == [likeliest]
+
+
+async def test_a_quorum_leaves_no_straggler_decoding_in_the_engine(pool):
+    """n=4 in one request, quorum 1: once the first sample is in, the others are aborted inside the run."""
+    from moa.pipeline import Pipeline
+    from moa.steps import Propose
+
+    engine = pool[QWEN_SMALL]
+    prompt = [{"role": "user", "content": "Answer with one word, or write a long story if you prefer."}]
+    step = Propose(models=(QWEN_SMALL,), samples=4, quorum=1, temperature=1.5, max_tokens=400)
+    result = await run(Pipeline("first", (step,)), prompt, pool, seed=3)
+    assert engine.running_requests == 0  # at once: aborted by the run, not whenever the stream is collected
+    assert len(result.responses[0]) == 1 and "quorum reached" in (result.trace.calls[0].note or "")
+
+
+async def test_calls_over_their_timeout_are_aborted_in_the_engine(pool):
+    from moa.pipeline import Pipeline
+    from moa.runner import PipelineError
+    from moa.steps import Propose
+
+    essay = [{"role": "user", "content": "Write a long essay on the history of Paris."}]
+    slow = Pipeline("slow", (Propose(models=(SMALL, QWEN_SMALL), max_tokens=2000, temperature=0.0, timeout_s=2.0),))
+    with pytest.raises(PipelineError, match="no answer within 2.0 s") as failed:
+        await run(slow, essay, pool, seed=1)
+    assert SMALL in str(failed.value) and QWEN_SMALL in str(failed.value)  # each model and its cause
+    assert pool[SMALL].running_requests == 0 and pool[QWEN_SMALL].running_requests == 0
+
+
+async def test_reference_budgets_are_counted_in_the_reading_models_own_tokens(pool):
+    from moa.pipeline import Pipeline
+    from moa.prompts import ReferenceBudget
+    from moa.steps import Aggregate, Propose
+
+    pipeline = Pipeline("budget", (Propose(models=(SMALL, QWEN_SMALL), max_tokens=64, temperature=0.0),
+                                   Aggregate(model=QWEN_SMALL, max_tokens=8,
+                                             budget=ReferenceBudget(per_reference=20, total=30))))
+    result = await run(pipeline, FRANCE, pool, seed=1)
+    trims = re.findall(r"reference (\d+) trimmed from (\d+) to (\d+) tokens", " ".join(result.trace.steps[1].notes))
+    assert trims, result.trace.steps[1].notes
+    for index, have, keep in trims:  # counted by the aggregator's tokenizer, capped per reference and in total
+        assert int(have) == pool[QWEN_SMALL].count_tokens(result.responses[0][int(index) - 1].text)
+        assert int(keep) <= 20
+    assert sum(int(k) for _, _, k in trims) <= 30

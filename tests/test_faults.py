@@ -1,0 +1,108 @@
+"""Fault injection on real engines: an engine's processes are killed mid-request (SIGKILL, as the OOM killer
+would), and what the client gets is checked — degraded but answered, the fallback, or a clean error — and
+that the engine comes back for the next request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import psutil
+import pytest
+
+from moa.pipeline import Pipeline
+from moa.runner import RunResult, iter_run
+from moa.steps import Aggregate, Propose
+from moa.trace import AnswerDelta, AnswerRestarted
+from serving.api.app import ServerSettings, create_app
+from tests.conftest import FRANCE, QWEN_SMALL, SMALL, uvicorn_serving
+
+pytestmark = pytest.mark.vllm
+ESSAY = [{"role": "user", "content": "Write a long, detailed essay about the history of Paris."}]
+
+
+def kill_engine(engine) -> None:
+    """SIGKILL every process the engine spawned (its EngineCore and workers)."""
+    for pid in engine.core_pids:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+async def until(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_proposer_killed_mid_pipeline_degrades_the_answer_then_comes_back(small_pool):
+    small, qwen = small_pool[SMALL], small_pool[QWEN_SMALL]
+    pipeline = Pipeline("degrade", (Propose(models=(SMALL, QWEN_SMALL), max_tokens=200, temperature=0.0),
+                                    Aggregate(model=QWEN_SMALL, max_tokens=16)))
+    run = asyncio.create_task(_result(iter_run(pipeline, ESSAY, small_pool, seed=1)))
+    await until(lambda: small.stats.running > 0)
+    await asyncio.sleep(0.5)  # it is decoding
+    kill_engine(small)
+    result = await asyncio.wait_for(run, 120)
+    statuses = {c.model: c.status for c in result.trace.calls if c.step == "propose"}
+    assert statuses == {SMALL: "error", QWEN_SMALL: "ok"}, [c.error for c in result.trace.calls]
+    assert result.answer.strip() and len(result.responses[0]) == 1  # min_success 1: answered from one proposal
+    failed = next(c for c in result.trace.calls if c.model == SMALL)
+    assert SMALL in failed.error or "Engine" in failed.error, failed.error
+    restarts = small.stats.restarts
+    whole = await asyncio.wait_for(_result(iter_run(pipeline, FRANCE, small_pool, seed=1)), 180)
+    assert len(whole.responses[0]) == 2 and small.stats.restarts == restarts + 1 and qwen.state == "ready"
+
+
+async def test_an_aggregator_killed_while_streaming_restarts_the_answer_with_the_fallback(small_pool):
+    qwen = small_pool[QWEN_SMALL]
+    pipeline = Pipeline("fallback", (Propose(models=(SMALL,), max_tokens=24, temperature=0.0),
+                                     Aggregate(model=QWEN_SMALL, max_tokens=300)))
+    events, killed = [], False
+    async for item in iter_run(pipeline, ESSAY, small_pool, seed=1):
+        events.append(item)
+        if isinstance(item, AnswerDelta) and item.text and not killed:
+            kill_engine(qwen)
+            killed = True
+    result = events[-1]
+    assert isinstance(result, RunResult) and killed
+    assert result.answer == result.responses[0][0].text  # the proposal: the fault rules' fallback
+    restart = next(e for e in events if isinstance(e, AnswerRestarted))
+    after = events[events.index(restart) + 1:-1]
+    assert "".join(e.text for e in after if isinstance(e, AnswerDelta)) == result.answer
+    assert result.trace.calls[-1].status == "error" and "previous responses kept" in result.trace.steps[1].notes[-1]
+    again = await asyncio.wait_for(_result(iter_run(pipeline, FRANCE, small_pool, seed=1)), 180)
+    assert [c.status for c in again.trace.calls] == ["ok", "ok"] and qwen.state == "ready"
+
+
+async def test_a_base_model_killed_mid_stream_ends_the_stream_with_an_error_event_not_a_hang(registry, small_pool):
+    small = small_pool[SMALL]
+    app = create_app(registry, models=[SMALL], pipelines={}, settings=ServerSettings(), engines=small_pool)
+    body = {"model": SMALL, "messages": ESSAY, "max_tokens": 1000, "temperature": 0.0, "stream": True}
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        lines, killed = [], False
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    lines.append(line.removeprefix("data: "))
+                    if not killed and len(lines) >= 3:
+                        kill_engine(small)
+                        killed = True
+        assert lines[-1] == "[DONE]" and killed
+        error = json.loads(lines[-2])["error"]
+        assert error["type"] == "service_unavailable" and SMALL in error["message"], error
+        assert (await http.get("/ready")).status_code == 503  # dead until the next request restarts it
+        ok = await http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 8,
+                                                           "messages": FRANCE})
+        assert ok.status_code == 200 and (await http.get("/ready")).status_code == 200
+
+
+async def _result(items) -> RunResult:
+    async for item in items:
+        if isinstance(item, RunResult):
+            return item
+    raise AssertionError("the run ended without a result")
