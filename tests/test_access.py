@@ -80,3 +80,19 @@ async def test_each_key_gets_a_token_bucket_and_429_says_when_to_retry():
         assert 50 <= int(refused.headers["retry-after"]) <= 60
         assert (await http.post("/v1/chat/completions", json=BODY, headers=as_b)).status_code == 503
         assert (await http.get("/v1/models", headers=as_a)).status_code == 200  # reads are not counted
+
+
+async def test_framework_errors_are_in_openais_shape_and_the_schema_states_the_limits():
+    async with starting_server(ServerSettings()) as http:
+        as_json = {"Content-Type": "application/json"}
+        broken = await http.post("/v1/chat/completions", content=b"{not json", headers=as_json)
+        assert broken.status_code == 400 and broken.json()["error"]["type"] == "invalid_request_error"
+        garbled = await http.post("/v1/chat/completions", content=b"\xff\xfe\x0b", headers=as_json)  # not UTF-8
+        assert garbled.status_code == 400 and garbled.json()["error"]["code"] == "invalid_json"
+        assert (await http.get("/v1/nowhere")).json()["error"]["type"] == "not_found_error"
+        assert (await http.put("/v1/chat/completions")).status_code == 405
+        schema = (await http.get("/openapi.json")).json()
+        stop = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]["stop"]
+        assert '"minLength": 1' in str(stop).replace("'", '"') and '"maxItems": 4' in str(stop).replace("'", '"')
+        empty_stop = await http.post("/v1/chat/completions", json={**BODY, "stop": [""]})
+        assert empty_stop.status_code == 400 and empty_stop.json()["error"]["param"].startswith("stop")

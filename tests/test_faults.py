@@ -20,6 +20,17 @@ from serving.api.app import ServerSettings, create_app
 from tests.conftest import FRANCE, QWEN_SMALL, SMALL, uvicorn_serving
 
 pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+async def pool(registry, local_model):
+    """Engines of their own: the ones these tests kill are not the ones other modules share."""
+    from serving.engines.pool import EnginePool
+
+    local_model(SMALL)
+    local_model(QWEN_SMALL)
+    async with EnginePool(registry, [QWEN_SMALL, SMALL]) as engines:
+        yield engines.engines
 ESSAY = [{"role": "user", "content": "Write a long, detailed essay about the history of Paris."}]
 
 
@@ -39,11 +50,11 @@ async def until(condition, timeout_s: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_a_proposer_killed_mid_pipeline_degrades_the_answer_then_comes_back(small_pool):
-    small, qwen = small_pool[SMALL], small_pool[QWEN_SMALL]
+async def test_a_proposer_killed_mid_pipeline_degrades_the_answer_then_comes_back(pool):
+    small, qwen = pool[SMALL], pool[QWEN_SMALL]
     pipeline = Pipeline("degrade", (Propose(models=(SMALL, QWEN_SMALL), max_tokens=200, temperature=0.0),
                                     Aggregate(model=QWEN_SMALL, max_tokens=16)))
-    run = asyncio.create_task(_result(iter_run(pipeline, ESSAY, small_pool, seed=1)))
+    run = asyncio.create_task(_result(iter_run(pipeline, ESSAY, pool, seed=1)))
     await until(lambda: small.stats.running > 0)
     await asyncio.sleep(0.5)  # it is decoding
     kill_engine(small)
@@ -54,16 +65,16 @@ async def test_a_proposer_killed_mid_pipeline_degrades_the_answer_then_comes_bac
     failed = next(c for c in result.trace.calls if c.model == SMALL)
     assert SMALL in failed.error or "Engine" in failed.error, failed.error
     restarts = small.stats.restarts
-    whole = await asyncio.wait_for(_result(iter_run(pipeline, FRANCE, small_pool, seed=1)), 180)
+    whole = await asyncio.wait_for(_result(iter_run(pipeline, FRANCE, pool, seed=1)), 180)
     assert len(whole.responses[0]) == 2 and small.stats.restarts == restarts + 1 and qwen.state == "ready"
 
 
-async def test_an_aggregator_killed_while_streaming_restarts_the_answer_with_the_fallback(small_pool):
-    qwen = small_pool[QWEN_SMALL]
+async def test_an_aggregator_killed_while_streaming_restarts_the_answer_with_the_fallback(pool):
+    qwen = pool[QWEN_SMALL]
     pipeline = Pipeline("fallback", (Propose(models=(SMALL,), max_tokens=24, temperature=0.0),
                                      Aggregate(model=QWEN_SMALL, max_tokens=300)))
     events, killed = [], False
-    async for item in iter_run(pipeline, ESSAY, small_pool, seed=1):
+    async for item in iter_run(pipeline, ESSAY, pool, seed=1):
         events.append(item)
         if isinstance(item, AnswerDelta) and item.text and not killed:
             kill_engine(qwen)
@@ -75,13 +86,13 @@ async def test_an_aggregator_killed_while_streaming_restarts_the_answer_with_the
     after = events[events.index(restart) + 1:-1]
     assert "".join(e.text for e in after if isinstance(e, AnswerDelta)) == result.answer
     assert result.trace.calls[-1].status == "error" and "previous responses kept" in result.trace.steps[1].notes[-1]
-    again = await asyncio.wait_for(_result(iter_run(pipeline, FRANCE, small_pool, seed=1)), 180)
+    again = await asyncio.wait_for(_result(iter_run(pipeline, FRANCE, pool, seed=1)), 180)
     assert [c.status for c in again.trace.calls] == ["ok", "ok"] and qwen.state == "ready"
 
 
-async def test_a_base_model_killed_mid_stream_ends_the_stream_with_an_error_event_not_a_hang(registry, small_pool):
-    small = small_pool[SMALL]
-    app = create_app(registry, models=[SMALL], pipelines={}, settings=ServerSettings(), engines=small_pool)
+async def test_a_base_model_killed_mid_stream_ends_the_stream_with_an_error_event_not_a_hang(registry, pool):
+    small = pool[SMALL]
+    app = create_app(registry, models=[SMALL], pipelines={}, settings=ServerSettings(), engines=pool)
     body = {"model": SMALL, "messages": ESSAY, "max_tokens": 1000, "temperature": 0.0, "stream": True}
     async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
         lines, killed = [], False

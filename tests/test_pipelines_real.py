@@ -205,7 +205,8 @@ async def test_reference_budgets_are_counted_in_the_reading_models_own_tokens(po
     pipeline = Pipeline("budget", (Propose(models=(SMALL, QWEN_SMALL), max_tokens=64, temperature=0.0),
                                    Aggregate(model=QWEN_SMALL, max_tokens=8,
                                              budget=ReferenceBudget(per_reference=20, total=30))))
-    result = await run(pipeline, FRANCE, pool, seed=1)
+    essay = [{"role": "user", "content": "Write a long essay on the history of Paris."}]
+    result = await run(pipeline, essay, pool, seed=1)  # 64-token proposals, over the 20-token cap
     trims = re.findall(r"reference (\d+) trimmed from (\d+) to (\d+) tokens", " ".join(result.trace.steps[1].notes))
     assert trims, result.trace.steps[1].notes
     for index, have, keep in trims:  # counted by the aggregator's tokenizer, capped per reference and in total

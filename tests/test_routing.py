@@ -74,7 +74,7 @@ def test_read_outcomes_takes_single_models_on_common_tasks_later_files_winning(t
     first = results_file(tmp_path, "1.json", {"a": [("t1", True, 5), ("t2", False, 6)], "b": [("t1", False, 9)]})
     second = results_file(tmp_path, "2.json", {"b": [("t1", True, 7), ("t2", True, 8)]})
     outcomes, tasks = read_outcomes([first, second])
-    assert outcomes.models == ["a", "b"] and outcomes.tasks == ["t1", "t2"] and tasks == "tasks.jsonl"
+    assert outcomes.models == ["a", "b"] and outcomes.tasks == ["t1", "t2"] and tasks == ["tasks.jsonl"]
     assert outcomes.correct.tolist() == [[True, True], [False, True]] and outcomes.tokens[0].tolist() == [5, 7]
     with pytest.raises(ValueError, match="at least two single models"):
         read_outcomes([second])
@@ -118,7 +118,7 @@ def test_the_shipped_router_knows_every_model_of_the_routed_preset():
     reg = load_registry()
     router = read_router(reg.router_path("embedded"))
     assert set(reg.pipeline("routed").models()) <= set(router.models)
-    assert router.fit["tasks"] == 50 and set(router.fit["prediction"]) == set(router.models)
+    assert router.fit["tasks"] == 90 and set(router.fit["prediction"]) == set(router.models)
 
 
 async def test_the_embedding_scorer_reads_the_query_offline():

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moa.engine import Engine
 from moa.pipeline import Pipeline
@@ -27,6 +28,7 @@ from serving.api.errors import (
     api_error_handler,
     documented_errors,
     error_response,
+    http_error_handler,
     validation_handler,
     without_422,
 )
@@ -71,6 +73,7 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
     app.state.moa = state
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # inside `guard`: keys are checked first
     limiter = (RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
                if settings.rate_limit_per_minute else None)
@@ -134,12 +137,25 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
         return await respond(state, text_job(state, req), request, stream=req.stream)
 
     openapi = app.openapi
-    app.openapi = lambda: without_422(openapi())  # type: ignore[method-assign]
+
+    def document() -> dict:
+        """FastAPI's document, with 400 for 422 and the `model` values this server serves."""
+        schema = without_422(openapi())
+        bodies = schema.get("components", {}).get("schemas", {})
+        for name, served in (("ChatCompletionRequest", [*state.models, *state.pipelines]),
+                             ("CompletionRequest", list(state.models))):
+            if name in bodies and served:
+                bodies[name]["properties"]["model"]["enum"] = served
+        return schema
+
+    app.openapi = document  # type: ignore[method-assign]
     return app
 
 
 # 200: a JSON body, or with `stream: true` server-sent events (docs/API.md); then every error status.
-POST_ERRORS = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                                             "id": {"type": "string"}, "retry": {"type": "integer"}}}
+POST_ERRORS = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
                **documented_errors(400, 401, 404, 413, 429, 500, 503, 504)}
 
 

@@ -11,13 +11,14 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moa.engine import EngineError, InvalidRequest
 from moa.runner import PipelineError
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-         413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable",
-         504: "timeout"}
+         405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+         503: "service_unavailable", 504: "timeout"}
 
 
 class APIError(Exception):
@@ -57,6 +58,13 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
 
 async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
     return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
+
+
+async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """The framework's own errors (a body that is not JSON, an unknown path or method) in OpenAI's shape too."""
+    message = "the request body is not valid JSON" if "parsing the body" in str(exc.detail) else str(exc.detail)
+    return error_response(exc.status_code, message, code="invalid_json" if exc.status_code == 400 else None,
+                          headers=getattr(exc, "headers", None))
 
 
 async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 
-from moa.engine import Completion, Delta, Engine, Generation, SamplingParams
+from moa.engine import Completion, Delta, Engine, Generation, InvalidRequest, SamplingParams
 from moa.pipeline import Pipeline
 from moa.runner import Ceiling, RunResult, iter_run
 from moa.trace import AnswerDelta, AnswerRestarted, CallFinished, Event, StepFinished, StepNote, StepStarted
@@ -188,7 +188,9 @@ def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     schema = req.response_format.schema_or_none() if req.response_format else None
     if req.model not in state.pipelines:
-        return ChatJob(state, req.model, state.engines[req.model], messages, _sampling(req, schema),
+        params = _sampling(req, schema)
+        _validate(state.engines[req.model], messages, params)
+        return ChatJob(state, req.model, state.engines[req.model], messages, params,
                        _include_usage(req), use_cache=req.moa.cache if req.moa else True)
     if schema is not None:
         raise APIError(400, "response_format applies to base models; a pipeline writes free text (the council "
@@ -222,7 +224,19 @@ def text_job(state: ServerState, req: CompletionRequest) -> TextJob:
     if req.model in state.pipelines:
         raise APIError(400, f"{req.model!r} is a pipeline: pipelines answer conversations, use "
                             "/v1/chat/completions", param="model")
-    return TextJob(state, req.model, state.engines[req.model], req.prompt, _sampling(req), _include_usage(req))
+    params = _sampling(req)
+    _validate(state.engines[req.model], req.prompt, params)
+    return TextJob(state, req.model, state.engines[req.model], req.prompt, params, _include_usage(req))
+
+
+def _validate(engine: Engine, prompt: list | str, params: SamplingParams) -> None:
+    """What the engine would refuse (prompt + max_tokens beyond its context) is a 400 before any byte of a stream."""
+    check = getattr(engine, "validate_request", None)
+    if check is not None:
+        try:
+            check(prompt, params)
+        except InvalidRequest as exc:
+            raise APIError(400, str(exc), param="max_tokens") from None
 
 
 def _sampling(req: ChatCompletionRequest | CompletionRequest, json_schema: dict | None = None) -> SamplingParams:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moa.prompts import StrategyName
 
+STRICT = ConfigDict(strict=True)  # JSON types as the schema states them: no "0" for false, no false for 0
+
 
 class TextPart(BaseModel):
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
+    model_config = STRICT
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -25,7 +29,7 @@ class Message(BaseModel):
 class MoAOptions(BaseModel):
     """Per-request overrides of a pipeline (`extra_body={"moa": {...}}`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     proposers: list[str] | None = Field(default=None, min_length=1)
     aggregator: str | None = None
@@ -41,10 +45,15 @@ class MoAOptions(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
 
 
+StopString = Annotated[str, Field(min_length=1)]
+
+
 class JSONSchemaFormat(BaseModel):
+    model_config = STRICT
     name: str = "output"
     schema_: dict = Field(default_factory=lambda: {"type": "object"}, alias="schema")
     strict: bool | None = None
@@ -53,6 +62,7 @@ class JSONSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema (guided decoding)."""
 
+    model_config = STRICT
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
@@ -67,14 +77,17 @@ class ResponseFormat(BaseModel):
 class _Sampling(BaseModel):
     """Fields both OpenAI endpoints share, validated the same way."""
 
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs=false, ...)
+    # Clients send fields we do not use (user, logprobs=false, ...); the ones we use are typed strictly.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     n: int = Field(default=1, ge=1, le=16)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    # int64, with room for seed + i over n samples (sample i of a seeded request uses seed + i).
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1 - 16)
+    # Up to 4 non-empty stop strings, as the schema says (so a schema-valid request is never refused for it).
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Read only to refuse them with a 400 that says so (no function calling here), never silently ignored.
@@ -85,12 +98,7 @@ class _Sampling(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        values = [value] if isinstance(value, str) else value
-        if len(values) > 4 or any(not v for v in values):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return values
+        return [value] if isinstance(value, str) else value
 
 
 class ChatCompletionRequest(_Sampling):

@@ -33,8 +33,8 @@ def fit(
     results: list[Path] = typer.Option(..., "--from", help="results.json of `moa eval` runs with single-model "
                                        "systems (repeatable; later files win)."),
     output: Path = typer.Option(..., "-o", "--output", help="Router file to write (JSON)."),
-    tasks_file: Path | None = typer.Option(None, "--tasks", help="The task file the evaluations ran (default: the "
-                                           "one their results name, from the built-in set)."),
+    tasks_file: list[Path] = typer.Option([], "--tasks", help="The task files the evaluations ran (repeatable; "
+                                          "default: those their results name, found beside the built-in set)."),
     cost: list[str] = typer.Option([], "--cost", help="Relative cost of one completion token of a model, "
                                    "MODEL=WEIGHT (repeatable; default 1: cost = tokens). E.g. parameter counts."),
     folds: int = typer.Option(5, "--folds", min=2, help="Cross-validation folds for the held-out figures."),
@@ -56,7 +56,8 @@ def fit(
 
     with user_errors():
         outcomes, named = read_outcomes(results)
-        tasks = {t.id: t for t in load_tasks(tasks_file or DEFAULT_TASKS.parent / named)}
+        files = tasks_file or [Path(n) if Path(n).exists() else DEFAULT_TASKS.parent / Path(n).name for n in named]
+        tasks = {t.id: t for f in files for t in load_tasks(f)}
         missing = [t for t in outcomes.tasks if t not in tasks]
         if missing:
             raise ValueError(f"tasks {missing[:5]} of the results are not in the task file; pass it with --tasks")

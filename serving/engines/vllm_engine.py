@@ -236,15 +236,20 @@ class VLLMEngine(StreamingEngine):
             output_kind=RequestOutputKind.DELTA,
         )
 
-    async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
-                     request_id: str | None = None) -> AsyncIterator[StreamEvent]:
-        await self._ensure_alive()
+    def validate_request(self, messages: Sequence[ChatMessage], params: SamplingParams) -> list[int]:
+        """The prompt's token ids, or InvalidRequest if it cannot be served (a server checks before answering)."""
         prompt_ids = self.prompt_token_ids(messages)
         if self.max_model_len is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequest(
                 f"model {self.name!r}: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
                 f"exceeds the context length {self.max_model_len}"
             )
+        return prompt_ids
+
+    async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
+                     request_id: str | None = None) -> AsyncIterator[StreamEvent]:
+        await self._ensure_alive()
+        prompt_ids = self.validate_request(messages, params)
         rid = request_id or f"{self.name}-{next(_ids)}"
         texts = [""] * params.n
         tokens = [0] * params.n

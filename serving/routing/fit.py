@@ -35,10 +35,10 @@ class Outcomes:
     tokens: np.ndarray  # completion tokens, tasks × models
 
 
-def read_outcomes(paths: Sequence[Path]) -> tuple[Outcomes, str]:
+def read_outcomes(paths: Sequence[Path]) -> tuple[Outcomes, list[str]]:
     """Single-model systems from results.json files (later files win), on the tasks every model answered.
 
-    Returns the outcomes and the task file the evaluations name.
+    Returns the outcomes and the task files the evaluations name (task ids must not repeat across them).
     """
     per_model: dict[str, dict[str, tuple[bool, int]]] = {}
     task_files = set()
@@ -48,18 +48,17 @@ def read_outcomes(paths: Sequence[Path]) -> tuple[Outcomes, str]:
         for row in data["accuracy"]:
             if row["models"] != [row["system"]]:
                 continue  # a pipeline, or a model swapped into one: not one model's own answer
-            per_model[row["system"]] = {r["task"]: (bool(r["correct"]), int(r["completion_tokens"]))
-                                        for r in data["responses"][row["system"]]}
+            rows = data["responses"][row["system"]]
+            per_model.setdefault(row["system"], {}).update(
+                {r["task"]: (bool(r["correct"]), int(r["completion_tokens"])) for r in rows})
     if len(per_model) < 2:
         raise ValueError(f"routing needs results of at least two single models; found {sorted(per_model) or 'none'} "
                          "(run `moa eval -s MODEL_A -s MODEL_B …` first)")
-    if len(task_files - {None}) > 1:
-        raise ValueError(f"the results come from different task files: {sorted(task_files - {None})}")
     models = sorted(per_model)
     tasks = [t for t in next(iter(per_model.values())) if all(t in per_model[m] for m in models)]
     correct = np.array([[per_model[m][t][0] for m in models] for t in tasks], dtype=bool)
     tokens = np.array([[per_model[m][t][1] for m in models] for t in tasks], dtype=float)
-    return Outcomes(tasks, models, correct, tokens), next(iter(task_files - {None}), "tasks.jsonl")
+    return Outcomes(tasks, models, correct, tokens), sorted(task_files - {None}) or ["tasks.jsonl"]
 
 
 def _fit_one(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
