@@ -43,8 +43,10 @@ async def in_process(args) -> dict:
     try:
         import httpx
 
+        while not server.started:  # the socket is bound once uvicorn has started
+            await asyncio.sleep(0.1)
         async with httpx.AsyncClient(base_url=url) as http:
-            while (await http.get("/ready")).status_code != 200:
+            while (await http.get("/ready")).status_code != 200:  # the engines start one by one
                 await asyncio.sleep(1)
         process = psutil.Process(os.getpid())
         report = await soak(url, [SMALL, QWEN, *pipelines], clients=args.clients, duration_s=args.duration,

@@ -33,7 +33,8 @@ async def test_schemathesis_finds_no_server_error_and_no_undocumented_response(r
     async with uvicorn_serving(app) as url:
         process = await asyncio.create_subprocess_exec(
             cli, "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run", f"{url}/openapi.json",
-            "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--max-examples", "50", "--seed", "1", "--generation-database", "none",
+            "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--max-examples", "50", "--seed", "1",
+            "--generation-database", "none",
             "--header", "Authorization: Bearer fuzz", "--max-time", "120", "--request-timeout", "30",
             "--max-response-time", "20", "--no-color", "--report", "json", "--report-json-path", str(report),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
