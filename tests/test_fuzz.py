@@ -35,7 +35,7 @@ async def test_schemathesis_finds_no_server_error_and_no_undocumented_response(r
             cli, "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run", f"{url}/openapi.json",
             "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--max-examples", "50", "--seed", "1",
             "--generation-database", "none",
-            "--header", "Authorization: Bearer fuzz", "--max-time", "120", "--request-timeout", "30",
+            "--header", "Authorization: Bearer fuzz", "--max-time", "60", "--request-timeout", "30",
             "--max-response-time", "20", "--no-color", "--report", "json", "--report-json-path", str(report),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         output, _ = await process.communicate()
@@ -45,4 +45,4 @@ async def test_schemathesis_finds_no_server_error_and_no_undocumented_response(r
     # The run ends at its time budget (exit code 1 then, with or without findings): the report is the verdict.
     assert result["failures"] == [] and result["errors"] == [], f"{tmp_path}:\n{text[-6000:]}"
     assert result["operations"]["tested"] == result["operations"]["total"] == 6
-    assert result["test_cases"]["generated"] >= 200 and result["test_cases"]["with_failures"] == 0
+    assert result["test_cases"]["generated"] >= 100 and result["test_cases"]["with_failures"] == 0

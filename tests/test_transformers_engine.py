@@ -95,6 +95,7 @@ async def test_stream_and_cancel(hf):
     assert hf.stats.running == 0 and hf.stats.aborted >= 1
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread dies on purpose
 async def test_a_worker_thread_killed_by_a_fatal_error_is_replaced(hf, monkeypatch):
     from moa.engine import EngineError
 
