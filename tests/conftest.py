@@ -42,15 +42,22 @@ def local_model(registry):
     return ensure
 
 
-@pytest.fixture(scope="session")
-async def small_pool(registry, local_model):
-    """vLLM engines for the two small embedded models, shared by the pipeline and server tests."""
+@asynccontextmanager
+async def small_engines(registry, local_model) -> AsyncIterator[dict]:
+    """vLLM engines for the two small embedded models, started for the duration."""
     from serving.engines.pool import EnginePool
 
     local_model(SMALL)
     local_model(QWEN_SMALL)
     async with EnginePool(registry, [QWEN_SMALL, SMALL]) as pool:
         yield pool.engines
+
+
+@pytest.fixture(scope="session")
+async def small_pool(registry, local_model):
+    """The small engines shared by the pipeline and server tests."""
+    async with small_engines(registry, local_model) as engines:
+        yield engines
 
 
 @asynccontextmanager

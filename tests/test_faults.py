@@ -17,7 +17,7 @@ from moa.runner import RunResult, iter_run
 from moa.steps import Aggregate, Propose
 from moa.trace import AnswerDelta, AnswerRestarted
 from serving.api.app import ServerSettings, create_app
-from tests.conftest import FRANCE, QWEN_SMALL, SMALL, uvicorn_serving
+from tests.conftest import FRANCE, QWEN_SMALL, SMALL, small_engines, uvicorn_serving
 
 pytestmark = pytest.mark.vllm
 
@@ -25,12 +25,8 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 async def pool(registry, local_model):
     """Engines of their own: the ones these tests kill are not the ones other modules share."""
-    from serving.engines.pool import EnginePool
-
-    local_model(SMALL)
-    local_model(QWEN_SMALL)
-    async with EnginePool(registry, [QWEN_SMALL, SMALL]) as engines:
-        yield engines.engines
+    async with small_engines(registry, local_model) as engines:
+        yield engines
 ESSAY = [{"role": "user", "content": "Write a long, detailed essay about the history of Paris."}]
 
 

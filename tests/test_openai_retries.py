@@ -8,6 +8,8 @@ against a real vLLM server: tests/test_openai_engine.py.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from fastapi import FastAPI
@@ -42,43 +44,36 @@ def flaky_server(failures: int, status: int = 503) -> tuple[FastAPI, list[int]]:
     return app, seen
 
 
-def engine_for(url: str, retries: int) -> OpenAIEngine:
-    spec = ModelSpec(name="m", backend="openai", endpoint={"base_url": f"{url}/v1", "vllm_extensions": False,
-                                                             "retries": retries, "retry_backoff_s": 0.01})
-    return OpenAIEngine(spec)
+@asynccontextmanager
+async def engine_against(app: FastAPI, retries: int) -> AsyncIterator[OpenAIEngine]:
+    """An openai-backend engine, started against `app` served on a free port."""
+    async with uvicorn_serving(app) as url:
+        spec = ModelSpec(name="m", backend="openai", endpoint={"base_url": f"{url}/v1", "vllm_extensions": False,
+                                                                 "retries": retries, "retry_backoff_s": 0.01})
+        engine = OpenAIEngine(spec)
+        await engine.start()
+        try:
+            yield engine
+        finally:
+            await engine.close()
 
 
 @pytest.mark.parametrize("status", [502, 503, 504])
 async def test_a_restarting_server_is_retried_until_it_answers(status):
     app, seen = flaky_server(failures=2, status=status)
-    async with uvicorn_serving(app) as url:
-        engine = engine_for(url, retries=3)
-        await engine.start()
-        try:
-            result = await engine.generate(Q, SamplingParams(max_tokens=4))
-        finally:
-            await engine.close()
+    async with engine_against(app, retries=3) as engine:
+        result = await engine.generate(Q, SamplingParams(max_tokens=4))
     assert result.texts == ["hello"] and len(seen) == 3 and engine.stats.extra["retries"] == 2
 
 
 async def test_retries_are_bounded_and_a_client_error_is_never_retried():
     app, seen = flaky_server(failures=10)
-    async with uvicorn_serving(app) as url:
-        engine = engine_for(url, retries=2)
-        await engine.start()
-        try:
-            with pytest.raises(EngineError, match="restarting"):
-                await engine.generate(Q, SamplingParams(max_tokens=4))
-            assert len(seen) == 3  # the first try and two retries
-        finally:
-            await engine.close()
+    async with engine_against(app, retries=2) as engine:
+        with pytest.raises(EngineError, match="restarting"):
+            await engine.generate(Q, SamplingParams(max_tokens=4))
+    assert len(seen) == 3  # the first try and two retries
     app, seen = flaky_server(failures=1, status=400)
-    async with uvicorn_serving(app) as url:
-        engine = engine_for(url, retries=3)
-        await engine.start()
-        try:
-            with pytest.raises(Exception, match="restarting"):
-                await engine.generate(Q, SamplingParams(max_tokens=4))
-        finally:
-            await engine.close()
+    async with engine_against(app, retries=3) as engine:
+        with pytest.raises(Exception, match="restarting"):
+            await engine.generate(Q, SamplingParams(max_tokens=4))
     assert len(seen) == 1
