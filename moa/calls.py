@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from moa.engine import ChatMessage, Completion, Engine, Generation, InvalidRequest, SamplingParams
-from moa.trace import AnswerDelta, CallFinished, CallRecord, Event, Trace
+from moa.trace import AnswerDelta, CallDelta, CallFinished, CallRecord, CallStarted, Event, Trace
 
 Prices = Mapping[str, tuple[float, float]]  # model -> USD per million (prompt, completion) tokens
 
@@ -53,6 +53,8 @@ class EngineCalls:
     timeout_s: float | None = None  # the run's default per-call timeout
     ceiling: Ceiling = field(default_factory=Ceiling)
     streamed: list[str] = field(default_factory=list)  # answer text sent as AnswerDelta so far
+    # Stream every call and emit its samples' text as CallDelta events (a client watching the agents work).
+    stream_calls: bool = False
     _reserved: dict[int, tuple[int, float]] = field(default_factory=dict)  # in-flight calls' worst cases
 
     def spent(self) -> tuple[int, float]:
@@ -107,7 +109,9 @@ class EngineCalls:
         """
         engine = self.engines.get(model)
         record = CallRecord(step, layer, model, params.n, self.trace.now())
+        call = len(self.trace.calls)
         self.trace.calls.append(record)
+        self.emit(CallStarted(call, step, layer, model, params.n))
         generation: Generation | None = None
         timeout = timeout_s or self.timeout_s
         try:
@@ -119,7 +123,7 @@ class EngineCalls:
                 raise CallFailed(model, over)
             if self.ceiling:
                 self._reserved[id(record)] = self._worst_case(model, messages, params)
-            coro = self._consume(engine, messages, params, record, stream_answer, need)
+            coro = self._consume(engine, messages, params, record, call, stream_answer, need)
             generation = await (asyncio.wait_for(coro, timeout) if timeout else coro)
         except TimeoutError:
             record.status, record.error = "timeout", f"no answer within {timeout} s (aborted)"
@@ -146,13 +150,12 @@ class EngineCalls:
         finally:
             self._reserved.pop(id(record), None)
             record.end_s = self.trace.now()
-            self.emit(CallFinished(step, layer, model, record.status,
-                                   len(generation.completions) if generation is not None else 0))
+            self.emit(CallFinished.of(record, call, len(generation.completions) if generation is not None else 0))
 
     async def _consume(self, engine: Engine, messages: list[ChatMessage], params: SamplingParams,
-                       record: CallRecord, stream_answer: bool, need: int | None) -> Generation:
+                       record: CallRecord, call: int, stream_answer: bool, need: int | None) -> Generation:
         started = self.trace.now()
-        if not stream_answer and need is None:
+        if not stream_answer and need is None and not self.stream_calls:
             generation = await engine.generate(messages, params)
             record.ttft_s = generation.ttft_s
             return generation
@@ -166,6 +169,8 @@ class EngineCalls:
                 if record.ttft_s is None and event.text:
                     record.ttft_s = self.trace.now() - started
                 texts[event.index] += event.text
+                if self.stream_calls and (event.text or event.finish_reason):
+                    self.emit(CallDelta(call, event.index, event.text, event.finish_reason))
                 if stream_answer and event.index == 0:
                     self.stream_answer(event.text)
                 if event.finish_reason is not None:

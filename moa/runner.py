@@ -58,12 +58,13 @@ class PipelineRun:
 
     def __init__(self, pipeline: Pipeline, conversation: list[ChatMessage], engines: Mapping[str, Engine], *,
                  prices: Prices | None = None, seed: int | None = None, timeout_s: float | None = None,
-                 ceiling: Ceiling | None = None, scorers: Mapping[str, Scorer] | None = None) -> None:
+                 ceiling: Ceiling | None = None, scorers: Mapping[str, Scorer] | None = None,
+                 stream_calls: bool = False) -> None:
         self.pipeline, self.conversation, self.seed = pipeline, conversation, seed
         self.trace = Trace(pipeline.name)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.calls = EngineCalls(engines, self.trace, self.queue.put_nowait, prices or {}, timeout_s,
-                                 ceiling or Ceiling())
+                                 ceiling or Ceiling(), stream_calls=stream_calls)
         self.scorers = scorers or {}
         self.failures: list[str] = []
 
@@ -130,14 +131,15 @@ def _check_conversation(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
 
 async def iter_run(pipeline: Pipeline, messages: Sequence[ChatMessage], engines: Mapping[str, Engine], *,
                    prices: Prices | None = None, seed: int | None = None, timeout_s: float | None = None,
-                   ceiling: Ceiling | None = None,
-                   scorers: Mapping[str, Scorer] | None = None) -> AsyncIterator[Event | RunResult]:
+                   ceiling: Ceiling | None = None, scorers: Mapping[str, Scorer] | None = None,
+                   stream_calls: bool = False) -> AsyncIterator[Event | RunResult]:
     """Run `pipeline` on a conversation: progress events and answer chunks, then the RunResult.
 
-    `ceiling`: the request's token/cost limit; `scorers`: the routers `route` steps name.
+    `ceiling`: the request's token/cost limit; `scorers`: the routers `route` steps name;
+    `stream_calls`: every call streams, its text arriving as CallDelta events (to watch the agents).
     """
     state = PipelineRun(pipeline, _check_conversation(messages), engines, prices=prices, seed=seed,
-                        timeout_s=timeout_s, ceiling=ceiling, scorers=scorers)
+                        timeout_s=timeout_s, ceiling=ceiling, scorers=scorers, stream_calls=stream_calls)
     async with aclosing(state.events()) as items:
         async for item in items:
             yield item

@@ -113,14 +113,55 @@ class StepStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class CallStarted:
+    """An engine call was sent: `call` is its position in the trace's `calls`, the key of its deltas."""
+
+    call: int
+    step: str
+    layer: int
+    model: str
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallDelta:
+    """A streamed piece of sample `index` of call `call` (only when the run streams every call)."""
+
+    call: int
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CallFinished:
-    """An engine call ended (a proposal is in, or failed)."""
+    """An engine call ended (a proposal is in, or failed), with its figures as the trace records them.
+
+    Samples of the call that never finished (no delta with a finish_reason) were aborted: by a quorum,
+    a timeout or the client leaving.
+    """
 
     step: str
     layer: int
     model: str
     status: str
     responses: int
+    call: int = -1
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    seconds: float | None = None
+    cost_usd: float = 0.0
+    error: str | None = None
+    note: str | None = None
+
+    @classmethod
+    def of(cls, record: CallRecord, call: int, responses: int) -> CallFinished:
+        seconds = None if record.end_s is None else record.end_s - record.start_s
+        return cls(record.step, record.layer, record.model, record.status, responses, call, record.prompt_tokens,
+                   record.cached_prompt_tokens, record.completion_tokens, record.ttft_s, seconds, record.cost_usd,
+                   record.error, record.note)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,4 +197,4 @@ class AnswerRestarted:
     reason: str
 
 
-Event = StepStarted | CallFinished | StepNote | StepFinished | AnswerDelta | AnswerRestarted
+Event = StepStarted | CallStarted | CallDelta | CallFinished | StepNote | StepFinished | AnswerDelta | AnswerRestarted

@@ -6,4 +6,14 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export HF_HUB_OFFLINE=1 VLLM_HOST_IP=127.0.0.1
 .venv/bin/moa models pull smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b  # every embedded model: the known-answer test checks each
+# The playground's browser tests drive the system's Chromium (Debian's package; Playwright downloads nothing).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "moa-stack: installing Debian's chromium for the browser tests…" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+      || echo "moa-stack: could not install chromium: the browser tests will skip" >&2
+  else
+    echo "moa-stack: no chromium: the browser tests skip (install it: sudo apt-get install chromium)" >&2
+  fi
+fi
 exec .venv/bin/python -m pytest -ra --timeout=900 "$@"

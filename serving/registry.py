@@ -213,6 +213,9 @@ class ServerOptions(_Strict):
     # Answers to deterministic requests kept in memory (docs/API.md, "Response cache"); 0: off.
     cache_entries: int = Field(default=0, ge=0)
     cache_path: Path | None = None  # also keep them in this SQLite file (relative to models.yaml)
+    # The playground's compare-view votes, one JSON line each (relative to models.yaml); default
+    # $MOA_HOME/playground-votes.jsonl.
+    votes_path: Path | None = None
     metrics_public: bool = False  # /metrics without a key even when keys are set (a scraper inside a trusted net)
     rate_limit: RateLimit | None = None  # 429 + Retry-After beyond it
 

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.vllm
 async def test_schemathesis_finds_no_server_error_and_no_undocumented_response(registry, small_pool, tmp_path):
     cli = shutil.which("schemathesis") or str(Path(sys.executable).with_name("schemathesis"))
     pipeline = registry.pipeline("moa-lite").with_models({"qwen2.5-coder-1.5b": QWEN_SMALL}).with_max_tokens(16)
-    settings = ServerSettings(api_keys=["fuzz"], request_timeout_s=10, max_concurrency=4)
+    settings = ServerSettings(api_keys=["fuzz"], request_timeout_s=10, max_concurrency=4,
+                              votes_path=tmp_path / "votes.jsonl")
     app = create_app(registry, models=[SMALL, QWEN_SMALL], pipelines={"moa-lite": pipeline}, settings=settings,
                      engines=small_pool)
     report = tmp_path / "schemathesis.json"
@@ -44,5 +45,5 @@ async def test_schemathesis_finds_no_server_error_and_no_undocumented_response(r
     result = json.loads(report.read_text())
     # The run ends at its time budget (exit code 1 then, with or without findings): the report is the verdict.
     assert result["failures"] == [] and result["errors"] == [], f"{tmp_path}:\n{text[-6000:]}"
-    assert result["operations"]["tested"] == result["operations"]["total"] == 6
+    assert result["operations"]["tested"] == result["operations"]["total"] == 7  # with the playground's votes
     assert result["test_cases"]["generated"] >= 100 and result["test_cases"]["with_failures"] == 0

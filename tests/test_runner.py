@@ -459,3 +459,46 @@ async def test_an_answer_broken_off_mid_stream_is_restarted_with_the_fallback():
     assert restart.discarded == len("c answer") and "connection lost" in restart.reason
     after = events[events.index(restart) + 1:]
     assert "".join(e.text for e in after if isinstance(e, AnswerDelta)) == result.answer
+
+
+async def test_streamed_calls_carry_every_sample_and_the_figures_the_trace_records():
+    """`stream_calls`: each call's deltas rebuild its samples; call ids index the trace; quorum-cut samples never
+    finish. This is what the playground's columns are drawn from (`moa.call_deltas`)."""
+    from moa.trace import CallDelta, CallStarted
+
+    es = {"a": ScriptedEngine("a", delay_s=0.01), "b": ScriptedEngine("b"), "agg": ScriptedEngine("agg")}
+    steps = (Propose(models=("a", "a", "a"), temperature=0.7, quorum=2), Synthesize(models=("a", "b")),
+             Aggregate(model="agg"))
+    items = [i async for i in iter_run(pipe(*steps), Q, es, prices={"agg": (1.0, 2.0)}, stream_calls=True)]
+    result = items[-1]
+    started = {e.call: e for e in items if isinstance(e, CallStarted)}
+    finished = {e.call: e for e in items if isinstance(e, CallFinished)}
+    assert [(started[i].model, started[i].n) for i in sorted(started)] == [("a", 3), ("a", 1), ("b", 1), ("agg", 1)]
+    assert sorted(finished) == sorted(started) == list(range(len(result.trace.calls)))
+    text: dict[tuple[int, int], str] = {}
+    done: set[tuple[int, int]] = set()
+    for e in items:
+        if isinstance(e, CallDelta):
+            assert (e.call, e.index) not in done  # nothing after a sample's finish
+            text[e.call, e.index] = text.get((e.call, e.index), "") + e.text
+            if e.finish_reason:
+                done.add((e.call, e.index))
+    for call, record in enumerate(result.trace.calls):
+        event = finished[call]
+        assert (event.model, event.status, event.prompt_tokens, event.completion_tokens, event.cost_usd) == (
+            record.model, record.status, record.prompt_tokens, record.completion_tokens, record.cost_usd)
+        assert event.seconds == pytest.approx(record.end_s - record.start_s)
+    # The quorum (2 of a's 3 samples in one request): the third sample never finished.
+    assert {k for k in done if k[0] == 0} == {(0, 0), (0, 1)} and {(1, 0), (2, 0), (3, 0)} <= done
+    assert [text[0, i] for i in (0, 1)] == [r.text for r in result.responses[0]]
+    assert text[3, 0] == result.answer == "agg answer 0"
+    assert "".join(e.text for e in items if isinstance(e, AnswerDelta)) == result.answer
+
+
+async def test_without_stream_calls_no_call_deltas_are_emitted():
+    from moa.trace import CallDelta, CallStarted
+
+    es = engines("a", "agg")
+    items = [i async for i in iter_run(pipe(Propose(models=("a",)), Aggregate(model="agg")), Q, es)]
+    assert not any(isinstance(i, CallDelta) for i in items)
+    assert sum(isinstance(i, CallStarted) for i in items) == 2

@@ -33,6 +33,7 @@ from serving.api.errors import (
     without_422,
 )
 from serving.api.jobs import chat_job, text_job
+from serving.api.playground import playground_routes
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest
 from serving.api.state import ServerSettings, ServerState
 from serving.api.targets import describe
@@ -136,6 +137,7 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
         state.check_target(req.model)
         return await respond(state, text_job(state, req), request, stream=req.stream)
 
+    app.include_router(playground_routes(state))
     openapi = app.openapi
 
     def document() -> dict:

@@ -19,15 +19,25 @@ from dataclasses import asdict, dataclass, field
 from moa.engine import Completion, Delta, Engine, Generation, InvalidRequest, SamplingParams
 from moa.pipeline import Pipeline
 from moa.runner import Ceiling, RunResult, iter_run
-from moa.trace import AnswerDelta, AnswerRestarted, CallFinished, Event, StepFinished, StepNote, StepStarted
+from moa.trace import (
+    AnswerDelta,
+    AnswerRestarted,
+    CallDelta,
+    CallFinished,
+    CallStarted,
+    Event,
+    StepFinished,
+    StepNote,
+    StepStarted,
+)
 from serving.api.errors import APIError
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest, MoAOptions
 from serving.api.state import ServerState
 from serving.api.targets import apply_overrides
 
 DEFAULT_MAX_TOKENS = 512
-EVENT_NAMES = {StepStarted: "layer_started", StepFinished: "layer_finished", CallFinished: "call_finished",
-               StepNote: "decision"}
+EVENT_NAMES = {StepStarted: "layer_started", StepFinished: "layer_finished", CallStarted: "call_started",
+               CallDelta: "call_delta", CallFinished: "call_finished", StepNote: "decision"}
 
 
 @dataclass
@@ -123,10 +133,11 @@ class PipelineJob:
     def use_cache(self) -> bool:
         return self.options.cache
 
-    def run(self) -> AsyncIterator:
+    def run(self, stream_calls: bool = False) -> AsyncIterator:
         return iter_run(self.pipeline, self.messages, self.state.engines, prices=self.state.registry.prices(),
                         seed=self.seed, scorers=self.state.registry.scorers(),
-                        ceiling=Ceiling(self.options.max_total_tokens, self.options.max_cost_usd))
+                        ceiling=Ceiling(self.options.max_total_tokens, self.options.max_cost_usd),
+                        stream_calls=stream_calls)
 
     async def complete(self) -> dict:
         result: RunResult | None = None
@@ -144,7 +155,7 @@ class PipelineJob:
         """Progress events (opt-in) as `choices: []` chunks; the role goes out with the first answer token."""
         envelope = Envelope(self.model, "chat.completion.chunk", f"chatcmpl-{self.id}")
         first = True
-        async with aclosing(self.run()) as items:
+        async with aclosing(self.run(stream_calls=self.options.call_deltas)) as items:
             async for item in items:
                 if isinstance(item, AnswerDelta):
                     delta = {"role": "assistant", "content": item.text} if first else {"content": item.text}
@@ -157,7 +168,7 @@ class PipelineJob:
                     yield envelope([{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}])
                     extra = {"usage": self._usage(item)} if self.include_usage else {}
                     yield envelope([], moa=self.summary(item), **extra)
-                elif self.options.events:
+                elif self.options.events or self.options.call_deltas:
                     yield envelope([], moa={"event": event_name(item), **asdict(item)})
 
     def _usage(self, result: RunResult) -> dict:

@@ -37,6 +37,8 @@ class MoAOptions(BaseModel):
     strategy: StrategyName | None = None
     quorum: int | None = Field(default=None, ge=1)
     events: bool = False  # stream progress events as extra chunks (choices: [])
+    # Also stream every engine call's text as `call_delta` events (implies events): the playground's columns.
+    call_deltas: bool = False
     trace: bool = False  # include every engine call in the response's `moa.trace`
     cache: bool = True  # false: never answer from (or store into) the response cache
     # Spending limit of the run: once it has a first answer, no call that could pass it (moa/calls.py Ceiling).

@@ -31,6 +31,7 @@ class ServerSettings:
     rate_limit_burst: int = 10
     cache_entries: int = 0  # answers to deterministic requests kept in memory (serving/api/cache.py); 0: off
     cache_path: Path | None = None  # and in this SQLite file, across restarts
+    votes_path: Path | None = None  # the playground's compare-view votes (JSONL); None: voting is off
 
 
 @dataclass

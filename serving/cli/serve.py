@@ -29,13 +29,15 @@ def serve(
                                                   "answer repeats without an engine call; 0: off [server: 0]."),
     cache_path: Path | None = typer.Option(None, "--cache-path", help="Also keep cached answers in this SQLite "
                                            "file: they survive restarts [server: cache_path]."),
+    votes: Path | None = typer.Option(None, "--votes", help="Append the playground's compare-view votes to this "
+                                      "JSONL file [server: votes_path, else $MOA_HOME/playground-votes.jsonl]."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Run every vLLM engine in a Ray actor on "
                                            "this cluster: auto, or ray://HOST:10001 (also $MOA_RAY_ADDRESS)."),
     allow_no_key: bool = typer.Option(False, "--allow-no-key", help="Bind a non-loopback address without an API "
                                       "key (anyone who can reach the port can use the models)."),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Serve models and pipelines over an OpenAI-compatible API.
+    """Serve models and pipelines over an OpenAI-compatible API, and the playground page at /playground.
 
     With neither --model nor --pipeline: the default model, every pipeline, and every model they use.
     """
@@ -43,6 +45,7 @@ def serve(
 
     from serving import planning
     from serving.api.app import ServerSettings, create_app
+    from serving.store import moa_home
 
     reg = registry(config)
     if ray_address:
@@ -75,13 +78,18 @@ def serve(
         metrics_public=options.metrics_public,
         rate_limit_per_minute=options.rate_limit.requests_per_minute if options.rate_limit else None,
         rate_limit_burst=options.rate_limit.burst if options.rate_limit else 10,
-        cache_path=cache_path or (reg.path.parent / options.cache_path if options.cache_path and reg.path
-                                  else options.cache_path),
+        cache_path=cache_path or _beside(reg, options.cache_path),
+        votes_path=votes or _beside(reg, options.votes_path) or moa_home() / "playground-votes.jsonl",
     )
     app = create_app(reg, models=models, pipelines=pipelines, settings=settings)
     err.print(f"moa serve: http://{host}:{port}/v1 — models {models}, pipelines {list(pipelines)}; "
-                  "engines start one by one, GET /ready answers 200 when all are up", highlight=False,
-                  soft_wrap=True)
+              "engines start one by one, GET /ready answers 200 when all are up. "
+              f"Playground: http://{host}:{port}/playground", highlight=False, soft_wrap=True)
     # On Ctrl-C uvicorn stops accepting, lets in-flight requests finish for up to 30 s, then cancels them
     # (which aborts their engine work); the lifespan then closes every engine.
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+
+
+def _beside(reg, path: Path | None) -> Path | None:
+    """A models.yaml path, relative to the file that names it."""
+    return reg.path.parent / path if path is not None and reg.path else path
