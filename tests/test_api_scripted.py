@@ -82,3 +82,25 @@ async def test_tools_are_refused_and_response_format_is_for_base_models():
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
         assert (await http.post("/v1/chat/completions", json={"model": SMALL, "messages": Q,
                                                               "tool_choice": "none"})).status_code == 200
+
+
+async def test_call_deltas_add_only_empty_choice_chunks_and_leave_the_answer_as_a_plain_client_gets_it():
+    app, _ = scripted_app(p=Pipeline("p", (Propose(models=(SMALL, QWEN_SMALL)), Aggregate(model=QWEN_SMALL))))
+
+    async def stream(http, **moa) -> list[dict]:
+        body = {"model": "p", "messages": Q, "seed": 3, "stream": True, **({"moa": moa} if moa else {})}
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            return [json.loads(line[6:]) async for line in response.aiter_lines()
+                    if line.startswith("data: {")]
+
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        plain, watched = await stream(http), await stream(http, call_deltas=True)
+    answer = [c["choices"] for c in plain if c["choices"]]
+    assert [c["choices"] for c in watched if c["choices"]] == answer  # the same content chunks, in order
+    events = [c["moa"] for c in watched if not c["choices"] and "event" in c.get("moa", {})]
+    assert all(not c["choices"] for c in watched if "event" in c.get("moa", {}))
+    deltas = [e for e in events if e["event"] == "call_delta"]
+    assert {e["call"] for e in deltas} == {0, 1, 2}
+    rebuilt = "".join(e["text"] for e in deltas if e["call"] == 2)
+    assert rebuilt == "".join(ch[0]["delta"].get("content", "") for ch in answer)
+    assert not any("event" in c.get("moa", {}) for c in plain)  # nothing extra for a plain client

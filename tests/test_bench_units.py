@@ -317,3 +317,48 @@ def test_pareto_front_keeps_the_systems_nothing_beats_on_accuracy_and_tokens(tmp
     results.write_text(json.dumps({"accuracy": rows}))
     main([str(results), "-o", str(tmp_path / "pareto.png")])
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
+
+
+async def test_human_votes_are_reported_beside_the_judges_verdicts_in_both_orders(tmp_path):
+    """A judge that prefers the answer saying "4": it agrees with people who chose it, not with the others."""
+    import re
+
+    from moa.testing import ScriptedEngine
+    from serving.api.votes import read_votes
+    from serving.bench.human_votes import judge_votes
+
+    def prefers_four(messages, params, i):
+        a, b = re.search(r"\[Response A\]\n(.*)\n\n\[Response B\]\n(.*)\n\n", messages[-1]["content"], re.S).groups()
+        return "[[A]]" if "4" in a and "4" not in b else "[[B]]" if "4" in b and "4" not in a else "[[C]]"
+
+    def vote(a: tuple[str, str], b: tuple[str, str], verdict: str) -> str:
+        return json.dumps({"messages": [{"role": "user", "content": "2 + 2?"}], "verdict": verdict,
+                           "a": {"target": a[0], "answer": a[1]}, "b": {"target": b[0], "answer": b[1]}})
+
+    path = tmp_path / "votes.jsonl"
+    path.write_text("\n".join([
+        vote(("moa", "It is 4."), ("small", "It is 5."), "a"),    # judge agrees
+        vote(("small", "It is 5."), ("moa", "4"), "b"),           # judge agrees (sides swapped)
+        vote(("moa", "It is 4."), ("small", "Five."), "b"),       # judge disagrees
+        vote(("moa", "It is 4."), ("small", "4!"), "both_bad"),   # a tie both ways: agrees
+        vote(("moa", "4"), ("big", "It is 5."), "tie"),           # judge picks moa: disagrees with a tie
+    ]) + "\n")
+    rows = await judge_votes(ScriptedEngine("judge", reply=prefers_four), read_votes(path))
+    by_pair = {tuple(r["pair"]): r for r in rows}
+    moa_small = by_pair["moa", "small"]
+    assert moa_small["votes"] == 4 and moa_small["both_bad"] == 1
+    assert moa_small["human_win_rate"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    assert moa_small["judge_win_rate"] == pytest.approx((1 + 1 + 1 + 0.5) / 4)
+    assert moa_small["agreement"] == pytest.approx(3 / 4) and moa_small["agreement_decisive"] == pytest.approx(2 / 3)
+    assert by_pair["big", "moa"]["agreement"] == 0 and by_pair["big", "moa"]["agreement_decisive"] is None
+    overall = by_pair["all pairs", ""]
+    assert overall["votes"] == 5 and overall["agreement"] == pytest.approx(3 / 5) and overall["human_win_rate"] is None
+
+
+def test_a_bad_votes_line_names_the_file_and_line(tmp_path):
+    from serving.api.votes import read_votes
+
+    path = tmp_path / "votes.jsonl"
+    path.write_text('{"verdict": "a"}\n')
+    with pytest.raises(ValueError, match=r"votes.jsonl:1: not a playground vote"):
+        read_votes(path)

@@ -21,6 +21,8 @@ from moa.pipeline import Pipeline
 from moa.steps import Aggregate, Propose
 from moa.testing import ScriptedEngine
 from serving.api.app import ServerSettings, create_app
+from serving.api.votes import read_votes
+from serving.bench.human_votes import judge_votes
 from serving.registry import load_registry
 from tests.conftest import QWEN_SMALL, SMALL, uvicorn_serving
 
@@ -125,7 +127,7 @@ async def test_run_view_streams_proposer_columns_then_the_aggregate_with_the_tra
 
 
 @pytest.mark.vllm
-async def test_compare_view_hides_the_names_until_the_vote_which_lands_in_the_jsonl(browser, real_server):
+async def test_compare_view_hides_the_names_until_the_vote_which_lands_in_the_jsonl(browser, real_server, small_pool):
     url, votes = real_server
     async with page_on(browser, url, width=390, height=844) as page:  # a phone's width
         await page.click("#tab-compare")
@@ -149,6 +151,10 @@ async def test_compare_view_hides_the_names_until_the_vote_which_lands_in_the_js
     assert record["verdict"] == "a" and record["winner"] == revealed["a"] == record["a"]["target"]
     assert record["a"]["answer"] == answers[0] and record["messages"] == [{"role": "user",
                                                                            "content": "What is 2 + 2?"}]
+    # `moa eval --votes` reads the file back and puts a (real) judge's verdict beside the person's.
+    (row,) = await judge_votes(small_pool[QWEN_SMALL], read_votes(votes))
+    assert row["pair"] == sorted(["self-moa", SMALL]) and row["votes"] == 1 and row["agreement"] in (0.0, 1.0)
+    assert row["human_win_rate"] == (1.0 if revealed["a"] == row["pair"][0] else 0.0)
 
 
 def scripted_server(**settings):

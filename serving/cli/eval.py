@@ -32,8 +32,9 @@ DEFAULT_SYSTEMS = ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "self-moa"]
 
 
 def eval_(
-    system: list[str] = typer.Option(DEFAULT_SYSTEMS, "--system", "-s", help="A model or a pipeline, optionally "
-                                     "with @before/@after (where synthesis steps put references). Repeatable."),
+    system: list[str] | None = typer.Option(None, "--system", "-s", help="A model or a pipeline, optionally with "
+                                            "@before/@after (where synthesis steps put references). Repeatable "
+                                            f"[default: {', '.join(DEFAULT_SYSTEMS)}; none with --votes alone]."),
     tasks_file: Path | None = typer.Option(None, "--tasks", help="JSONL tasks: id, prompt or messages, answer, "
                                            "scorer (exact|numeric|choice|regex) (default: the built-in 50)."),
     swap: list[str] = typer.Option([], "--swap", help="Replace a model inside pipelines, OLD=NEW (repeatable)."),
@@ -43,19 +44,30 @@ def eval_(
     seed: int = typer.Option(0, "--seed", help="Task i uses seed + 1000*i."),
     pairwise: str | None = typer.Option(None, "--pairwise", help="Judge every other system against this one "
                                         "(a --system label), in both orders."),
-    judge: str = typer.Option("qwen2.5-coder-1.5b", "--judge", help="Model that judges pairs."),
+    votes: Path | None = typer.Option(None, "--votes", help="The playground's votes (JSONL, `moa serve --votes`): "
+                                      "human win rates per pair of targets beside the judge's verdicts on the same "
+                                      "answers, and how often they agree."),
+    judge: str = typer.Option("qwen2.5-coder-1.5b", "--judge", help="Model that judges pairs and votes."),
     output: Path | None = typer.Option(None, "--out", "-o", help="Directory for results.json and summary.md "
                                        "(default: eval-results/<date-time>)."),
     config: Path | None = ConfigOption,
 ) -> None:
     """Score models and pipelines on a task set: accuracy with a 95% confidence interval, tokens and
-    seconds per correct answer; with --pairwise, win rates judged by a local model in both orders."""
+    seconds per correct answer; with --pairwise, win rates judged by a local model in both orders; with
+    --votes, people's verdicts from the playground beside the judge's."""
+    from serving.api.votes import read_votes
     from serving.bench.datasets import DEFAULT_TASKS, DatasetError, load_tasks
     from serving.bench.evaluate import resolve_system
 
     exit_cleanly_on_sigterm()
     reg = registry(config)
+    system = system if system else ([] if votes else DEFAULT_SYSTEMS)
     with user_errors():
+        if votes is not None and not votes.is_file():
+            raise ValueError(f"--votes {votes}: no such file (the playground writes it: moa serve --votes PATH)")
+        human = read_votes(votes) if votes is not None else []
+        if votes is not None and not human:
+            raise ValueError(f"--votes {votes}: the file has no votes yet")
         try:
             tasks = load_tasks(tasks_file)
         except DatasetError as exc:
@@ -68,9 +80,10 @@ def eval_(
         if pairwise is not None and pairwise not in [s.label for s in systems]:
             raise ValueError(f"--pairwise {pairwise!r} must be one of the --system labels: "
                              f"{', '.join(s.label for s in systems)}")
-        if pairwise is not None:
+        judging = pairwise is not None or bool(human)
+        if judging:
             reg.get(judge)
-        needed = {m for s in systems for m in s.pipeline.models()} | ({judge} if pairwise else set())
+        needed = {m for s in systems for m in s.pipeline.models()} | ({judge} if judging else set())
         for name in sorted(needed):
             ensure_local(reg.get(name))
         out_dir = output or Path("eval-results") / time.strftime("%Y%m%d-%H%M%S")
@@ -78,10 +91,12 @@ def eval_(
         meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 "command": "moa eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:]),
                 "machine": machine(), "engine": engine_version(), "tasks": str(tasks_file or DEFAULT_TASKS.name),
-                "max_tokens": max_tokens, "concurrency": concurrency, "seed": seed}
+                "max_tokens": max_tokens, "concurrency": concurrency, "seed": seed,
+                "votes": str(votes) if votes else None}
         with quiet_engines(not os.environ.get("MOA_VERBOSE"), "eval") as log_path, ProgressBars() as progress:
             try:
-                data = asyncio.run(_evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, progress))
+                data = asyncio.run(_evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, progress,
+                                             human))
             except Exception:
                 if log_path:
                     err.print(f"engine log: {log_path}", highlight=False, soft_wrap=True)
@@ -93,7 +108,8 @@ def eval_(
     try:
         from serving.bench.pareto import plot
 
-        written.append(plot(data["accuracy"], out_dir / "pareto.png"))
+        if data["accuracy"]:
+            written.append(plot(data["accuracy"], out_dir / "pareto.png"))
     except ImportError:  # matplotlib is the `bench` extra
         err.print("no pareto.png: pip install 'moa-stack[bench]' for plots", highlight=False)
     for table in tables(data):
@@ -101,8 +117,9 @@ def eval_(
     err.print(f"written: {', '.join(map(str, written))}", highlight=False)
 
 
-async def _evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, progress) -> dict:
+async def _evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, progress, human) -> dict:
     from serving.bench.evaluate import accuracy_row, answer_tasks, group_by_models, judge_pairs, routing_rows
+    from serving.bench.human_votes import judge_votes
     from serving.engines.pool import EnginePool
 
     results = {}
@@ -114,18 +131,22 @@ async def _evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, pro
                     scorers=reg.scorers(),
                     on_done=progress(f"{system.label} · {len(tasks)} tasks", len(tasks)))
     rows = [accuracy_row(results[s.label], tasks) for s in systems]
-    pairs = []
-    if pairwise is not None:
+    pairs, voted = [], []
+    if pairwise is not None or human:
         async with EnginePool(reg, [judge]) as pool:
-            for s in systems:
+            for s in systems if pairwise is not None else []:
                 if s.label == pairwise:
                     continue
                 progress(f"judging {s.label} against {pairwise} with {judge} (both orders)", 0)
                 pairs.append((await judge_pairs(pool[judge], tasks, results[s.label], results[pairwise],
                                                 concurrency=concurrency)).row())
+            if human:
+                progress(f"judging {len(human)} voted pairs with {judge} (both orders)", 0)
+                voted = await judge_votes(pool[judge], human, concurrency=concurrency)
     details = {label: [{"task": t.id, "category": t.category, "correct": r.correct.get(t.id), **asdict(sample)}
                        for t, sample in zip(tasks, r.samples, strict=True)] for label, r in results.items()}
-    return {"accuracy": rows, "pairwise": pairs, "routing": routing_rows(reg, systems, results), "responses": details}
+    return {"accuracy": rows, "pairwise": pairs, "votes": voted, "routing": routing_rows(reg, systems, results),
+            "responses": details}
 
 
 def _pct(value: float | None) -> str:
@@ -202,6 +223,15 @@ def tables(data: dict) -> list[Table]:
                          f"{row['wins']}/{row['ties']}/{row['losses']}", _pct(row["order_consistency"]),
                          _pct(row["first_position_rate"]))
         shown.append(pair)
+    if data.get("votes"):
+        table = Table(title=f"people's votes (playground) beside {data['votes'][0]['judge']}'s verdicts on the same "
+                            "answers, both orders; win rate of the first-named target", title_justify="left")
+        for header in ("pair", "votes", "people", "judge", "agree", "agree where\npeople chose"):
+            table.add_column(header, justify="left" if header == "pair" else "right", no_wrap=header != "pair")
+        for row in data["votes"]:
+            table.add_row(" vs ".join(p for p in row["pair"] if p), str(row["votes"]), _pct(row["human_win_rate"]),
+                          _pct(row["judge_win_rate"]), _pct(row["agreement"]), _pct(row["agreement_decisive"]))
+        shown.append(table)
     return shown
 
 
@@ -212,10 +242,12 @@ def markdown(data: dict) -> str:
              f"Machine: {meta.get('machine', '')}; {meta.get('engine', '')}. Tasks: {meta.get('tasks')}; "
              f"max_tokens {meta.get('max_tokens')}; {meta.get('concurrency')} tasks in flight; "
              f"seed {meta.get('seed')}.",
-             "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_accuracy_cells(row, categories)) + " |" for row in data["accuracy"]]
-    lines += ["", "s/correct: the system's wall time over the task set divided by its correct answers "
-              "(tasks run concurrently; each system had the machine to itself)."]
+             ]
+    if data["accuracy"]:
+        lines += ["", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(_accuracy_cells(row, categories)) + " |" for row in data["accuracy"]]
+        lines += ["", "s/correct: the system's wall time over the task set divided by its correct answers "
+                  "(tasks run concurrently; each system had the machine to itself)."]
     for row in data.get("routing", []):
         best = row["held_out_best"] or {}
         lines += ["", f"Routing ({row['system']}, router `{row['router']}`): first asked "
@@ -229,4 +261,13 @@ def markdown(data: dict) -> str:
     if data["pairwise"]:
         lines += ["", "| " + " | ".join(PAIR_HEADERS) + " |", "|" + "---|" * len(PAIR_HEADERS)]
         lines += ["| " + " | ".join(_pair_cells(row)) + " |" for row in data["pairwise"]]
+    if data.get("votes"):
+        lines += ["", f"People's votes from the playground ({meta.get('votes')}) beside {data['votes'][0]['judge']}'s "
+                  "verdicts on the same answers (both orders); win rates of the first-named target, a tie or "
+                  "\"both bad\" counting half.", "",
+                  "| pair | votes | people | judge | agreement | agreement where people chose | ties | both bad |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {' vs '.join(p for p in r['pair'] if p)} | {r['votes']} | {_pct(r['human_win_rate'])} | "
+                  f"{_pct(r['judge_win_rate'])} | {_pct(r['agreement'])} | {_pct(r['agreement_decisive'])} | "
+                  f"{r['ties']} | {r['both_bad']} |" for r in data["votes"]]
     return "\n".join(lines) + "\n"

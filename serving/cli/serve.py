@@ -33,6 +33,7 @@ def serve(
                                       "JSONL file [server: votes_path, else $MOA_HOME/playground-votes.jsonl]."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Run every vLLM engine in a Ray actor on "
                                            "this cluster: auto, or ray://HOST:10001 (also $MOA_RAY_ADDRESS)."),
+    open_page: bool = typer.Option(False, "--open", help="Open the playground in a browser once the port is bound."),
     allow_no_key: bool = typer.Option(False, "--allow-no-key", help="Bind a non-loopback address without an API "
                                       "key (anyone who can reach the port can use the models)."),
     config: Path | None = ConfigOption,
@@ -85,6 +86,8 @@ def serve(
     err.print(f"moa serve: http://{host}:{port}/v1 — models {models}, pipelines {list(pipelines)}; "
               "engines start one by one, GET /ready answers 200 when all are up. "
               f"Playground: http://{host}:{port}/playground", highlight=False, soft_wrap=True)
+    if open_page:
+        _open_when_bound(host, port, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/playground")
     # On Ctrl-C uvicorn stops accepting, lets in-flight requests finish for up to 30 s, then cancels them
     # (which aborts their engine work); the lifespan then closes every engine.
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
@@ -93,3 +96,24 @@ def serve(
 def _beside(reg, path: Path | None) -> Path | None:
     """A models.yaml path, relative to the file that names it."""
     return reg.path.parent / path if path is not None and reg.path else path
+
+
+def _open_when_bound(host: str, port: int, url: str) -> None:
+    """Open `url` in the user's browser once the server accepts connections (engines may still be starting:
+    the page says so and waits for /ready)."""
+    import socket
+    import threading
+    import time
+    import webbrowser
+
+    def wait_then_open() -> None:
+        for _ in range(600):
+            try:
+                with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::") else host, port), 1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        if not webbrowser.open(url):
+            err.print(f"no browser to open here: visit {url}", highlight=False)
+
+    threading.Thread(target=wait_then_open, daemon=True, name="open-playground").start()
