@@ -204,3 +204,21 @@ async def test_the_page_loads_nothing_from_elsewhere_and_votes_are_off_without_a
                 "a": {"target": SMALL, "answer": "x"}, "b": {"target": "p", "answer": "y"}}
         refused = await http.post("/v1/playground/votes", json=vote)
         assert refused.status_code == 404 and refused.json()["error"]["code"] == "votes_off"
+
+
+async def test_while_engines_start_the_page_says_so_and_a_send_shows_the_503(browser):
+    app = create_app(load_registry(), models=[SMALL], pipelines={}, settings=ServerSettings())
+
+    @asynccontextmanager
+    async def engines_still_starting(app):  # no engines: /ready stays 503, as while `moa serve` loads them
+        yield
+
+    app.router.lifespan_context = engines_still_starting
+    async with uvicorn_serving(app) as url, page_on(browser, url) as page:
+        page.set_default_timeout(20_000)
+        await page.wait_for_selector("#banner:not([hidden])")
+        assert "Not ready" in await page.text_content("#banner")
+        await page.fill("#run-prompt", "hello")
+        await page.click("#run-send")
+        await page.wait_for_selector("body[data-run=failed]")
+        assert "503" in await page.text_content("#run-error")
