@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from moa.engine import ChatMessage, Completion, Engine, Generation, InvalidRequest, SamplingParams
 from moa.trace import AnswerDelta, CallDelta, CallFinished, CallRecord, CallStarted, Event, Trace
@@ -108,6 +108,9 @@ class EngineCalls:
         `essential`: it makes the run's first answer, so the ceiling never refuses it.
         """
         engine = self.engines.get(model)
+        # Later layers first: a call that finishes a request goes ahead of one that starts another
+        # (where the engine schedules by priority; lower is sooner, ties in arrival order).
+        params = replace(params, priority=-layer)
         record = CallRecord(step, layer, model, params.n, self.trace.now())
         call = len(self.trace.calls)
         self.trace.calls.append(record)

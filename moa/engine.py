@@ -39,6 +39,9 @@ class SamplingParams:
     json_schema: dict | None = field(default=None, hash=False, compare=False)
     # Ask for each completion's log-probability (a confidence signal); engines that cannot give None.
     logprobs: bool = False
+    # Scheduling priority, lower first, for engines that schedule by priority (vLLM with
+    # scheduling_policy: priority); others ignore it. The runner sets it from the call's layer.
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if self.n < 1:

@@ -109,6 +109,9 @@ class EngineArgs(_Strict):
     max_num_seqs: int | None = Field(default=None, gt=0)
     enforce_eager: bool | None = None
     enable_prefix_caching: bool = True
+    # vLLM's scheduler: "priority" serves the calls that finish a request (later layers) before those that
+    # start one (docs/BENCHMARKS.md, "Scheduling"); "fcfs" in arrival order.
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     # Placement on GPUs (docs/DEPLOY.md): explicit devices, or how many GPUs the planner picks.
     # Their count is TP x PP; tensor_parallel_size defaults to it.
     devices: list[int | str] | None = Field(default=None, min_length=1)
@@ -252,6 +255,12 @@ class Registry(_Strict):
         if self.default_model not in self.models:
             raise ValueError(f"default_model {self.default_model!r} is not one of the models: {sorted(self.models)}")
         return self
+
+    def with_engine_args(self, **fields: Any) -> Registry:
+        """This registry with `fields` set in every model's engine arguments (e.g. a benchmark's scheduling)."""
+        models = {name: spec.model_copy(update={"engine": spec.engine.model_copy(update=fields)})
+                  for name, spec in self.models.items()}
+        return self.model_copy(update={"models": models})
 
     def _lookup(self, kind: str, table: dict[str, Any], name: str) -> Any:
         try:

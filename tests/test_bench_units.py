@@ -362,3 +362,27 @@ def test_a_bad_votes_line_names_the_file_and_line(tmp_path):
     path.write_text('{"verdict": "a"}\n')
     with pytest.raises(ValueError, match=r"votes.jsonl:1: not a playground vote"):
         read_votes(path)
+
+
+async def test_a_replay_keeps_the_recorded_number_of_calls_in_flight_and_recording_measures_it():
+    """(a′): the same calls with k in flight; InFlight's time-weighted mean is what the pipeline kept."""
+    from serving.bench.baselines import InFlight, RecordedCall, Recording
+    from serving.bench.measure import replay
+
+    class Counting(ScriptedEngine):
+        peak: int = 0
+
+        async def generate(self, messages, params, *, request_id=None):
+            self.peak = max(self.peak, self.stats.running + 1)
+            return await super().generate(messages, params, request_id=request_id)
+
+    engine = Counting("a", delay_s=0.02)
+    calls = [RecordedCall("a", [{"role": "user", "content": f"q{i}"}], SamplingParams()) for i in range(9)]
+    result = await replay(calls, {"a": engine}, in_flight=3)
+    assert result.calls == 9 and result.in_flight == 3 and engine.peak == 3
+    everything = Counting("a", delay_s=0.02)
+    assert (await replay(calls, {"a": everything})).in_flight is None and everything.peak == 9
+    in_flight, recorded = InFlight(), []
+    recording = Recording(ScriptedEngine("a", delay_s=0.05), recorded, in_flight)
+    await asyncio.gather(*(recording.generate(c.messages, c.params) for c in calls[:4]))
+    assert len(recorded) == 4 and in_flight.now == 0 and 3.0 < in_flight.mean <= 4.0

@@ -502,3 +502,10 @@ async def test_without_stream_calls_no_call_deltas_are_emitted():
     items = [i async for i in iter_run(pipe(Propose(models=("a",)), Aggregate(model="agg")), Q, es)]
     assert not any(isinstance(i, CallDelta) for i in items)
     assert sum(isinstance(i, CallStarted) for i in items) == 2
+
+
+async def test_each_call_asks_for_priority_by_its_layer_so_later_layers_go_first():
+    es = engines("a", "b", "agg")
+    await run(pipe(Propose(models=("a", "b")), Synthesize(models=("a",)), Aggregate(model="agg")), Q, es)
+    assert [c.params.priority for c in es["a"].calls] == [-1, -2]
+    assert [c.params.priority for c in es["b"].calls] == [-1] and [c.params.priority for c in es["agg"].calls] == [-3]

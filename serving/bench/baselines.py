@@ -7,7 +7,8 @@ these in between, so the only thing that differs is the calling pattern:
   client-side MoA code and reference scripts issue them (baseline d, and part of b, c).
 - `Sequential`: every call waits for the previous one to finish, across all engines
   that share the lock (baseline b: proposers called one after another).
-- `Recording`: remembers every call so it can be replayed as one batch (baseline a).
+- `Recording`: remembers every call so it can be replayed as one batch (baseline a), or with as many
+  calls in flight as the pipeline kept (a′), and measures that number (`InFlight`).
 """
 
 from __future__ import annotations
@@ -134,12 +135,38 @@ class RecordedCall:
     params: SamplingParams
 
 
-class Recording(_Wrapper):
-    """Remembers every call (model, messages, params) into a shared list, for replay as one batch."""
+@dataclass
+class InFlight:
+    """The time-weighted mean number of calls in flight while a level ran (shared by its engines'
+    Recordings): a replay that keeps that many in flight asks the engine for the same batch sizes, so
+    pipeline ÷ replay separates the orchestration's cost from the batch the layer dependency leaves."""
 
-    def __init__(self, inner: Engine, calls: list[RecordedCall]) -> None:
+    now: int = 0
+    area: float = 0.0
+    first: float | None = None
+    last: float = 0.0
+
+    def change(self, delta: int) -> None:
+        t = time.perf_counter()
+        if self.first is None:
+            self.first = self.last = t
+        self.area += self.now * (t - self.last)
+        self.last, self.now = t, self.now + delta
+
+    @property
+    def mean(self) -> float:
+        span = self.last - self.first if self.first is not None else 0.0
+        return self.area / span if span > 0 else 0.0
+
+
+class Recording(_Wrapper):
+    """Remembers every call (model, messages, params) into a shared list, for replay as one batch,
+    and counts the calls in flight."""
+
+    def __init__(self, inner: Engine, calls: list[RecordedCall], in_flight: InFlight | None = None) -> None:
         super().__init__(inner)
         self.calls = calls
+        self.in_flight = in_flight or InFlight()
 
     def _record(self, messages: Sequence[ChatMessage], params: SamplingParams) -> None:
         self.calls.append(RecordedCall(self.name, [dict(m) for m in messages], params))  # type: ignore[misc]
@@ -147,9 +174,18 @@ class Recording(_Wrapper):
     async def generate(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
                        request_id: str | None = None) -> Generation:
         self._record(messages, params)
-        return await self.inner.generate(messages, params, request_id=request_id)
+        self.in_flight.change(+1)
+        try:
+            return await self.inner.generate(messages, params, request_id=request_id)
+        finally:
+            self.in_flight.change(-1)
 
-    def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
-               request_id: str | None = None) -> AsyncIterator[StreamEvent]:
+    async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
+                     request_id: str | None = None) -> AsyncIterator[StreamEvent]:
         self._record(messages, params)
-        return self.inner.stream(messages, params, request_id=request_id)
+        self.in_flight.change(+1)
+        try:
+            async for event in self.inner.stream(messages, params, request_id=request_id):
+                yield event
+        finally:
+            self.in_flight.change(-1)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from moa.engine import ChatMessage, Engine
+from moa.engine import ChatMessage, Engine, Generation
 from moa.pipeline import Pipeline
 from moa.routing import Scorer
 from moa.runner import Prices, run
@@ -127,19 +127,28 @@ class ReplayResult:
     prompt_tokens: int
     completion_tokens: int
     wall_s: float
+    in_flight: int | None = None  # None: all at once
 
     @property
     def tokens_per_s(self) -> float:
         return self.completion_tokens / self.wall_s if self.wall_s else 0.0
 
 
-async def replay(calls: Sequence[RecordedCall], engines: Mapping[str, Engine]) -> ReplayResult:
-    """Submit the very same generation calls to the engines at once: the engine's own limit."""
+async def replay(calls: Sequence[RecordedCall], engines: Mapping[str, Engine], *,
+                 in_flight: int | None = None) -> ReplayResult:
+    """Submit the very same generation calls to the engines: all at once (the engine's own limit), or in
+    their recorded order keeping `in_flight` of them running (the batch the pipeline gave the engine)."""
+    gate = asyncio.Semaphore(in_flight or len(calls) or 1)
+
+    async def one(call: RecordedCall) -> Generation:
+        async with gate:
+            return await engines[call.model].generate(call.messages, call.params)
+
     t0 = time.perf_counter()
-    generations = await asyncio.gather(*(engines[c.model].generate(c.messages, c.params) for c in calls))
+    generations = await asyncio.gather(*(one(c) for c in calls))
     wall = time.perf_counter() - t0
     return ReplayResult(len(calls), sum(g.prompt_tokens for g in generations),
-                        sum(g.completion_tokens for g in generations), wall)
+                        sum(g.completion_tokens for g in generations), wall, in_flight)
 
 
 def summarize(level: LevelResult) -> dict:

@@ -27,9 +27,10 @@ def to_json(results: list[PipelineBench], meta: dict[str, Any]) -> dict[str, Any
     pipelines = []
     for r in results:
         levels = [{**summarize(level), "samples": [asdict(s) for s in level.samples]} for level in r.levels]
-        raw = None if r.raw is None else {**asdict(r.raw), "tokens_per_s": r.raw.tokens_per_s}
+        raw, same = ({**asdict(x), "tokens_per_s": x.tokens_per_s} if x is not None else None
+                     for x in (r.raw, r.raw_same_in_flight))
         entry = {"name": r.pipeline.name, "models": list(r.pipeline.models()), "levels": levels, "raw": raw,
-                 "skipped": r.skipped}
+                 "raw_same_in_flight": same, "in_flight": r.in_flight, "skipped": r.skipped}
         entry["comparison"] = compare(entry)
         pipelines.append(entry)
     return {"meta": meta, "pipelines": pipelines}
@@ -50,6 +51,8 @@ def merge(reports: list[dict]) -> dict:
             systems = {lv["system"] for lv in entry["levels"]}
             mine["levels"] = [lv for lv in mine["levels"] if lv["system"] not in systems] + entry["levels"]
             mine["raw"] = entry["raw"] or mine["raw"]
+            for key in ("raw_same_in_flight", "in_flight"):
+                mine[key] = entry.get(key) or mine.get(key)
     for entry in merged["pipelines"]:
         entry["comparison"] = compare(entry)
     return merged
@@ -71,6 +74,8 @@ def compare(entry: dict) -> list[dict]:
     rows = []
     sequential = _level(entry, "sequential")
     raw_tps = entry["raw"]["tokens_per_s"] if entry["raw"] else None
+    same = entry.get("raw_same_in_flight")
+    top = max((lv["concurrency"] for lv in entry["levels"] if lv["system"] == "moa"), default=None)
     for level in entry["levels"]:
         if level["system"] != "moa":
             continue
@@ -79,6 +84,11 @@ def compare(entry: dict) -> list[dict]:
         rows.append({
             "concurrency": c,
             "efficiency": _ratio(level["output_tokens_per_s"], raw_tps),
+            "raw_tokens_per_s": raw_tps,
+            # Only the top level was recorded: its calls replayed with as many in flight as it kept.
+            "efficiency_same_in_flight": _ratio(level["output_tokens_per_s"], same and same["tokens_per_s"])
+            if c == top else None,
+            "in_flight": entry.get("in_flight") if c == top else None,
             "vs_sequential": _ratio(level["request_throughput"], sequential and sequential["request_throughput"]),
             "vs_http": _ratio(level["request_throughput"], http and http["request_throughput"]),
             "p90_latency_s": level["latency_s"]["p90"],
@@ -123,6 +133,10 @@ TERMINAL_COLUMNS = ["system", "conc.", "req", "req/s", "all tok/s", "TTFT p50/p9
 COMPARISON_COLUMNS = [
     ("conc.", lambda r: str(r["concurrency"])),
     ("efficiency (a)", lambda r: _f(r["efficiency"])),
+    ("raw tok/s", lambda r: _f(r.get("raw_tokens_per_s"), 1)),
+    ("eff. same in flight (a′)",
+     lambda r: "–" if r.get("efficiency_same_in_flight") is None
+     else f"{_f(r['efficiency_same_in_flight'])} ({_f(r['in_flight'], 1)} calls)"),
     ("× sequential (b)", lambda r: _f(r["vs_sequential"], 1, "×")),
     ("× http (c)", lambda r: _f(r["vs_http"], 2, "×")),
     ("p90 moa / http s", lambda r: f"{_f(r['p90_latency_s'])} / {_f(r['http_p90_latency_s'])}"),
@@ -178,6 +192,13 @@ def markdown(report: dict) -> str:
             lines += [f"Raw batch (a): the {raw['calls']} calls of the moa run at the highest concurrency, submitted "
                       f"at once: {raw['completion_tokens']} completion tokens in {raw['wall_s']:.1f} s = "
                       f"{raw['tokens_per_s']:.1f} tok/s.", ""]
+        if entry.get("raw_same_in_flight"):
+            same = entry["raw_same_in_flight"]
+            lines += [f"Raw, same calls in flight (a′): the same calls in their recorded order with "
+                      f"{same['in_flight']} in flight (the moa run kept {entry['in_flight']:.1f} on average): "
+                      f"{same['completion_tokens']} completion tokens in {same['wall_s']:.1f} s = "
+                      f"{same['tokens_per_s']:.1f} tok/s. Efficiency (a′) = moa ÷ this: below 1 is the "
+                      "orchestration's own cost; (a′) ÷ (a) is what the layer dependency's smaller batches cost.", ""]
         if entry["comparison"]:
             lines += _md_table(COMPARISON_COLUMNS, entry["comparison"]) + [""]
         for system, why in entry["skipped"].items():

@@ -20,7 +20,7 @@ from pathlib import Path
 from moa.engine import ChatMessage, Engine, SamplingParams
 from moa.pipeline import Pipeline
 from moa.steps import Propose
-from serving.bench.baselines import RecordedCall, Recording, Sequential, SplitN
+from serving.bench.baselines import InFlight, RecordedCall, Recording, Sequential, SplitN
 from serving.bench.measure import LevelResult, ReplayResult, RequestSample, pipeline_request, replay, run_level
 from serving.registry import Registry
 
@@ -45,6 +45,9 @@ class PipelineBench:
     pipeline: Pipeline
     levels: list[LevelResult] = field(default_factory=list)
     raw: ReplayResult | None = None
+    # The same calls with as many in flight as the pipeline kept at the top level (its time-weighted mean).
+    raw_same_in_flight: ReplayResult | None = None
+    in_flight: float | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # system -> why it did not run
 
 
@@ -105,16 +108,23 @@ class Bench:
             engines = pool.engines
             await warm_up(engines)
             recorded: list[RecordedCall] = []
+            in_flight = InFlight()
             top = max(self.plan.concurrency)
             if systems & {"moa", "raw"}:
                 for c in self.plan.concurrency:
                     await reset_caches(engines)
-                    used = {n: Recording(e, recorded) for n, e in engines.items()} if c == top else engines
+                    used = ({n: Recording(e, recorded, in_flight) for n, e in engines.items()} if c == top
+                            else engines)
                     out.levels.append(await self.level("moa", pipeline, used, c, self.plan.requests))
+                out.in_flight = in_flight.mean
             if "raw" in systems:
                 await reset_caches(engines)
                 self.progress(f"{pipeline.name} · raw batch of {len(recorded)} calls", 0)
                 out.raw = await replay(recorded, engines)
+                same = max(1, round(in_flight.mean))
+                await reset_caches(engines)
+                self.progress(f"{pipeline.name} · the same calls, {same} in flight", 0)
+                out.raw_same_in_flight = await replay(recorded, engines, in_flight=same)
             if "split-n" in systems:
                 if samples_in_one_request(pipeline):
                     split = {n: SplitN(e) for n, e in engines.items()}

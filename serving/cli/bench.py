@@ -43,6 +43,8 @@ def bench(
     concurrency: str = typer.Option("1,4,8,16", "--concurrency", help="Concurrent clients, e.g. 1,4,16."),
     systems: str = typer.Option("moa,raw,split-n,sequential,http", "--systems",
                                 help="Which of moa, raw, split-n, sequential, http to run."),
+    scheduling: str | None = typer.Option(None, "--scheduling", help="vLLM's scheduling policy for every engine: "
+                                          "fcfs, or priority (later layers first) [default: models.yaml's]."),
     seed: int = typer.Option(0, "--seed", help="Request i uses seed + 1000*i (sample j: + j)."),
     output: Path | None = typer.Option(None, "--out", "-o", help="Directory for results.json, summary.md and "
                                        "plots (default: bench-results/<date-time>)."),
@@ -104,6 +106,11 @@ def bench(
             data = {"meta": meta, "pipelines": results}
         else:
             reg = registry(config)
+            if scheduling is not None:
+                if scheduling not in ("fcfs", "priority"):
+                    raise ValueError(f"--scheduling must be fcfs or priority, got {scheduling!r}")
+                reg = reg.with_engine_args(scheduling_policy=scheduling)
+                meta["scheduling"] = scheduling
             mapping = dict(parse_swap(s) for s in swap)
             for name in mapping.values():
                 reg.get(name)

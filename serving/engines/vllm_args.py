@@ -46,6 +46,7 @@ def build_engine_args(spec: ModelSpec, model_path: Path, *, gpu_memory_utilizati
         "enable_prefix_caching": e.enable_prefix_caching,
         "tensor_parallel_size": e.tensor_parallel_size,
         "pipeline_parallel_size": e.pipeline_parallel_size,
+        "scheduling_policy": e.scheduling_policy,
         # Compact JSON under guided decoding: with free whitespace, small models can emit blank
         # space until max_tokens (seen with Qwen2.5-0.5B on the council schema).
         "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},

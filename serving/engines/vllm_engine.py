@@ -265,7 +265,8 @@ class VLLMEngine(StreamingEngine):
             engine_input = self._llm.renderer.render_cmpl([{"prompt_token_ids": prompt_ids}])[0]
             # aclosing: when this stream is closed (a quorum, a client that left), AsyncLLM.generate is closed
             # too, and aborts the request in the engine before aclose() returns - not whenever it is collected.
-            async with aclosing(self._llm.generate(engine_input, self._sampling_params(params), rid)) as outputs:
+            async with aclosing(self._llm.generate(engine_input, self._sampling_params(params), rid,
+                                                  priority=params.priority)) as outputs:
                 async for out in outputs:
                     cached = out.num_cached_tokens or cached
                     for piece in out.outputs:
