@@ -9,6 +9,7 @@
 #    plan, and the GPU memory nvidia-smi says each process holds against its planned fraction.
 # 4. One request per served model and per pipeline through the OpenAI API.
 # 5. A short `moa bench --url` on the first pipeline.
+# 6. The same pipeline in process under vLLM's fcfs and priority scheduling (issue: later layers first).
 # Exit status: non-zero if any step failed; the report says which.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -97,6 +98,16 @@ pipes = yaml.safe_load(open(sys.argv[1])).get("pipelines", {})
 print(next((n for n in names if n in pipes), names[0]))' "$config")
 "$moa" bench --url "http://127.0.0.1:$port" --api-key "$key" -p "$first" --requests 16 \
   --concurrency 1,8 --max-tokens 128 -o "$out/bench" >> "$report" 2>&1 || fail "moa bench --url"
+
+step "6. scheduling: fcfs against priority (later layers first), in process"
+kill $server 2>/dev/null; wait $server 2>/dev/null  # its engines hold the GPUs
+if grep -q "^pipelines:" "$config" && "$moa" plan -c "$config" -p "$first" >/dev/null 2>&1; then
+  for policy in fcfs priority; do
+    "$moa" bench -c "$config" -p "$first" --systems moa,raw --requests 32 --concurrency 8,16 --max-tokens 128 \
+      --scheduling "$policy" -o "$out/scheduling-$policy" >> "$report" 2>&1 || fail "moa bench --scheduling $policy"
+  done
+  echo "compare $out/scheduling-fcfs/summary.md with $out/scheduling-priority/summary.md (p90, efficiency)" >> "$report"
+fi
 
 echo >> "$report"
 [ $failed -eq 0 ] && echo "RESULT: all steps passed" | tee -a "$report" || echo "RESULT: some steps failed" | tee -a "$report"

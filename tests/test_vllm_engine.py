@@ -196,3 +196,30 @@ async def test_dead_engine_core_is_detected_and_restarted(smol):
     results = await asyncio.gather(*(smol.generate(FRANCE, GREEDY) for _ in range(3)))
     assert [r.texts for r in results] == [before] * 3  # the restarted engine answers the same way
     assert smol.stats.restarts == 1 and smol.state == "ready"
+
+
+async def test_priority_scheduling_serves_a_later_layers_call_before_an_earlier_arrival(registry, local_model):
+    """The mechanism behind "later layers first": with `scheduling_policy: priority` and room for one sequence,
+    a call at priority -2 (layer 2) queued after one at -1 (layer 1) is served first; vLLM orders its waiting
+    queue by (priority, arrival). The runner gives every call priority -layer (tests/test_runner.py)."""
+    local_model(SMALL)
+    one_at_a_time = registry.with_engine_args(scheduling_policy="priority", max_num_seqs=1)
+    finished: list[str] = []
+    async with EnginePool(one_at_a_time, [SMALL]) as pool:
+        engine = pool[SMALL]
+
+        async def call(name: str, priority: int) -> None:
+            await engine.generate(FRANCE, SamplingParams(temperature=0, max_tokens=8, priority=priority))
+            finished.append(name)
+
+        essay = [{"role": "user", "content": "Write a very long, detailed essay on the history of Paris."}]
+        holder = engine.stream(essay, SamplingParams(temperature=0, max_tokens=128, priority=-1))
+        await anext(holder)  # it holds the only slot for a few seconds
+        layer1 = asyncio.create_task(call("layer 1", -1))
+        await asyncio.sleep(0.2)  # arrives first
+        layer2 = asyncio.create_task(call("layer 2", -2))
+        async for _ in holder:
+            pass
+        finished.append("holder")
+        await asyncio.gather(layer1, layer2)
+    assert finished == ["holder", "layer 2", "layer 1"]
