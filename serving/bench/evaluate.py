@@ -163,25 +163,47 @@ class PairwiseResult:
         return sum(v == "A" for v in picks) / len(picks) if picks else None
 
 
-async def judge_pairs(judge: Engine, tasks: Sequence[Task], system: SystemResult, reference: SystemResult, *,
-                      concurrency: int) -> PairwiseResult:
-    """Each pair judged twice, the system's answer shown first then second: position bias cancels out."""
-    gate = asyncio.Semaphore(concurrency)
+@dataclass(frozen=True, slots=True)
+class BothOrders:
+    """A judge's verdicts on answer `mine` against `theirs`, shown first and then second."""
+
+    first: str | None  # "A", "B", "C" (tie) or None (no verdict), with `mine` shown as A
+    second: str | None  # with `mine` shown as B
+
+    @property
+    def points(self) -> tuple[float, float]:
+        """Points for `mine` in each order: 1 preferred, 0.5 tie or no verdict, 0 the other preferred."""
+        return _POINTS_FIRST.get(self.first, 0.5), _POINTS_SECOND.get(self.second, 0.5)
+
+    @property
+    def score(self) -> float:
+        return sum(self.points) / 2
+
+
+async def judge_both_orders(judge: Engine, conversation: Sequence[ChatMessage], mine: str, theirs: str,
+                            gate: asyncio.Semaphore) -> BothOrders:
+    """Each pair judged twice, `mine` shown first then second: position bias cancels out."""
     params = SamplingParams(temperature=0.0, max_tokens=JUDGE_MAX_TOKENS)
 
     async def verdict(messages: list[ChatMessage]) -> str | None:
         async with gate:
             return parse_verdict((await judge.generate(messages, params)).texts[0])
 
+    return BothOrders(*await asyncio.gather(verdict(judge_messages(conversation, mine, theirs)),
+                                            verdict(judge_messages(conversation, theirs, mine))))
+
+
+async def judge_pairs(judge: Engine, tasks: Sequence[Task], system: SystemResult, reference: SystemResult, *,
+                      concurrency: int) -> PairwiseResult:
+    """Each task's pair of answers judged in both orders (`judge_both_orders`)."""
+    gate = asyncio.Semaphore(concurrency)
+
     async def one(task: Task, mine: RequestSample, theirs: RequestSample) -> tuple[float, bool, int, tuple]:
-        conv = task.conversation()
-        first, second = await asyncio.gather(verdict(judge_messages(conv, mine.answer, theirs.answer)),
-                                             verdict(judge_messages(conv, theirs.answer, mine.answer)))
-        # Points for the system in each order: 1 preferred, 0.5 tie or no verdict, 0 the reference preferred.
-        points = [_POINTS_FIRST.get(first, 0.5), _POINTS_SECOND.get(second, 0.5)]
+        judged = await judge_both_orders(judge, task.conversation(), mine.answer, theirs.answer, gate)
+        first, second = judged.first, judged.second
         unparsed = (first is None) + (second is None)
-        agreed = first is not None and second is not None and points[0] == points[1]
-        return sum(points) / 2, agreed, unparsed, (first, second)
+        agreed = first is not None and second is not None and judged.points[0] == judged.points[1]
+        return judged.score, agreed, unparsed, (first, second)
 
     pairs = [(t, m, r) for t, m, r in zip(tasks, system.samples, reference.samples, strict=True) if m.ok and r.ok]
     outcomes = await asyncio.gather(*(one(*p) for p in pairs))

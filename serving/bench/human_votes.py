@@ -11,12 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from moa.engine import Engine, SamplingParams
-from serving.bench.evaluate import JUDGE_MAX_TOKENS, judge_messages, parse_verdict
+from moa.engine import Engine
+from serving.bench.evaluate import judge_both_orders
 
-# Points for the response shown first / second: 1 preferred, 0.5 a tie or no verdict, 0 the other preferred.
-_FIRST = {"A": 1.0, "B": 0.0, "C": 0.5}
-_SECOND = {"A": 0.0, "B": 1.0, "C": 0.5}
 # A person's verdict as points for side a; "both bad" is a tie between them (as in Chatbot Arena's ratings).
 _HUMAN = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
 
@@ -28,19 +25,9 @@ def _side(points: float) -> str:
 async def judge_votes(judge: Engine, votes: Sequence[dict], *, concurrency: int = 8) -> list[dict]:
     """One row per pair of targets (in name order) and a last row over all votes."""
     gate = asyncio.Semaphore(concurrency)
-    params = SamplingParams(temperature=0.0, max_tokens=JUDGE_MAX_TOKENS)
-
-    async def verdict(messages) -> str | None:
-        async with gate:
-            return parse_verdict((await judge.generate(messages, params)).texts[0])
-
-    async def judged(vote: dict) -> float:
-        a, b = vote["a"]["answer"], vote["b"]["answer"]
-        first, second = await asyncio.gather(verdict(judge_messages(vote["messages"], a, b)),
-                                             verdict(judge_messages(vote["messages"], b, a)))
-        return (_FIRST.get(first, 0.5) + _SECOND.get(second, 0.5)) / 2  # points for side a
-
-    judge_points = await asyncio.gather(*(judged(v) for v in votes))
+    judged = await asyncio.gather(*(judge_both_orders(judge, v["messages"], v["a"]["answer"], v["b"]["answer"], gate)
+                                    for v in votes))
+    judge_points = [j.score for j in judged]  # points for side a
     pairs: dict[tuple[str, str], list[tuple[dict, float]]] = {}
     for vote, points in zip(votes, judge_points, strict=True):
         key = tuple(sorted((vote["a"]["target"], vote["b"]["target"])))

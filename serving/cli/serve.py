@@ -86,8 +86,8 @@ def serve(
     err.print(f"moa serve: http://{host}:{port}/v1 — models {models}, pipelines {list(pipelines)}; "
               "engines start one by one, GET /ready answers 200 when all are up. "
               f"Playground: http://{host}:{port}/playground", highlight=False, soft_wrap=True)
-    if open_page:
-        _open_when_bound(host, port, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/playground")
+    if open_page:  # a wildcard address is reached through loopback
+        _open_when_bound("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
     # On Ctrl-C uvicorn stops accepting, lets in-flight requests finish for up to 30 s, then cancels them
     # (which aborts their engine work); the lifespan then closes every engine.
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
@@ -98,18 +98,20 @@ def _beside(reg, path: Path | None) -> Path | None:
     return reg.path.parent / path if path is not None and reg.path else path
 
 
-def _open_when_bound(host: str, port: int, url: str) -> None:
-    """Open `url` in the user's browser once the server accepts connections (engines may still be starting:
-    the page says so and waits for /ready)."""
+def _open_when_bound(host: str, port: int) -> None:
+    """Open the playground in the user's browser once the server accepts connections (engines may still be
+    starting: the page says so and waits for /ready)."""
     import socket
     import threading
     import time
     import webbrowser
 
+    url = f"http://{host}:{port}/playground"
+
     def wait_then_open() -> None:
         for _ in range(600):
             try:
-                with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::") else host, port), 1):
+                with socket.create_connection((host, port), 1):
                     break
             except OSError:
                 time.sleep(0.5)
