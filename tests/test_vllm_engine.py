@@ -216,7 +216,7 @@ async def test_priority_scheduling_serves_a_later_layers_call_before_an_earlier_
         holder = engine.stream(essay, SamplingParams(temperature=0, max_tokens=128, priority=-1))
         await anext(holder)  # it holds the only slot for a few seconds
         layer1 = asyncio.create_task(call("layer 1", -1))
-        await asyncio.sleep(0.2)  # arrives first
+        await asyncio.sleep(0.05)  # arrives first, while the holder has most of its 128 tokens to go
         layer2 = asyncio.create_task(call("layer 2", -2))
         async for _ in holder:
             pass
