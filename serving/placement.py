@@ -316,18 +316,39 @@ def _fractions(gpus: list[Gpu], demands: list[Demand], chosen: dict[str, tuple[s
 
 
 def plan_cores(cores: list[int], weights: dict[str, float]) -> dict[str, str]:
-    """Disjoint core lists for CPU engines, in proportion to `weights` (e.g. parameters), one core at least.
+    """Core lists for CPU engines, in proportion to `weights` (e.g. parameters).
 
-    With fewer cores than engines, engines share cores round-robin rather than fail.
+    Engines whose share is a core or more get disjoint lists. An engine whose share is under one core (a
+    135M model beside a 0.5B on 2 cores) does not take a whole core from the others: it binds one core of
+    the largest engine, which keeps all of its own. A disjoint 1 + 1 split leaves the small engine's core
+    idle whenever it is (most of a pipeline, since small models answer first) and halves the large one;
+    sharing the core measured +20% requests/s and -9% p90 for moa-lite at 8 clients on 2 cores
+    (docs/BENCHMARKS.md, "CPU cores"). Engines of similar size still get disjoint cores: two busy engines
+    on the same cores slowed each other by a third in the same benchmark.
     """
     names = list(weights)
     if not names:
         return {}
     cores = sorted(cores)
+    total = sum(max(w, 0.0) for w in weights.values())
+    shares = {n: (max(weights[n], 0.0) / total if total else 1 / len(names)) * len(cores) for n in names}
+    largest = max(names, key=lambda n: shares[n])
+    hosts = [n for n in names if n == largest or shares[n] >= 1.0]
+    out = _split(cores, {n: shares[n] for n in hosts})
+    host_cores = [int(c) for c in out[largest].split(",")]
+    guests = [n for n in names if n not in hosts]
+    for i, name in enumerate(guests):  # from the largest engine's last core backwards
+        out[name] = str(host_cores[-1 - i % len(host_cores)])
+    return {n: out[n] for n in names}
+
+
+def _split(cores: list[int], shares: dict[str, float]) -> dict[str, str]:
+    """Disjoint core lists by largest remainder, one core at least (round-robin when cores run short)."""
+    names = list(shares)
     if len(cores) < len(names):
         return {n: str(cores[i % len(cores)]) for i, n in enumerate(names)}
-    total = sum(max(w, 0.0) for w in weights.values()) or float(len(names))
-    shares = {n: (max(weights[n], 0.0) / total if total else 1 / len(names)) * len(cores) for n in names}
+    scale = len(cores) / sum(shares.values())
+    shares = {n: s * scale for n, s in shares.items()}
     counts = {n: max(1, math.floor(shares[n])) for n in names}
     # Hand out what is left by largest remainder; take back from the biggest if the minimums overshot.
     while sum(counts.values()) < len(cores):

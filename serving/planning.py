@@ -82,8 +82,9 @@ def plan_engines(registry: Registry, names: list[str], *, gpus: list[Gpu] | None
     """The plan for the local vLLM engines among `names`.
 
     On GPUs (the inventory given, or read with NVML): device sets and memory fractions, refused
-    before anything loads when the models do not fit. On a CPU: disjoint core lists weighted by
-    model size (an explicit VLLM_CPU_OMP_THREADS_BIND wins). Engines in Ray actors (`ray`: the address) are
+    before anything loads when the models do not fit. On a CPU: core lists weighted by
+    model size, an engine under one core's share binding one of the largest's (`plan_cores`; an explicit
+    VLLM_CPU_OMP_THREADS_BIND wins). Engines in Ray actors (`ray`: the address) are
     placed on GPUs by Ray's scheduler, so the GPU plan leaves them out; on a CPU they get their
     share of cores like the rest (applied on whichever node the actor lands).
     """

@@ -131,11 +131,20 @@ def test_a_checkpoint_on_disk_counts_its_real_bytes_rescaled_to_the_dtype():
 
 
 def test_core_split_weighted_by_size():
-    assert plan_cores([0, 1], {"big": 5e8, "small": 1.35e8}) == {"big": "0", "small": "1"}
-    assert plan_cores(list(range(8)), {"big": 1.5e9, "mid": 5e8, "small": 1.35e8}) == {
-        "big": "0,1,2,3,4", "mid": "5,6", "small": "7"}
+    assert plan_cores(list(range(16)), {"big": 7e9, "small": 5e8}) == {
+        "big": ",".join(map(str, range(15))), "small": "15"}
     assert plan_cores([0], {"a": 1.0, "b": 1.0}) == {"a": "0", "b": "0"}  # fewer cores than engines: share
     assert plan_cores(list(range(4)), {"a": 1.0, "b": 1.0}) == {"a": "0,1", "b": "2,3"}
+
+
+def test_an_engine_under_one_core_shares_a_core_of_the_largest_instead_of_taking_one():
+    # moa-lite after --swap on 2 cores: the 0.5B keeps both cores, SmolLM2 (share 0.43) binds the last one.
+    assert plan_cores([0, 1], {"big": 5e8, "small": 1.35e8}) == {"big": "0,1", "small": "1"}
+    # Three embedded models on 2 cores: the 1.5B binds both, the two small ones one each, from the end.
+    assert plan_cores([0, 1], {"l": 1.54e9, "m": 4.9e8, "s": 1.35e8}) == {"l": "0,1", "m": "1", "s": "0"}
+    # Engines of a core or more still split disjointly; only the one under a core overlaps.
+    assert plan_cores(list(range(8)), {"big": 1.5e9, "mid": 5e8, "small": 1.35e8}) == {
+        "big": "0,1,2,3,4,5", "mid": "6,7", "small": "5"}
 
 
 def test_gpu_ids_keep_their_names():
@@ -184,14 +193,19 @@ async def test_each_engine_core_is_spawned_with_its_planned_gpus(registry, local
 
 
 @pytest.mark.vllm
-async def test_cpu_engines_are_spawned_with_disjoint_core_binds(small_pool):
-    binds = {}
+async def test_cpu_engines_are_spawned_with_the_planned_core_binds(small_pool, registry):
+    """Each EngineCore really received its plan's core list (the arithmetic: the tests above)."""
+    import os
+
+    from serving.planning import plan_engines
+    from tests.conftest import QWEN_SMALL
+
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        pytest.skip("VLLM_CPU_OMP_THREADS_BIND is set: every engine takes it instead of the plan")
+    plan = plan_engines(registry, list(small_pool), cpu=True)
     for name, engine in small_pool.items():
         env = engine_core_env(engine)
         assert "CUDA_VISIBLE_DEVICES" not in env
-        binds[name] = env["VLLM_CPU_OMP_THREADS_BIND"]
-    cores = [set(b.split(",")) for b in binds.values()]
-    import os
-
-    if len(os.sched_getaffinity(0)) >= len(cores):
-        assert not set.intersection(*cores), binds
+        assert env["VLLM_CPU_OMP_THREADS_BIND"] == plan.cores[name]
+    if len(os.sched_getaffinity(0)) <= 4:  # SmolLM2's share is under one core: the 0.5B keeps them all
+        assert plan.cores[QWEN_SMALL] == ",".join(map(str, sorted(os.sched_getaffinity(0))))

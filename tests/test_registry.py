@@ -142,7 +142,7 @@ def test_split_cores_gives_engines_disjoint_cores():
     assert split_cores(1, [0, 1]) == ["0,1"]
     assert split_cores(2, [0, 1, 2, 3]) == ["0,1", "2,3"]
     assert split_cores(3, [0, 1, 2, 3]) == ["0,1", "2", "3"]
-    assert split_cores(3, [0, 1]) == ["0", "1", "0"]
+    assert split_cores(3, [0, 1]) == ["0,1", "1", "0"]  # fewer cores than engines: the first keeps all
 
 
 def test_server_section(tmp_path):

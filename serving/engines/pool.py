@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def split_cores(count: int, cores: list[int] | None = None) -> list[str]:
-    """Disjoint core lists ("0,1", ...) for `count` equally weighted CPU engines (or vLLM servers).
+    """Core lists ("0,1", ...) for `count` equally weighted CPU engines (or vLLM servers), disjoint when
+    there are as many cores as engines (else `plan_cores` shares the first engine's cores).
 
     vLLM-CPU binds its worker's OpenMP threads to cores; two engines left on "auto"
     bind to the same cores and slow each other down badly. A lone engine gets every
