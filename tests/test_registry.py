@@ -109,6 +109,15 @@ def test_vllm_cpu_defaults(tmp_path):
     assert "gpu_memory_utilization" not in args
 
 
+def test_compile_option_turns_eager_off_for_every_engine(tmp_path):
+    from serving.cli.common import registry
+
+    reg = registry(write(tmp_path, GOOD), compile=True)
+    assert build_engine_args(reg.get("tiny"), Path("/m"), cpu=True)["enforce_eager"] is False
+    assert build_engine_args(reg.get("tiny"), Path("/m"), cpu=False)["enforce_eager"] is False
+    assert build_engine_args(registry(write(tmp_path, GOOD)).get("tiny"), Path("/m"), cpu=True)["enforce_eager"] is True
+
+
 def test_vllm_gpu_defaults_and_passthrough(tmp_path):
     text = GOOD.replace("engine: {dtype: bfloat16, max_model_len: 2048, cpu_kv_cache_gib: 0.5}",
                         "engine: {tensor_parallel_size: 2, quantization: awq, extra: {max_num_seqs: 64}}")

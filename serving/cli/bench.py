@@ -15,6 +15,7 @@ import typer
 
 from serving.bench.environment import engine_version, machine
 from serving.cli.common import (
+    CompileOption,
     ConfigOption,
     ProgressBars,
     ensure_local,
@@ -54,6 +55,7 @@ def bench(
                                       "several: merged, later runs replacing the systems they measured (needs --out)."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Run the pipelines' engines in Ray actors "
                                            "on this cluster (auto, ray://HOST:10001): Ray vs in-process."),
+    compile: bool = CompileOption,
     config: Path | None = ConfigOption,
 ) -> None:
     """Measure pipelines at several concurrency levels against the baselines (a) raw engine batch,
@@ -105,7 +107,9 @@ def bench(
                                              seed))
             data = {"meta": meta, "pipelines": results}
         else:
-            reg = registry(config)
+            reg = registry(config, compile=compile)
+            if compile:
+                meta["compile"] = True
             if scheduling is not None:
                 if scheduling not in ("fcfs", "priority"):
                     raise ValueError(f"--scheduling must be fcfs or priority, got {scheduling!r}")

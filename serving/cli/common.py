@@ -50,12 +50,19 @@ ConfigOption = typer.Option(
 )
 
 
-def registry(config: Path | None) -> Registry:
+CompileOption = typer.Option(
+    False, "--compile", help="Run every vLLM engine compiled (engine.enforce_eager: false): on a CPU ~1 min longer "
+    "to start per engine, ~20% less time per token at small batches (docs/BENCHMARKS.md, \"CPU cores\")."
+)
+
+
+def registry(config: Path | None, *, compile: bool = False) -> Registry:
     try:
-        return load_registry(config)
+        reg = load_registry(config)
     except RegistryError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    return reg.with_engine_args(enforce_eager=False) if compile else reg
 
 
 @contextmanager

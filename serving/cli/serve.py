@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from serving.cli.common import ConfigOption, ensure_local, err, registry, served_targets, user_errors
+from serving.cli.common import CompileOption, ConfigOption, ensure_local, err, registry, served_targets, user_errors
 
 
 def serve(
@@ -36,6 +36,7 @@ def serve(
     open_page: bool = typer.Option(False, "--open", help="Open the playground in a browser once the port is bound."),
     allow_no_key: bool = typer.Option(False, "--allow-no-key", help="Bind a non-loopback address without an API "
                                       "key (anyone who can reach the port can use the models)."),
+    compile: bool = CompileOption,
     config: Path | None = ConfigOption,
 ) -> None:
     """Serve models and pipelines over an OpenAI-compatible API, and the playground page at /playground.
@@ -48,7 +49,7 @@ def serve(
     from serving.api.app import ServerSettings, create_app
     from serving.store import moa_home
 
-    reg = registry(config)
+    reg = registry(config, compile=compile)
     if ray_address:
         os.environ["MOA_RAY_ADDRESS"] = ray_address  # the engine pool reads it
     with user_errors():
