@@ -322,9 +322,9 @@ def plan_cores(cores: list[int], weights: dict[str, float]) -> dict[str, str]:
     135M model beside a 0.5B on 2 cores) does not take a whole core from the others: it binds one core of
     the largest engine, which keeps all of its own. A disjoint 1 + 1 split leaves the small engine's core
     idle whenever it is (most of a pipeline, since small models answer first) and halves the large one;
-    sharing the core measured +20% requests/s and -9% p90 for moa-lite at 8 clients on 2 cores
+    sharing the core measured +26% requests/s and 0.87x the p90 for moa-lite at 8 clients on 2 cores
     (docs/BENCHMARKS.md, "CPU cores"). Engines of similar size still get disjoint cores: two busy engines
-    on the same cores slowed each other by a third in the same benchmark.
+    on the same cores raised that p90 by a third.
     """
     names = list(weights)
     if not names:
