@@ -335,18 +335,17 @@ def plan_cores(cores: list[int], weights: dict[str, float]) -> dict[str, str]:
     largest = max(names, key=lambda n: shares[n])
     hosts = [n for n in names if n == largest or shares[n] >= 1.0]
     out = _split(cores, {n: shares[n] for n in hosts})
-    host_cores = [int(c) for c in out[largest].split(",")]
     guests = [n for n in names if n not in hosts]
     for i, name in enumerate(guests):  # from the largest engine's last core backwards
-        out[name] = str(host_cores[-1 - i % len(host_cores)])
-    return {n: out[n] for n in names}
+        out[name] = [out[largest][-1 - i % len(out[largest])]]
+    return {n: ",".join(map(str, out[n])) for n in names}
 
 
-def _split(cores: list[int], shares: dict[str, float]) -> dict[str, str]:
+def _split(cores: list[int], shares: dict[str, float]) -> dict[str, list[int]]:
     """Disjoint core lists by largest remainder, one core at least (round-robin when cores run short)."""
     names = list(shares)
     if len(cores) < len(names):
-        return {n: str(cores[i % len(cores)]) for i, n in enumerate(names)}
+        return {n: [cores[i % len(cores)]] for i, n in enumerate(names)}
     scale = len(cores) / sum(shares.values())
     shares = {n: s * scale for n, s in shares.items()}
     counts = {n: max(1, math.floor(shares[n])) for n in names}
@@ -359,6 +358,6 @@ def _split(cores: list[int], shares: dict[str, float]) -> dict[str, str]:
         counts[n] -= 1
     out, start = {}, 0
     for n in names:
-        out[n] = ",".join(str(c) for c in cores[start:start + counts[n]])
+        out[n] = cores[start:start + counts[n]]
         start += counts[n]
     return out
