@@ -18,7 +18,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from serving.known_answer import REFERENCE_FILE, load_reference, make_reference
+from serving.float32_reference import REFERENCE_FILE, load_reference, make_reference
 from serving.registry import GGUFSource, ModelSpec, PyPIGGUFSource, PyPIPackage
 from serving.store import MARKER, LocalModel, converted_dir, is_pulled, models_dir, resolve
 

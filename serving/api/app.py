@@ -107,7 +107,9 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
             return error_response(503, f"engines not ready: {unwell}", code="not_ready",
                                   headers={"Retry-After": "5"})
         checks = {name: {"ok": r.ok, "agreement": round(r.agreement, 3), "decisive_tokens": r.decisive,
-                         "dtype": r.dtype, "replaced": r.replaced.dtype if r.replaced else None}
+                         "decode_agreement": round(r.decode_agreement, 3), "decode_decisive_tokens": r.decode_decisive,
+                         "dtype": r.dtype, "configured_dtype": registry.get(name).engine.dtype,
+                         "replaced": r.replaced.dtype if r.replaced else None, "seconds": round(r.seconds, 2)}
                   for name, r in state.checks.items()}
         return JSONResponse({"status": "ready", "models": state.models, "pipelines": list(state.pipelines),
                              "known_answer_checks": checks})

@@ -140,7 +140,7 @@ def ensure_local(spec: ModelSpec) -> None:
 
     A model pulled before known-answer references existed gets its reference here, once.
     """
-    from serving.known_answer import load_reference
+    from serving.float32_reference import load_reference
     from serving.pull import pull
     from serving.store import is_pulled, resolve
 

@@ -107,12 +107,14 @@ def check_models(
                                  "with the failed one under `replaced`, where there was one)."),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Compare each model's greedy tokens on its engine with a float32 reference made by transformers.
+    """Compare each model's tokens on its engine (teacher-forced and its own greedy decode) with a float32
+    reference made by transformers.
 
     Catches engines whose kernels are wrong on this CPU (e.g. bf16 on AMX). A vLLM model on a CPU
     that disagrees in its configured dtype is tried again in float32 (what engine pools do by
-    themselves); exit 1 when no dtype agrees. The reference is recorded at pull; models without one
-    get it now.
+    themselves); the dtype that passed is recorded for this CPU and vLLM ($MOA_HOME/checked-dtypes.json)
+    and every later engine start uses it. Exit 1 when no dtype agrees. The reference is made at pull;
+    models without one get it now.
     """
     import asyncio
     import json
@@ -136,11 +138,12 @@ def check_models(
     if as_json:
         print(json.dumps([tries[-1].to_dict() for tries in results], indent=2))
     else:
-        table = Table(title=f"known-answer check: engine top-1 vs float32 reference, tokens where float32 "
-                            f"led by >= {DECISIVE_MARGIN} nat; pass at {MIN_AGREEMENT:.0%}", title_justify="left")
+        table = Table(title=f"known-answer check: engine vs float32 reference, teacher-forced top-1 and its own "
+                            f"greedy decode, on tokens where float32 led by >= {DECISIVE_MARGIN} nat; pass at "
+                            f"{MIN_AGREEMENT:.0%} of each", title_justify="left")
         table.add_column("model", no_wrap=True)
         table.add_column("dtype")
-        for column in ("decisive\ntokens", "agree", "all\ntokens"):
+        for column in ("decisive\ntokens", "agree\n(forced)", "agree\n(decoded)", "all tokens\n(forced)", "check\ns"):
             table.add_column(column, justify="right", no_wrap=True)
         table.add_column("verdict", no_wrap=True)
         answers = []  # below the table, where a sentence needs no narrow column
@@ -148,7 +151,8 @@ def check_models(
             for i, r in enumerate(tries):
                 every = sum(c.agreed_all for c in r.cases), sum(c.positions for c in r.cases)
                 dtype = r.dtype + (" (fallback)" if i else "")
-                table.add_row(r.model, dtype, str(r.decisive), f"{r.agreement:.0%}", f"{every[0]}/{every[1]}",
+                table.add_row(r.model, dtype, str(r.decisive), f"{r.agreement:.0%}", f"{r.decode_agreement:.0%}",
+                              f"{every[0]}/{every[1]}", f"{r.seconds:.1f}",
                               "[green]ok[/green]" if r.ok else "[bold red]WRONG[/bold red]")
                 answers.append(f"{r.model}, {r.dtype}: {r.engine_answer[:80]!r}")
         table.caption = "answers to the first prompt:\n" + "\n".join(answers) if answers else None

@@ -13,13 +13,19 @@ from serving.store import resolve
 
 def create_engine(spec: ModelSpec, *, cpu_threads_bind: str | None = None,
                   gpu_memory_utilization: float | None = None, cuda_visible_devices: str | None = None,
-                  ray_address: str | None = None) -> Engine:
+                  ray_address: str | None = None, as_checked: bool = True) -> Engine:
     """Build (not start) the engine for one model; weights must already be on disk.
 
     A vLLM model goes into a Ray actor when its entry says `placement: ray`, or when a Ray
-    address is given for all (`moa serve --ray-address`).
+    address is given for all (`moa serve --ray-address`). On a CPU it runs in the dtype that
+    passed its known-answer check here (serving/checked_dtype.py) unless `as_checked=False`
+    (`moa models check`, which re-decides).
     """
+    from serving.checked_dtype import checked_spec
     from serving.planning import in_ray
+
+    if as_checked:
+        spec = checked_spec(spec)
 
     if in_ray(spec, ray_address):
         from serving.engines.ray_engine import RayEngine

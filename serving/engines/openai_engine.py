@@ -101,6 +101,28 @@ class OpenAIEngine(StreamingEngine):
         return [int(next(token for token, lp in ranked[pos].items() if lp["rank"] == 1))
                 for pos in range(start, len(token_ids))]
 
+    async def greedy_tokens(self, token_ids: Sequence[int], max_tokens: int) -> list[int]:
+        """The server's own greedy continuation of `token_ids` as token ids (vLLM's `return_token_ids`;
+        the known-answer check's decode half)."""
+        from openai import APIConnectionError, APIStatusError
+
+        if self._client is None:
+            raise EngineError(f"model {self.name!r}: engine is not started")
+        if not self.endpoint.vllm_extensions:
+            raise EngineError(f"model {self.name!r}: decoded token ids need vLLM's return_token_ids "
+                              "(endpoint.vllm_extensions is off)")
+        try:
+            out = await self._client.completions.create(
+                model=self.served_model, prompt=list(token_ids), max_tokens=max_tokens, temperature=0,
+                extra_body={"return_token_ids": True})
+        except (APIStatusError, APIConnectionError) as exc:
+            raise EngineError(f"model {self.name!r} at {self.endpoint.base_url}: {_message(exc)}") from exc
+        ids = (out.choices[0].model_extra or {}).get("token_ids")
+        if ids is None:
+            raise EngineError(f"model {self.name!r}: the server at {self.endpoint.base_url} returned no "
+                              "token_ids (not a vLLM server?)")
+        return [int(t) for t in ids]
+
     async def _opened(self, open_stream: Callable[[], Awaitable[Any]]) -> Any:
         """The stream, opened; a refused connection or a 502/503/504 (a server restarting, a proxy without a
         backend) is retried with jittered backoff, as nothing has been generated yet."""

@@ -7,8 +7,10 @@ Sequential start matters: vLLM measures free memory when it starts, and the engi
 core inherits the environment at spawn, so starts must not overlap.
 
 Every engine whose model has a float32 known-answer reference is checked right after it
-starts (a few prefills). A vLLM engine on a CPU whose bf16/fp16 kernels disagree with the
-reference is restarted in float32, with a warning: right answers first, speed second.
+starts (a few prefills and a short greedy decode). A vLLM engine on a CPU whose bf16/fp16
+kernels disagree with the reference is restarted in float32, with a warning: right answers
+first, speed second. The verdict is recorded per model, CPU and vLLM version
+(serving/checked_dtype.py), so the next start anywhere goes straight to the dtype that passed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from types import TracebackType
 
 from moa.engine import Engine
 from serving import planning
+from serving.checked_dtype import checked_spec, record
 from serving.engines import create_engine
 from serving.known_answer import CheckResult, verify
 from serving.placement import Gpu, plan_cores
@@ -92,16 +95,25 @@ class EnginePool:
             raise
 
     async def _start_one(self, spec: ModelSpec, **placement) -> None:
-        engine = create_engine(spec, **placement)
+        """Start `spec` in the dtype recorded as right on this CPU; check it; on a wrong 16-bit engine restart
+        it in float32 and record that, so later starts (any path) go straight to float32."""
+        running = checked_spec(spec)
+        engine = create_engine(running, **placement)
         await engine.start()
         self.engines[spec.name] = engine
         if not self.verify:
             return
-        check = await self._check(spec, engine)
-        if check is None or check.ok:
+        check = await self._check(running, engine)
+        if check is None:
             return
-        fallback = fallback_spec(spec)
+        if check.ok:
+            if running is spec:  # a recorded fallback keeps the record of the check that chose it
+                record(spec, running.engine.dtype, [check])
+            return
+        fallback = fallback_spec(running)
         if fallback is None:
+            if running is not spec:  # the recorded dtype itself fails now: not a 16-bit kernel problem
+                record(spec, None, [check])
             log.warning("%s", check.warning())
             return
         await engine.close()
@@ -114,6 +126,7 @@ class EnginePool:
             log.warning("%s", check.warning())
             return
         retry.replaced = check
+        record(spec, fallback.engine.dtype if retry.ok else None, [check, retry])
         log.warning("%s", retry.warning())
 
     async def _check(self, spec: ModelSpec, engine: Engine) -> CheckResult | None:

@@ -74,6 +74,9 @@ class EngineActor:
     async def top1_tokens(self, token_ids: list[int], start: int) -> list[int]:
         return await self.engine.top1_tokens(token_ids, start)
 
+    async def greedy_tokens(self, token_ids: list[int], max_tokens: int) -> list[int]:
+        return await self.engine.greedy_tokens(token_ids, max_tokens)
+
 
 class RayEngine(StreamingEngine):
     """One model's engine in a Ray actor. `address`: the cluster (`auto`, `ray://host:10001`, None = local)."""
@@ -155,6 +158,9 @@ class RayEngine(StreamingEngine):
 
     async def top1_tokens(self, token_ids: Sequence[int], start: int) -> list[int]:
         return await self._call("top1_tokens", list(token_ids), start)
+
+    async def greedy_tokens(self, token_ids: Sequence[int], max_tokens: int) -> list[int]:
+        return await self._call("greedy_tokens", list(token_ids), max_tokens)
 
     async def _call(self, method: str, *args: Any) -> Any:
         if self._actor is None:

@@ -152,6 +152,22 @@ class TransformersEngine(StreamingEngine):
             logits = self._model(torch.tensor([token_ids], device=self._model.device)).logits
         return logits[0, start - 1:-1].argmax(dim=-1).tolist()
 
+    async def greedy_tokens(self, token_ids: Sequence[int], max_tokens: int) -> list[int]:
+        """The model's own greedy continuation of `token_ids` (known-answer check: the decode path)."""
+        if self._model is None:
+            raise EngineError(f"model {self.name!r}: engine is not started")
+        return await asyncio.to_thread(self._greedy, list(token_ids), max_tokens)
+
+    def _greedy(self, token_ids: list[int], max_tokens: int) -> list[int]:
+        import torch
+
+        ids = torch.tensor([token_ids], device=self._model.device)
+        with torch.inference_mode():
+            out = self._model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=max_tokens, pad_token_id=self._tokenizer.pad_token_id
+                                       or self._tokenizer.eos_token_id)
+        return out[0, len(token_ids):].tolist()
+
     async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
                      request_id: str | None = None) -> AsyncIterator[StreamEvent]:
         if self._worker is None:

@@ -220,6 +220,23 @@ class VLLMEngine(StreamingEngine):
             top1.append(next(token for token, logprob in ranked.items() if logprob.rank == 1))
         return top1
 
+    async def greedy_tokens(self, token_ids: Sequence[int], max_tokens: int) -> list[int]:
+        """The engine's own greedy continuation of `token_ids`, through the decode path users get (the
+        known-answer check's second half: teacher forcing above exercises prefill only)."""
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        await self._ensure_alive()
+        params = VSamplingParams(max_tokens=max_tokens, temperature=0, detokenize=False,
+                                 output_kind=RequestOutputKind.FINAL_ONLY)
+        engine_input = self._llm.renderer.render_cmpl([{"prompt_token_ids": list(token_ids)}])[0]
+        final = None
+        async for out in self._llm.generate(engine_input, params, f"{self.name}-decode-{next(_ids)}"):
+            final = out
+        if final is None:
+            raise EngineError(f"model {self.name!r}: vLLM returned no output")
+        return list(final.outputs[0].token_ids)
+
     def _sampling_params(self, params: SamplingParams) -> Any:
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams

@@ -18,6 +18,7 @@ from types import TracebackType
 import httpx
 
 from moa.engine import EngineError
+from serving.checked_dtype import checked_spec
 from serving.engines.vllm_args import server_command
 from serving.registry import Endpoint, ModelSpec
 from serving.store import resolve
@@ -50,8 +51,12 @@ class VLLMServer:
         return ModelSpec(name=self.spec.name, backend="openai",
                          endpoint=Endpoint(base_url=f"{self.base_url}/v1", model=self.spec.name))
 
+    def command(self) -> list[str]:
+        """The server's command line, in the dtype that passed the known-answer check on this CPU (as in-process)."""
+        return server_command(checked_spec(self.spec), resolve(self.spec).path, port=self.port, python=sys.executable)
+
     def start(self) -> None:
-        cmd = server_command(self.spec, resolve(self.spec).path, port=self.port, python=sys.executable)
+        cmd = self.command()
         # Dev mode exposes POST /reset_prefix_cache, so benchmarks can start every run from a cold cache.
         env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_SERVER_DEV_MODE": "1"}
         if self.cpu_threads_bind and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
