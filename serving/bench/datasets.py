@@ -53,6 +53,11 @@ class Task(_Line):
     choices: list[str] | None = None  # multiple choice: the options, lettered A, B, C... in the prompt
     tolerance: float = 1e-6  # numeric: absolute tolerance
 
+    @property
+    def scored(self) -> bool:
+        """False for an open prompt (judged pairwise only); what every eval suite's items say."""
+        return self.scorer is not None
+
     @model_validator(mode="after")
     def _choice_letter(self) -> Task:
         if self.scorer is not None and not self.answer:

@@ -1,28 +1,31 @@
-"""`moa eval`: answer a task set with single models and pipelines, score them, judge them pairwise.
+"""`moa eval`: answer a suite's items with single models and pipelines, score them, judge them pairwise.
 
-A system is a model name (one greedy call, the single-model baseline) or a pipeline
-name, optionally with `@before` / `@after` to place every synthesis step's references
-before or after the conversation. Systems that use the same models share one engine
-pool; each pool has the machine to itself, so seconds per correct answer compare.
+A system is a model name (one greedy call, the single-model baseline, or with `--samples N` one
+n=N request for pass@k) or a pipeline name, optionally with `@before` / `@after` to place every
+synthesis step's references before or after the conversation. Systems that use the same models
+share one engine pool; each pool has the machine to itself, so seconds per correct answer compare.
+The suite (serving/bench/eval_suites) gives the items and grades the answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from moa.engine import ChatMessage, Engine, SamplingParams
 from moa.pipeline import Pipeline
 from moa.routing import Scorer
 from moa.runner import Prices
 from moa.steps import Propose
-from serving.bench.datasets import Task
-from serving.bench.measure import RequestSample, pipeline_request, run_level
-from serving.bench.scoring import score
-from serving.bench.stats import mean, wilson_interval
+from serving.bench.eval_suites import Item, Published, Suite
+from serving.bench.eval_suites.tasks import TaskSuite
+from serving.bench.measure import RequestSample, generation_request, pipeline_request, run_level
+from serving.bench.stats import mean, pass_at_k, wilson_interval
 from serving.registry import Registry
 
 JUDGE_SYSTEM = (
@@ -35,12 +38,26 @@ JUDGE_SYSTEM = (
 JUDGE_QUESTION = ("Compare the two responses in two or three sentences, then give your verdict on the last line, "
                   "exactly as [[A]] if response A is better, [[B]] if response B is better, or [[C]] for a tie.")
 JUDGE_MAX_TOKENS = 192
+PASS_AT = (1, 5, 10)  # pass@k reported for k up to the samples per item
 
 
 @dataclass
 class System:
     label: str
+    # What runs: in-process, the pipeline; behind `moa eval --url`, what the served name stands for (a served
+    # model: one Propose step; a served pipeline: no steps, its models in `served_models`).
     pipeline: Pipeline
+    samples: int = 1  # a single model's answers per item, from one n=samples request (pass@k)
+    served: Literal["model", "pipeline"] | None = None  # None: in-process
+    served_models: tuple[str, ...] = ()
+
+    def models(self) -> tuple[str, ...]:
+        return self.served_models or self.pipeline.models()
+
+    @property
+    def single_model(self) -> bool:
+        """One model answering alone under its own name: the rows published figures and routers are about."""
+        return self.models() == (self.label,)
 
 
 @dataclass
@@ -48,21 +65,34 @@ class SystemResult:
     system: System
     samples: list[RequestSample]
     wall_s: float
-    correct: dict[str, bool] = field(default_factory=dict)  # task id -> scored correct
+    correct: dict[str, bool] = field(default_factory=dict)  # item id -> its (first) answer scored correct
+    passed: dict[str, list[bool]] = field(default_factory=dict)  # item id -> each sample's verdict (pass@k)
+    scoring_s: float = 0.0
 
 
-def resolve_system(registry: Registry, text: str, mapping: Mapping[str, str], max_tokens: int | None) -> System:
+def single_model(name: str, *, max_tokens: int | None, samples: int = 1, temperature: float | None = None) -> System:
+    """A model alone: greedy, or with samples > 1 one n=samples request at `temperature` (default 0.8)."""
+    if temperature is None:
+        temperature = 0.8 if samples > 1 else 0.0
+    if samples > 1 and temperature <= 0:
+        raise ValueError(f"--samples {samples} needs --temperature above 0 (greedy samples would be identical)")
+    return System(name, Pipeline(name, (Propose(models=(name,), temperature=temperature, max_tokens=max_tokens or 512,
+                                                samples=samples),)), samples)
+
+
+def resolve_system(registry: Registry, text: str, mapping: Mapping[str, str], max_tokens: int | None, *,
+                   samples: int = 1, temperature: float | None = None) -> System:
     """"qwen2.5-coder-1.5b", "self-moa" or "self-moa@after" -> a pipeline to run.
 
-    `mapping` (--swap) applies to pipelines only: a model named as a system is that model."""
+    `mapping` (--swap) applies to pipelines only: a model named as a system is that model. `samples` and
+    `temperature` apply to single models only: a pipeline writes one answer with its own sampling."""
     name, _, layout = text.partition("@")
     if layout and layout not in ("before", "after"):
         raise ValueError(f"system {text!r}: the layout after @ must be before or after")
     if name in registry.models:
         if layout:
             raise ValueError(f"system {text!r}: a layout applies to pipelines, not to a single model")
-        return System(text, Pipeline(name, (Propose(models=(name,), temperature=0.0,
-                                                     max_tokens=max_tokens or 512),)))
+        return single_model(name, max_tokens=max_tokens, samples=samples, temperature=temperature)
     pipeline = registry.pipeline(name).with_models(dict(mapping))
     if max_tokens:
         pipeline = pipeline.with_max_tokens(max_tokens)
@@ -71,48 +101,82 @@ def resolve_system(registry: Registry, text: str, mapping: Mapping[str, str], ma
     return System(text, pipeline)
 
 
-async def answer_tasks(system: System, tasks: Sequence[Task], engines: Mapping[str, Engine], *, concurrency: int,
+async def answer_tasks(system: System, tasks: Sequence[Item], engines: Mapping[str, Engine], *, concurrency: int,
                        seed: int | None, on_done: Callable[[RequestSample], None] | None = None,
-                       prices: Prices | None = None, scorers: Mapping[str, Scorer] | None = None) -> SystemResult:
+                       prices: Prices | None = None, scorers: Mapping[str, Scorer] | None = None,
+                       suite: Suite | None = None) -> SystemResult:
+    """Every item answered in-process (closed loop, `concurrency` in flight), then scored by `suite`."""
     async def request(i: int, t0: float) -> RequestSample:
+        item_seed = None if seed is None else seed + 1000 * i
+        if system.samples > 1:
+            step = system.pipeline.steps[0]
+            params = SamplingParams(n=system.samples, temperature=step.temperature, max_tokens=step.max_tokens,
+                                    seed=item_seed)
+            return await generation_request(engines[step.models[0]], tasks[i].conversation(), params, i, t0)
         return await pipeline_request(system.pipeline, tasks[i].conversation(), engines, i, t0,
-                                      seed=None if seed is None else seed + 1000 * i, prices=prices, scorers=scorers)
+                                      seed=item_seed, prices=prices, scorers=scorers)
 
     level = await run_level(system.label, system.pipeline.name, request, concurrency=concurrency,
                             requests=len(tasks), on_done=on_done)
-    result = SystemResult(system, level.samples, level.wall_s)
-    for task, sample in zip(tasks, level.samples, strict=True):
-        if task.scorer is not None:
-            result.correct[task.id] = sample.ok and score(task, sample.answer)
+    return await score_answers(SystemResult(system, level.samples, level.wall_s), tasks, suite or TaskSuite())
+
+
+async def score_answers(result: SystemResult, items: Sequence[Item], suite: Suite) -> SystemResult:
+    """Each scored item's answers graded by the suite (every sample of an n > 1 request); a failed request
+    counts as wrong answers. Runs after the answers are in, so it adds nothing to the systems' wall time."""
+    started = time.perf_counter()
+
+    async def verdicts(item: Item, sample: RequestSample) -> list[bool]:
+        if not sample.ok:
+            return [False] * result.system.samples
+        texts = sample.answers or [sample.answer]
+        return list(await asyncio.gather(*(suite.score(item, text) for text in texts)))
+
+    pairs = [(item, sample) for item, sample in zip(items, result.samples, strict=True) if item.scored]
+    for (item, _), passed in zip(pairs, await asyncio.gather(*(verdicts(*p) for p in pairs)), strict=True):
+        result.passed[item.id] = passed
+        result.correct[item.id] = passed[0]
+    result.scoring_s = time.perf_counter() - started
     return result
 
 
-def accuracy_row(result: SystemResult, tasks: Sequence[Task]) -> dict:
-    """Accuracy with a 95% Wilson interval, per category, and what each correct answer cost."""
-    scored = [t for t in tasks if t.scorer is not None]
-    right = sum(result.correct.get(t.id, False) for t in scored)
+def accuracy_row(result: SystemResult, tasks: Sequence[Item], published: Published | None = None) -> dict:
+    """Accuracy with a 95% Wilson interval, per category, and what each correct answer cost; with several samples
+    per item, accuracy is pass@1 (the mean share of passing samples) and pass@k sits beside it."""
+    scored = [t for t in tasks if t.scored]
+    passed = [result.passed.get(t.id) or [False] * result.system.samples for t in scored]
+    shares = [sum(p) / len(p) for p in passed]  # per item: its samples' pass rate (0 or 1 for one sample)
+    right = sum(shares)
+    passing = sum(sum(p) for p in passed)  # passing samples, over every sample
     low, high = wilson_interval(right, len(scored))
     ok = [s for s in result.samples if s.ok]
-    categories: dict[str, list[bool]] = {}
-    for t in scored:
-        categories.setdefault(t.category, []).append(result.correct.get(t.id, False))
+    categories: dict[str, list[float]] = {}
+    for t, share in zip(scored, shares, strict=True):
+        categories.setdefault(t.category, []).append(share)
     # What the scored answers cost: open prompts (pairwise only) are not part of it.
-    tokens = sum(s.completion_tokens for t, s in zip(tasks, result.samples, strict=True) if s.ok and t.scorer)
+    tokens = sum(s.completion_tokens for t, s in zip(tasks, result.samples, strict=True) if s.ok and t.scored)
+    n = result.system.samples
     return {
         "system": result.system.label,
-        "models": list(result.system.pipeline.models()),
+        "models": list(result.system.models()),
         "tasks": len(scored),
-        "correct": right,
+        "correct": int(right) if right == int(right) else right,  # with samples: the expected count at pass@1
         "accuracy": right / len(scored) if scored else None,
         "ci95": [low, high],
         "by_category": {c: sum(v) / len(v) for c, v in categories.items()},
+        "samples": n,
+        "samples_passed": passing,
+        "pass_at": {str(k): mean([pass_at_k(len(p), sum(p), k) for p in passed]) for k in PASS_AT if k <= n},
+        "published": None if published is None else {"pass@1": published.pass_at_1, "source": published.source},
         "errors": len(result.samples) - len(ok),
         "engine_calls_per_task": mean([s.engine_calls for s in ok]),
         "completion_tokens_per_task": mean([s.completion_tokens for s in ok]),
         "prompt_tokens_per_task": mean([s.prompt_tokens for s in ok]),
-        "completion_tokens_per_correct": tokens / right if right else None,
+        "completion_tokens_per_correct": tokens / passing if passing else None,
         "wall_s": result.wall_s,
-        "seconds_per_correct": result.wall_s / right if right else None,
+        "seconds_per_task": result.wall_s / len(tasks) if tasks else None,
+        "seconds_per_correct": result.wall_s / passing if passing else None,
+        "scoring_s": result.scoring_s,
         "latency_mean_s": mean([s.latency_s for s in ok]),
     }
 
@@ -193,12 +257,12 @@ async def judge_both_orders(judge: Engine, conversation: Sequence[ChatMessage], 
                                             verdict(judge_messages(conversation, theirs, mine))))
 
 
-async def judge_pairs(judge: Engine, tasks: Sequence[Task], system: SystemResult, reference: SystemResult, *,
+async def judge_pairs(judge: Engine, tasks: Sequence[Item], system: SystemResult, reference: SystemResult, *,
                       concurrency: int) -> PairwiseResult:
     """Each task's pair of answers judged in both orders (`judge_both_orders`)."""
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(task: Task, mine: RequestSample, theirs: RequestSample) -> tuple[float, bool, int, tuple]:
+    async def one(task: Item, mine: RequestSample, theirs: RequestSample) -> tuple[float, bool, int, tuple]:
         judged = await judge_both_orders(judge, task.conversation(), mine.answer, theirs.answer, gate)
         first, second = judged.first, judged.second
         unparsed = (first is None) + (second is None)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from moa.engine import ChatMessage, Engine, Generation
+from moa.engine import ChatMessage, Engine, Generation, SamplingParams
 from moa.pipeline import Pipeline
 from moa.routing import Scorer
 from moa.runner import Prices, run
@@ -41,6 +41,7 @@ class RequestSample:
     calls: list[str] = field(default_factory=list)  # "model xn" per engine call, in order (who routing asked)
     notes: list[str] = field(default_factory=list)  # the steps' decisions (routing, escalation, skipped layers)
     answer: str = ""
+    answers: list[str] = field(default_factory=list)  # every sample of an n > 1 request (pass@k); answer: the first
     error: str | None = None
 
     @property
@@ -99,6 +100,30 @@ async def pipeline_request(pipeline: Pipeline, messages: Sequence[ChatMessage], 
     sample.calls = [f"{c.model} x{c.n}" for c in result.trace.calls if c.status != "skipped"]
     sample.notes = [note for step in result.trace.steps for note in step.notes]
     sample.answer = result.answer
+    return sample
+
+
+async def generation_request(engine: Engine, messages: Sequence[ChatMessage], params: SamplingParams, index: int,
+                             t0: float) -> RequestSample:
+    """One engine request for params.n samples of one model (`moa eval --samples`): one prefill, n answers."""
+    started = time.perf_counter()
+    sample = RequestSample(index, started - t0)
+    try:
+        generation = await engine.generate(messages, params)
+    except Exception as exc:  # counted, not fatal, as in pipeline_request
+        sample.latency_s = time.perf_counter() - started
+        sample.error = f"{type(exc).__name__}: {exc}"
+        return sample
+    sample.latency_s = time.perf_counter() - started
+    sample.ttft_s = generation.ttft_s
+    sample.completion_tokens = generation.completion_tokens
+    sample.prompt_tokens = generation.prompt_tokens
+    sample.cached_prompt_tokens = generation.cached_prompt_tokens
+    sample.engine_calls = 1
+    sample.answer_tokens = generation.completion_tokens // max(1, params.n)
+    sample.calls = [f"{generation.model} x{params.n}"]
+    sample.answers = generation.texts
+    sample.answer = generation.texts[0] if generation.texts else ""
     return sample
 
 

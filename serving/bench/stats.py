@@ -30,3 +30,12 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chen et al. (2021)'s unbiased pass@k from n samples of which c passed: 1 - C(n-c, k) / C(n, k), the chance
+    that k samples drawn from the n include a passing one. Python's integers are exact and its int / int division
+    is correctly rounded, so the binomials cannot overflow or lose precision at any n."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@{k} needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c})")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)

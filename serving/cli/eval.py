@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from serving.bench.environment import engine_version, machine
+from serving.cli import eval_passk
 from serving.cli.common import (
     ConfigOption,
     ProgressBars,
@@ -33,15 +34,29 @@ DEFAULT_SYSTEMS = ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "self-moa"]
 
 def eval_(
     system: list[str] | None = typer.Option(None, "--system", "-s", help="A model or a pipeline, optionally with "
-                                            "@before/@after (where synthesis steps put references). Repeatable "
-                                            f"[default: {', '.join(DEFAULT_SYSTEMS)}; none with --votes alone]."),
-    tasks_file: Path | None = typer.Option(None, "--tasks", help="JSONL tasks: id, prompt or messages, answer, "
-                                           "scorer (exact|numeric|choice|regex) (default: the built-in 50)."),
+                                            "@before/@after (where synthesis steps put references); with --url, a "
+                                            "name the server serves. Repeatable "
+                                            f"(default: {', '.join(DEFAULT_SYSTEMS)}; none with --votes alone)."),
+    suite_name: str = typer.Option("tasks", "--suite", help="What to evaluate on: tasks (a JSONL task set, see "
+                                   "--tasks) or humaneval (164 Python functions to complete, graded by their unit "
+                                   "tests in the sandbox; pass@k)."),
+    tasks_file: Path | None = typer.Option(None, "--tasks", help="With --suite tasks: JSONL tasks: id, prompt or "
+                                           "messages, answer, scorer (exact|numeric|choice|regex) (default: the "
+                                           "built-in 50)."),
+    url: str | None = typer.Option(None, "--url", help="Evaluate what a running OpenAI-compatible server serves "
+                                   "(moa serve, vLLM) instead: no engine starts here; answers are scored here."),
+    api_key: str = typer.Option(os.environ.get("MOA_API_KEY", "none"), "--api-key", help="For --url."),
+    samples: int = typer.Option(1, "--samples", min=1, help="Answers per item from each single model, in one n=N "
+                                "request, for pass@k (k = 1, 5, 10 up to N); a pipeline writes one."),
+    temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="Single models' temperature "
+                                             "(default: 0, greedy, for one sample; 0.8 for several)."),
     swap: list[str] = typer.Option([], "--swap", help="Replace a model inside pipelines, OLD=NEW (repeatable)."),
-    max_tokens: int | None = typer.Option(256, "--max-tokens", min=1, help="Cap every step's max_tokens."),
-    concurrency: int = typer.Option(8, "--concurrency", min=1, help="Tasks in flight per system."),
-    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N tasks."),
-    seed: int = typer.Option(0, "--seed", help="Task i uses seed + 1000*i."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Cap every step's max_tokens "
+                                          "(default: the suite's, 256 for tasks and 1024 for humaneval)."),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, help="Items (requests) in flight per system."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N items."),
+    sample: int | None = typer.Option(None, "--sample", min=1, help="Only N items drawn at random with --seed."),
+    seed: int = typer.Option(0, "--seed", help="Item i uses seed + 1000*i; --sample draws with it."),
     pairwise: str | None = typer.Option(None, "--pairwise", help="Judge every other system against this one "
                                         "(a --system label), in both orders."),
     votes: Path | None = typer.Option(None, "--votes", help="The playground's votes (JSONL, `moa serve --votes`): "
@@ -52,51 +67,69 @@ def eval_(
                                        "(default: eval-results/<date-time>)."),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Score models and pipelines on a task set: accuracy with a 95% confidence interval, tokens and
-    seconds per correct answer; with --pairwise, win rates judged by a local model in both orders; with
-    --votes, people's verdicts from the playground beside the judge's."""
+    """Score models and pipelines on a suite: the built-in tasks (accuracy with a 95% confidence interval,
+    tokens and seconds per correct answer) or HumanEval (pass@1 with its interval, pass@k with --samples,
+    beside published figures); with --url, what a running server serves; with --pairwise, win rates judged by
+    a local model in both orders; with --votes, people's verdicts from the playground beside the judge's."""
     from serving.api.votes import read_votes
-    from serving.bench.datasets import DEFAULT_TASKS, DatasetError, load_tasks
+    from serving.bench.eval_suites import get_suite, subset
     from serving.bench.evaluate import resolve_system
 
     exit_cleanly_on_sigterm()
     reg = registry(config)
-    system = system if system else ([] if votes else DEFAULT_SYSTEMS)
     with user_errors():
+        if url is not None and (swap or pairwise or votes):
+            raise ValueError("--url evaluates what the server serves as it is: --swap, --pairwise and --votes need "
+                             "local engines")
+        if url is not None and not system:
+            raise ValueError("with --url, name the served models or pipelines to evaluate: -s NAME (repeatable)")
+        system = system if system else ([] if votes else DEFAULT_SYSTEMS)
         if votes is not None and not votes.is_file():
             raise ValueError(f"--votes {votes}: no such file (the playground writes it: moa serve --votes PATH)")
         human = read_votes(votes) if votes is not None else []
         if votes is not None and not human:
             raise ValueError(f"--votes {votes}: the file has no votes yet")
-        try:
-            tasks = load_tasks(tasks_file)
-        except DatasetError as exc:
-            raise ValueError(str(exc)) from None
-        tasks = tasks[:limit] if limit else tasks
-        mapping = dict(parse_swap(s) for s in swap)
-        for name in mapping.values():
-            reg.get(name)
-        systems = [resolve_system(reg, text, mapping, max_tokens) for text in dict.fromkeys(system)]
-        if pairwise is not None and pairwise not in [s.label for s in systems]:
-            raise ValueError(f"--pairwise {pairwise!r} must be one of the --system labels: "
-                             f"{', '.join(s.label for s in systems)}")
-        judging = pairwise is not None or bool(human)
-        if judging:
-            reg.get(judge)
-        needed = {m for s in systems for m in s.pipeline.models()} | ({judge} if judging else set())
-        for name in sorted(needed):
-            ensure_local(reg.get(name))
+        suite = get_suite(suite_name, tasks_file)
+        tasks, chosen = subset(suite.load(), limit=limit, sample=sample, seed=seed)
+        max_tokens = max_tokens or suite.max_tokens
+        used_temperature = temperature if temperature is not None else (0.8 if samples > 1 else 0.0)
+        if samples > 1 and used_temperature <= 0:
+            raise ValueError(f"--samples {samples} needs --temperature above 0 (greedy samples would be identical)")
+        systems = []
+        if url is None:
+            mapping = dict(parse_swap(s) for s in swap)
+            for name in mapping.values():
+                reg.get(name)
+            systems = [resolve_system(reg, text, mapping, max_tokens, samples=samples, temperature=temperature)
+                       for text in dict.fromkeys(system)]
+            if pairwise is not None and pairwise not in [s.label for s in systems]:
+                raise ValueError(f"--pairwise {pairwise!r} must be one of the --system labels: "
+                                 f"{', '.join(s.label for s in systems)}")
+            judging = pairwise is not None or bool(human)
+            if judging:
+                reg.get(judge)
+            needed = {m for s in systems for m in s.pipeline.models()} | ({judge} if judging else set())
+            for name in sorted(needed):
+                ensure_local(reg.get(name))
+        scoring = suite.prepare()
         out_dir = output or Path("eval-results") / time.strftime("%Y%m%d-%H%M%S")
         out_dir.mkdir(parents=True, exist_ok=True)
         meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 "command": "moa eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:]),
-                "machine": machine(), "engine": engine_version(), "tasks": str(tasks_file or DEFAULT_TASKS.name),
-                "max_tokens": max_tokens, "concurrency": concurrency, "seed": seed,
-                "votes": str(votes) if votes else None}
-        with quiet_engines(not os.environ.get("MOA_VERBOSE"), "eval") as log_path, ProgressBars() as progress:
+                "machine": machine(), "engine": f"endpoint {url}" if url else engine_version(),
+                "suite": suite.name, "metric": suite.metric, "tasks": suite.describe(), "subset": chosen,
+                "items": len(tasks), "samples": samples, "temperature": used_temperature, "max_tokens": max_tokens,
+                "concurrency": concurrency, "seed": seed, "votes": str(votes) if votes else None, "url": url,
+                **scoring}
+        quiet = quiet_engines(not os.environ.get("MOA_VERBOSE") and url is None, "eval")
+        with quiet as log_path, ProgressBars() as progress:
             try:
-                data = asyncio.run(_evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, progress,
-                                             human))
+                if url is None:
+                    data = asyncio.run(_evaluate(reg, suite, systems, tasks, concurrency, seed, pairwise, judge,
+                                                 progress, human))
+                else:
+                    data = asyncio.run(_evaluate_url(url, api_key, suite, list(dict.fromkeys(system)), tasks,
+                                                     concurrency, seed, max_tokens, samples, temperature, progress))
             except Exception:
                 if log_path:
                     err.print(f"engine log: {log_path}", highlight=False, soft_wrap=True)
@@ -117,7 +150,18 @@ def eval_(
     err.print(f"written: {', '.join(map(str, written))}", highlight=False)
 
 
-async def _evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, progress, human) -> dict:
+def _published(suite, system):
+    return suite.published(system.label) if system.single_model else None
+
+
+def _details(tasks, results) -> dict:
+    """Per system, per item: its answer(s), whether the (first) one was right, and each sample's verdict."""
+    return {label: [{"task": t.id, "category": t.category, "correct": r.correct.get(t.id),
+                     "passed": r.passed.get(t.id), **asdict(sample)}
+                    for t, sample in zip(tasks, r.samples, strict=True)] for label, r in results.items()}
+
+
+async def _evaluate(reg, suite, systems, tasks, concurrency, seed, pairwise, judge, progress, human) -> dict:
     from serving.bench.evaluate import accuracy_row, answer_tasks, group_by_models, judge_pairs, routing_rows
     from serving.bench.human_votes import judge_votes
     from serving.engines.pool import EnginePool
@@ -128,9 +172,9 @@ async def _evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, pro
             for system in group:
                 results[system.label] = await answer_tasks(
                     system, tasks, pool.engines, concurrency=concurrency, seed=seed, prices=reg.prices(),
-                    scorers=reg.scorers(),
-                    on_done=progress(f"{system.label} · {len(tasks)} tasks", len(tasks)))
-    rows = [accuracy_row(results[s.label], tasks) for s in systems]
+                    scorers=reg.scorers(), suite=suite,
+                    on_done=progress(f"{system.label} · {len(tasks)} {suite.name}", len(tasks)))
+    rows = [accuracy_row(results[s.label], tasks, _published(suite, s)) for s in systems]
     pairs, voted = [], []
     if pairwise is not None or human:
         async with EnginePool(reg, [judge]) as pool:
@@ -143,10 +187,28 @@ async def _evaluate(reg, systems, tasks, concurrency, seed, pairwise, judge, pro
             if human:
                 progress(f"judging {len(human)} voted pairs with {judge} (both orders)", 0)
                 voted = await judge_votes(pool[judge], human, concurrency=concurrency)
-    details = {label: [{"task": t.id, "category": t.category, "correct": r.correct.get(t.id), **asdict(sample)}
-                       for t, sample in zip(tasks, r.samples, strict=True)] for label, r in results.items()}
     return {"accuracy": rows, "pairwise": pairs, "votes": voted, "routing": routing_rows(reg, systems, results),
-            "responses": details}
+            "responses": _details(tasks, results)}
+
+
+async def _evaluate_url(url, api_key, suite, names, tasks, concurrency, seed, max_tokens, samples, temperature,
+                        progress) -> dict:
+    from serving.bench.evaluate import accuracy_row
+    from serving.bench.evaluate_url import answer_served, client_for, served_systems
+
+    client = client_for(url, api_key)
+    try:
+        systems = await served_systems(client, url, names, max_tokens=max_tokens, samples=samples,
+                                       temperature=temperature)
+        results = {}
+        for system in systems:
+            results[system.label] = await answer_served(
+                client, system, tasks, suite, concurrency=concurrency, seed=seed, max_tokens=max_tokens,
+                on_done=progress(f"{system.label} · {len(tasks)} {suite.name} · {url}", len(tasks)))
+    finally:
+        await client.close()
+    rows = [accuracy_row(results[s.label], tasks, _published(suite, s)) for s in systems]
+    return {"accuracy": rows, "pairwise": [], "votes": [], "routing": [], "responses": _details(tasks, results)}
 
 
 def _pct(value: float | None) -> str:
@@ -157,9 +219,15 @@ def _num(value: float | None, digits: int = 0) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _correct(row: dict) -> str:
+    """31/50; with several samples per task the expected count of one sample, 31.4/50."""
+    count = row["correct"]
+    return f"{count if isinstance(count, int) else f'{count:.1f}'}/{row['tasks']}"
+
+
 def _accuracy_cells(row: dict, categories: list[str]) -> list[str]:
     low, high = row["ci95"]
-    return [row["system"], ", ".join(row["models"]), f"{row['correct']}/{row['tasks']}",
+    return [row["system"], ", ".join(row["models"]), _correct(row),
             f"{_pct(row['accuracy'])} [{_pct(low)}–{_pct(high)}]",
             *(_pct(row["by_category"].get(c)) for c in categories), _num(row["engine_calls_per_task"], 1),
             _num(row["completion_tokens_per_task"]), _num(row["completion_tokens_per_correct"]),
@@ -187,6 +255,10 @@ def _ci(value: float | None, low: float | None, high: float | None) -> str:
     return "–" if value is None else f"{_pct(value)} [{_num(low and 100 * low)}–{_pct(high)}]"
 
 
+def _pass_at_k(data: dict) -> bool:
+    return data.get("meta", {}).get("metric") == "pass@k"
+
+
 def tables(data: dict) -> list[Table]:
     """The terminal's view, readable at 80 columns: accuracy and cost per correct answer, accuracy by
     category, pairwise win rates. summary.md and results.json have every column."""
@@ -196,12 +268,14 @@ def tables(data: dict) -> list[Table]:
     for header in ("correct", "accuracy\n[95% CI]", "tokens per\ncorrect", "seconds per\ncorrect"):
         accuracy.add_column(header, justify="right", no_wrap=True)
     for row in rows:
-        accuracy.add_row(row["system"], f"{row['correct']}/{row['tasks']}", _ci(row["accuracy"], *row["ci95"]),
+        accuracy.add_row(row["system"], _correct(row), _ci(row["accuracy"], *row["ci95"]),
                          _num(row["completion_tokens_per_correct"]), _num(row["seconds_per_correct"], 2))
     # Which models stand behind a pipeline (or a swap) — a model's own row needs no note.
     accuracy.caption = "\n".join(f"{row['system']}: {', '.join(row['models'])}" for row in rows
                                   if row["models"] != [row["system"]]) or None
     shown = [accuracy] if any(row["tasks"] for row in rows) else []  # open prompts only: no accuracy to show
+    if _pass_at_k(data):
+        shown = [eval_passk.table(data)]
     categories = list(dict.fromkeys(c for row in rows for c in row["by_category"]))
     if len(categories) > 1:
         by_category = Table(title="accuracy by category", title_justify="left")
@@ -243,7 +317,15 @@ def markdown(data: dict) -> str:
              f"max_tokens {meta.get('max_tokens')}; {meta.get('concurrency')} tasks in flight; "
              f"seed {meta.get('seed')}.",
              ]
-    if data["accuracy"]:
+    if meta.get("suite", "tasks") != "tasks" or meta.get("subset") or meta.get("url"):
+        lines += ["", f"Suite: {meta.get('suite')}" + (f" ({meta['subset']})" if meta.get("subset") else "")
+                  + (f"; {meta['samples']} samples per item from single models at temperature {meta['temperature']}"
+                     if meta.get("samples", 1) > 1 else "")
+                  + (f"; sandbox: {meta['sandbox']}" if meta.get("sandbox") else "")
+                  + (f"; systems served by {meta['url']}" if meta.get("url") else "") + "."]
+    if data["accuracy"] and _pass_at_k(data):
+        lines += ["", *eval_passk.markdown(data)]
+    elif data["accuracy"]:
         lines += ["", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         lines += ["| " + " | ".join(_accuracy_cells(row, categories)) + " |" for row in data["accuracy"]]
         lines += ["", "s/correct: the system's wall time over the task set divided by its correct answers "
