@@ -10,12 +10,34 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from moa.calls import EngineCalls
 from moa.engine import ChatMessage, Generation, SamplingParams
 from moa.routing import Scorer
 from moa.steps import LLMStep, Step
 from moa.trace import StepNote, StepRecord
+
+
+@dataclass(frozen=True, slots=True)
+class CheckOutcome:
+    """What a `check` step found for one response: how many checks passed, and what each produced."""
+
+    passed: int
+    total: int
+    outputs: tuple[str, ...] = ()  # per check: the output (or error) the code gave, for agreement
+
+    @property
+    def all_passed(self) -> bool:
+        return self.total > 0 and self.passed == self.total
+
+
+class CodeRunner(Protocol):
+    """Runs a Python program in a sandbox (serving/sandbox.py); never in the caller's own process."""
+
+    async def run_python(self, source: str) -> Any:
+        """A result with `.status` ("passed" when it exited 0) and `.stdout`."""
+        ...
 
 
 @dataclass(slots=True)
@@ -25,6 +47,7 @@ class Response:
     step: str
     layer: int
     data: dict | None = None  # structured output (council)
+    checks: CheckOutcome | None = None  # set by a `check` step (moa/code_checks.py)
 
 
 class LayerFailed(Exception):
@@ -46,6 +69,7 @@ class StepContext:
     seed: int | None  # the request's seed
     writes_answer: bool  # the pipeline's last step: stream the call that writes the final answer
     scorers: Mapping[str, Scorer] = field(default_factory=dict)  # routers by name (`route` steps)
+    code_runner: CodeRunner | None = None  # the sandbox `check` steps run code in; None: code execution is off
 
     def note(self, text: str) -> None:
         """A decision: kept in the trace and sent as a progress event."""

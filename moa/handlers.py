@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from moa.calls import CallFailed
+from moa.code_checks import reference_text
 from moa.context import LayerFailed, Response, StepContext, handles
 from moa.engine import ChatMessage, Completion
 from moa.prompts import RANK_INSTRUCTION, REFINE_INSTRUCTION, VOTE_INSTRUCTION, build_messages, fit_references, strategy
@@ -37,6 +38,19 @@ from moa.votes import normalize
 
 @handles(Propose)
 async def propose(ctx: StepContext, step: Propose, current: list[Response]) -> list[Response]:
+    if step.unless_passing and current:  # escalation after a check: only where one failed, keeping what was there
+        if not any(r.checks is not None and r.checks.total for r in current):
+            ctx.note("nothing was checked (the conversation has no examples to run): no more samples")
+            return current
+        passing = [r for r in current if r.checks is not None and r.checks.all_passed]
+        if passing:
+            ctx.note(f"{len(passing)} response(s) pass every check: no more samples")
+            return current
+        return current + await _propose(ctx, step)
+    return await _propose(ctx, step)
+
+
+async def _propose(ctx: StepContext, step: Propose) -> list[Response]:
     requests: list[tuple[str, int, float, str | None, int | None]] = []  # model, n, temperature, role, seed
     seed = ctx.base_seed(step)
     counts = Counter(step.models)
@@ -105,7 +119,7 @@ async def gather_layer(ctx: StepContext, tasks: list[asyncio.Task], *, quorum: i
 
 
 def references(ctx: StepContext, step: Synthesis, model: str, responses: Sequence[Response]) -> list[str]:
-    fitted, notes = fit_references([r.text for r in responses], step.budget,
+    fitted, notes = fit_references([reference_text(r) for r in responses], step.budget,
                                    lambda text: ctx.calls.count_tokens(model, text))
     ctx.record.notes.extend(f"{model}: {n}" for n in notes)
     return fitted

@@ -23,6 +23,10 @@ class Pipeline:
                 seen.update(dict.fromkeys(step.models_used()))
         return tuple(seen)
 
+    def runs_code(self) -> bool:
+        """Whether a step runs model-written code (`check`): a server serves it only with code execution on."""
+        return any(step.kind == "check" for step in self.steps)
+
     def with_models(self, mapping: Mapping[str, str]) -> Pipeline:
         """The same pipeline with models substituted (per-request overrides, tests on small models)."""
         return replace(self, steps=tuple(s.with_models(mapping) if isinstance(s, LLMStep) else s

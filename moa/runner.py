@@ -20,10 +20,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import aclosing
 from dataclasses import dataclass
 
+import moa.code_checks  # noqa: F401 - registers the check step's handler
 import moa.handlers  # noqa: F401 - registers the LLM step handlers
 import moa.transforms  # noqa: F401 - registers the transform handlers
 from moa.calls import Ceiling, EngineCalls, Prices
-from moa.context import LayerFailed, Response, StepContext, handler_for
+from moa.context import CodeRunner, LayerFailed, Response, StepContext, handler_for
 from moa.engine import ChatMessage, Engine, InvalidRequest, validate_messages
 from moa.pipeline import Pipeline
 from moa.routing import Scorer
@@ -59,8 +60,9 @@ class PipelineRun:
     def __init__(self, pipeline: Pipeline, conversation: list[ChatMessage], engines: Mapping[str, Engine], *,
                  prices: Prices | None = None, seed: int | None = None, timeout_s: float | None = None,
                  ceiling: Ceiling | None = None, scorers: Mapping[str, Scorer] | None = None,
-                 stream_calls: bool = False) -> None:
+                 stream_calls: bool = False, code_runner: CodeRunner | None = None) -> None:
         self.pipeline, self.conversation, self.seed = pipeline, conversation, seed
+        self.code_runner = code_runner
         self.trace = Trace(pipeline.name)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.calls = EngineCalls(engines, self.trace, self.queue.put_nowait, prices or {}, timeout_s,
@@ -79,7 +81,7 @@ class PipelineRun:
             self.trace.steps.append(record)
             yield StepStarted(step.kind, layer)
             ctx = StepContext(self.conversation, self.calls, index, layer, record, self.failures, self.seed,
-                              writes_answer=index == last, scorers=self.scorers)
+                              writes_answer=index == last, scorers=self.scorers, code_runner=self.code_runner)
             task = asyncio.create_task(self._step(ctx, step, current))
             task.add_done_callback(lambda _: self.queue.put_nowait(_STEP_DONE))
             try:
@@ -132,14 +134,21 @@ def _check_conversation(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
 async def iter_run(pipeline: Pipeline, messages: Sequence[ChatMessage], engines: Mapping[str, Engine], *,
                    prices: Prices | None = None, seed: int | None = None, timeout_s: float | None = None,
                    ceiling: Ceiling | None = None, scorers: Mapping[str, Scorer] | None = None,
-                   stream_calls: bool = False) -> AsyncIterator[Event | RunResult]:
+                   stream_calls: bool = False,
+                   code_runner: CodeRunner | None = None) -> AsyncIterator[Event | RunResult]:
     """Run `pipeline` on a conversation: progress events and answer chunks, then the RunResult.
 
     `ceiling`: the request's token/cost limit; `scorers`: the routers `route` steps name;
-    `stream_calls`: every call streams, its text arriving as CallDelta events (to watch the agents).
+    `stream_calls`: every call streams, its text arriving as CallDelta events (to watch the agents);
+    `code_runner`: the sandbox `check` steps run code in (None: a pipeline with one is refused).
     """
+    if code_runner is None and pipeline.runs_code():
+        raise InvalidRequest(f"pipeline {pipeline.name!r} runs model-written code (a check step) and code execution "
+                             "is off: start the server with --allow-code-execution (server.code_execution: true in "
+                             "models.yaml), or pass --allow-code-execution to moa run")
     state = PipelineRun(pipeline, _check_conversation(messages), engines, prices=prices, seed=seed,
-                        timeout_s=timeout_s, ceiling=ceiling, scorers=scorers, stream_calls=stream_calls)
+                        timeout_s=timeout_s, ceiling=ceiling, scorers=scorers, stream_calls=stream_calls,
+                        code_runner=code_runner)
     async with aclosing(state.events()) as items:
         async for item in items:
             yield item
@@ -148,10 +157,10 @@ async def iter_run(pipeline: Pipeline, messages: Sequence[ChatMessage], engines:
 async def run(pipeline: Pipeline, messages: Sequence[ChatMessage], engines: Mapping[str, Engine], *,
               prices: Prices | None = None, on_event: EventSink | None = None, seed: int | None = None,
               timeout_s: float | None = None, ceiling: Ceiling | None = None,
-              scorers: Mapping[str, Scorer] | None = None) -> RunResult:
+              scorers: Mapping[str, Scorer] | None = None, code_runner: CodeRunner | None = None) -> RunResult:
     """Run `pipeline` to its answer; `on_event` sees every event `iter_run` yields on the way."""
     async with aclosing(iter_run(pipeline, messages, engines, prices=prices, seed=seed, timeout_s=timeout_s,
-                                 ceiling=ceiling, scorers=scorers)) as items:
+                                 ceiling=ceiling, scorers=scorers, code_runner=code_runner)) as items:
         async for item in items:
             if isinstance(item, RunResult):
                 return item

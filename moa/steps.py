@@ -100,6 +100,9 @@ class Propose(LLMStep):
     role_prompts: tuple[str, ...] = ()
     quorum: int | None = None  # go on once this many responses are in; abort the rest
     min_success: int = 1
+    # Escalation after a `check`: run only when no current response passes every check, and add the new
+    # responses to the current ones (adaptive code: greedy first, samples only where it fails an example).
+    unless_passing: bool = False
 
     @property
     def total(self) -> int:
@@ -122,6 +125,23 @@ class Synthesis(LLMStep):
     strategy: StrategyName = "moa"
     layout: Layout | None = None  # None: the strategy's default
     budget: ReferenceBudget = field(default_factory=ReferenceBudget)
+
+
+@step_kind("check")
+@dataclass(frozen=True, slots=True)
+class Check(Step):
+    """Run each response's code against checks taken from the conversation: the docstring examples
+    (`>>> f(x)` then the expected output) and `assert` lines the user sent (moa/code_checks.py).
+
+    Runs model-written code, so only where the caller gave a sandbox (`moa serve --allow-code-execution`,
+    `moa eval`). Records per response how many checks pass; `order` sorts the most-passing first (ties:
+    the response whose outputs on the checks most others share, then the original order), so `take`
+    after it is best-of-n, `filter: {passed_checks: all}` keeps the passing ones, and a synthesis sees
+    "passes k of n" beside each reference.
+    """
+
+    order: bool = True
+    check_timeout_s: float = 2.0  # per check inside the sandbox (an endless loop fails that check only)
 
 
 @step_kind("synthesize")
@@ -280,10 +300,12 @@ class Take(Transform):
 @step_kind("filter")
 @dataclass(frozen=True, slots=True)
 class Filter(Transform):
-    """Keep responses with at least `min_chars` characters that match `pattern` (a regex), if given."""
+    """Keep responses with at least `min_chars` characters that match `pattern` (a regex), if given, and
+    (after a `check`) that passed `all` of their checks or `any` one."""
 
     min_chars: int = 1
     pattern: str | None = None
+    passed_checks: Literal["all", "any"] | None = None
 
     def __post_init__(self) -> None:
         Step.__post_init__(self)

@@ -66,16 +66,27 @@ def take(step: Take, current: list[Response], rng: random.Random, notes: list[st
 @transform(Filter)
 def filter_responses(step: Filter, current: list[Response], rng: random.Random, notes: list[str]) -> list[Response]:
     pattern = re.compile(step.pattern) if step.pattern else None
-    kept = [r for r in current if len(r.text.strip()) >= step.min_chars and (pattern is None or pattern.search(r.text))]
+    kept = [r for r in current if len(r.text.strip()) >= step.min_chars and (pattern is None or pattern.search(r.text))
+            and _passed(r, step.passed_checks)]
     if not kept and current:
         notes.append("filter removed every response: previous responses kept")
         return current
     return kept
 
 
+def _passed(response: Response, rule: str | None) -> bool:
+    """`filter: {passed_checks: all|any}`: the response's `check` result allows it (no rule: everything does)."""
+    if rule is None:
+        return True
+    c = response.checks
+    if c is None or c.total == 0:  # nothing was checked: nothing to filter on
+        return True
+    return c.all_passed if rule == "all" else c.passed > 0
+
+
 @transform(Map)
 def map_responses(step: Map, current: list[Response], rng: random.Random, notes: list[str]) -> list[Response]:
-    return [Response(apply_map(step.op, r.text), r.model, r.step, r.layer, r.data) for r in current]
+    return [Response(apply_map(step.op, r.text), r.model, r.step, r.layer, r.data, r.checks) for r in current]
 
 
 @transform(MajorityVote)

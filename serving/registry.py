@@ -220,6 +220,8 @@ class ServerOptions(_Strict):
     # $MOA_HOME/playground-votes.jsonl.
     votes_path: Path | None = None
     metrics_public: bool = False  # /metrics without a key even when keys are set (a scraper inside a trusted net)
+    # Pipelines with a `check` step run model-written code (in serving/sandbox.py); off: they answer 400.
+    code_execution: bool = False
     rate_limit: RateLimit | None = None  # 429 + Retry-After beyond it
 
 

@@ -433,6 +433,12 @@ class Sandbox:
             return await run(isolation, source, limits or self.limits)
 
 
+def check_sandbox() -> Sandbox:
+    """The sandbox `check` steps run responses in (moa/code_checks.py): one program per response runs every
+    check, each under its own 2 s alarm, so it gets a longer wall clock than one scoring run."""
+    return Sandbox(Limits(wall_s=30.0, cpu_s=20.0))
+
+
 async def _costs(runs: int = 20) -> dict[str, float]:
     """Median ms per `print(1)` for bwrap and for rlimits only, interleaved so both see the same machine load;
     and the bare interpreter's start, for scale."""

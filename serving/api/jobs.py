@@ -137,7 +137,7 @@ class PipelineJob:
         return iter_run(self.pipeline, self.messages, self.state.engines, prices=self.state.registry.prices(),
                         seed=self.seed, scorers=self.state.registry.scorers(),
                         ceiling=Ceiling(self.options.max_total_tokens, self.options.max_cost_usd),
-                        stream_calls=stream_calls)
+                        stream_calls=stream_calls, code_runner=self.state.code_runner)
 
     async def complete(self) -> dict:
         result: RunResult | None = None
@@ -210,6 +210,10 @@ def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
         raise APIError(400, "n must be 1 for a pipeline (it writes one final answer)", param="n")
     if messages[-1]["role"] != "user":
         raise APIError(400, "the conversation must end with a user message", param="messages")
+    if state.pipelines[req.model].runs_code() and state.code_runner is None:
+        raise APIError(400, f"pipeline {req.model!r} runs model-written code (a check step) and code execution is "
+                            "off on this server: start it with --allow-code-execution (or server.code_execution: "
+                            "true in models.yaml)", param="model", code="code_execution_disabled")
     options = req.moa or MoAOptions()
     pipeline = apply_overrides(state.pipelines[req.model], options, set(state.engines))
     if req.token_limit():

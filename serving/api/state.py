@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moa.context import CodeRunner
 from moa.engine import Engine
 from moa.pipeline import Pipeline
 from serving.api.errors import APIError
@@ -32,6 +33,7 @@ class ServerSettings:
     cache_entries: int = 0  # answers to deterministic requests kept in memory (serving/api/cache.py); 0: off
     cache_path: Path | None = None  # and in this SQLite file, across restarts
     votes_path: Path | None = None  # the playground's compare-view votes (JSONL); None: voting is off
+    code_execution: bool = False  # pipelines with a `check` step may run (model-written code, in the sandbox)
 
 
 @dataclass
@@ -47,9 +49,13 @@ class ServerState:
     waiting: int = 0
     semaphore: asyncio.Semaphore = field(init=False)
     cache: ResponseCache | None = field(init=False)
+    code_runner: CodeRunner | None = field(init=False)
 
     def __post_init__(self) -> None:
         from serving.api.cache import ResponseCache
+        from serving.sandbox import check_sandbox
+
+        self.code_runner = check_sandbox() if self.settings.code_execution else None
 
         self.semaphore = asyncio.Semaphore(self.settings.max_concurrency)
         self.cache = (ResponseCache(self.settings.cache_entries, self.settings.cache_path)

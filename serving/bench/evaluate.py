@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from moa.context import CodeRunner
 from moa.engine import ChatMessage, Engine, SamplingParams
 from moa.pipeline import Pipeline
 from moa.routing import Scorer
@@ -104,8 +105,11 @@ def resolve_system(registry: Registry, text: str, mapping: Mapping[str, str], ma
 async def answer_tasks(system: System, tasks: Sequence[Item], engines: Mapping[str, Engine], *, concurrency: int,
                        seed: int | None, on_done: Callable[[RequestSample], None] | None = None,
                        prices: Prices | None = None, scorers: Mapping[str, Scorer] | None = None,
-                       suite: Suite | None = None) -> SystemResult:
-    """Every item answered in-process (closed loop, `concurrency` in flight), then scored by `suite`."""
+                       suite: Suite | None = None, code_runner: CodeRunner | None = None) -> SystemResult:
+    """Every item answered in-process (closed loop, `concurrency` in flight), then scored by `suite`.
+
+    `code_runner`: the sandbox a pipeline's `check` steps run responses in (the conversation's own examples,
+    never the suite's tests: those reach only the scorer)."""
     async def request(i: int, t0: float) -> RequestSample:
         item_seed = None if seed is None else seed + 1000 * i
         if system.samples > 1:
@@ -114,7 +118,7 @@ async def answer_tasks(system: System, tasks: Sequence[Item], engines: Mapping[s
                                     seed=item_seed)
             return await generation_request(engines[step.models[0]], tasks[i].conversation(), params, i, t0)
         return await pipeline_request(system.pipeline, tasks[i].conversation(), engines, i, t0,
-                                      seed=item_seed, prices=prices, scorers=scorers)
+                                      seed=item_seed, prices=prices, scorers=scorers, code_runner=code_runner)
 
     level = await run_level(system.label, system.pipeline.name, request, concurrency=concurrency,
                             requests=len(tasks), on_done=on_done)

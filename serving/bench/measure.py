@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from moa.context import CodeRunner
 from moa.engine import ChatMessage, Engine, Generation, SamplingParams
 from moa.pipeline import Pipeline
 from moa.routing import Scorer
@@ -63,7 +64,8 @@ RequestFn = Callable[[int, float], Awaitable[RequestSample]]  # (index, level st
 
 async def pipeline_request(pipeline: Pipeline, messages: Sequence[ChatMessage], engines: Mapping[str, Engine],
                            index: int, t0: float, *, seed: int | None = None,
-                           prices: Prices | None = None, scorers: Mapping[str, Scorer] | None = None) -> RequestSample:
+                           prices: Prices | None = None, scorers: Mapping[str, Scorer] | None = None,
+                           code_runner: CodeRunner | None = None) -> RequestSample:
     """Run the pipeline once in-process; TTFT is the first streamed chunk of the final answer."""
     started = time.perf_counter()
     sample = RequestSample(index, started - t0)
@@ -74,7 +76,8 @@ async def pipeline_request(pipeline: Pipeline, messages: Sequence[ChatMessage], 
             first.append(time.perf_counter() - started)
 
     try:
-        result = await run(pipeline, messages, engines, prices=prices, on_event=on_event, seed=seed, scorers=scorers)
+        result = await run(pipeline, messages, engines, prices=prices, on_event=on_event, seed=seed, scorers=scorers,
+                           code_runner=code_runner)
     except Exception as exc:  # a failed request is counted, not fatal: the level goes on
         sample.latency_s = time.perf_counter() - started
         sample.error = f"{type(exc).__name__}: {exc}"

@@ -165,14 +165,16 @@ async def _evaluate(reg, suite, systems, tasks, concurrency, seed, pairwise, jud
     from serving.bench.evaluate import accuracy_row, answer_tasks, group_by_models, judge_pairs, routing_rows
     from serving.bench.human_votes import judge_votes
     from serving.engines.pool import EnginePool
+    from serving.sandbox import check_sandbox
 
     results = {}
+    checks_sandbox = check_sandbox()  # moa eval turns code execution on for its own run (pipelines with `check`)
     for group in group_by_models(systems):
         async with EnginePool(reg, group[0].pipeline.models()) as pool:
             for system in group:
                 results[system.label] = await answer_tasks(
                     system, tasks, pool.engines, concurrency=concurrency, seed=seed, prices=reg.prices(),
-                    scorers=reg.scorers(), suite=suite,
+                    scorers=reg.scorers(), suite=suite, code_runner=checks_sandbox,
                     on_done=progress(f"{system.label} · {len(tasks)} {suite.name}", len(tasks)))
     rows = [accuracy_row(results[s.label], tasks, _published(suite, s)) for s in systems]
     pairs, voted = [], []

@@ -42,6 +42,9 @@ def run(
     timeout: float | None = typer.Option(None, "--timeout", help="Pipelines: per engine call, seconds."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole result (texts, tokens, timings) as JSON."),
     show_trace: bool = typer.Option(False, "--trace", help="Pipelines: print every engine call as a table."),
+    allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="Pipelines with a `check` step: "
+                                              "run the responses' code against the question's examples, in a "
+                                              "sandbox (no network, read-only files, CPU/memory/time limits)."),
     config: Path | None = ConfigOption,
 ) -> None:
     """Answer QUESTION with a pipeline (--pipeline) or one local model, streaming the answer to stdout."""
@@ -56,6 +59,9 @@ def run(
             for name in mapping.values():
                 reg.get(name)
             pipe = pipe.with_models(mapping)
+            if pipe.runs_code() and not allow_code_execution:
+                raise ValueError(f"pipeline {pipe.name!r} runs model-written code (a check step): pass "
+                                 "--allow-code-execution to run it in the sandbox")
             if max_tokens is not None:
                 pipe = pipe.with_max_tokens(max_tokens)
             names = list(pipe.models())
@@ -72,7 +78,7 @@ def run(
             try:
                 if pipeline:
                     result = asyncio.run(_run_pipeline(reg, pipe, messages, seed=seed, timeout=timeout,
-                                                       stream=not as_json))
+                                                       stream=not as_json, code=allow_code_execution))
                 else:
                     result = asyncio.run(_answer(reg, spec.name, messages, params, stream=not as_json))
             except Exception:
@@ -93,10 +99,11 @@ def run(
         )
 
 
-async def _run_pipeline(reg, pipe, messages, *, seed, timeout, stream: bool):
+async def _run_pipeline(reg, pipe, messages, *, seed, timeout, stream: bool, code: bool = False):
     from moa.runner import RunResult, iter_run
     from moa.trace import AnswerDelta, AnswerRestarted, CallFinished, StepStarted
     from serving.engines.pool import EnginePool
+    from serving.sandbox import check_sandbox
 
     with err.status(f"starting {len(pipe.models())} engine(s): {', '.join(pipe.models())}…"):
         pool = EnginePool(reg, pipe.models())
@@ -107,7 +114,8 @@ async def _run_pipeline(reg, pipe, messages, *, seed, timeout, stream: bool):
         status.start()
         answering = False
         async for event in iter_run(pipe, messages, pool.engines, prices=reg.prices(), seed=seed,
-                                    timeout_s=timeout, scorers=reg.scorers()):
+                                    timeout_s=timeout, scorers=reg.scorers(),
+                                    code_runner=check_sandbox() if code else None):
             if isinstance(event, RunResult):
                 result = event
             elif isinstance(event, AnswerDelta) and stream:

@@ -36,6 +36,9 @@ def serve(
     open_page: bool = typer.Option(False, "--open", help="Open the playground in a browser once the port is bound."),
     allow_no_key: bool = typer.Option(False, "--allow-no-key", help="Bind a non-loopback address without an API "
                                       "key (anyone who can reach the port can use the models)."),
+    allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="Serve pipelines with a `check` "
+                                              "step: they run model-written code against the request's examples in "
+                                              "a sandbox [server: code_execution, off]; without it they answer 400."),
     compile: bool = CompileOption,
     config: Path | None = ConfigOption,
 ) -> None:
@@ -82,6 +85,7 @@ def serve(
         rate_limit_burst=options.rate_limit.burst if options.rate_limit else 10,
         cache_path=cache_path or _beside(reg, options.cache_path),
         votes_path=votes or _beside(reg, options.votes_path) or moa_home() / "playground-votes.jsonl",
+        code_execution=allow_code_execution or options.code_execution,
     )
     app = create_app(reg, models=models, pipelines=pipelines, settings=settings)
     err.print(f"moa serve: http://{host}:{port}/v1 — models {models}, pipelines {list(pipelines)}; "

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
+from moa.code_checks import extract_code
 from moa.engine import ChatMessage
 from serving.bench.eval_suites import Published
 
@@ -26,8 +27,6 @@ PUBLISHED = {"qwen2.5-coder-0.5b": 61.6, "qwen2.5-coder-1.5b": 70.7, "qwen2.5-co
 
 WALL_S = 10.0  # per program; every canonical solution with its tests runs in well under a second
 
-_BLOCK = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)  # an unclosed block runs to the end
-_PYTHON = ("python", "py", "python3")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,15 +47,6 @@ class Runner(Protocol):
     """What the scorer needs of serving.sandbox.Sandbox (tests pass a stand-in)."""
 
     async def run_python(self, source: str, *, limits: Any = None) -> Any: ...  # a result with .status
-
-
-def extract_code(response: str) -> str:
-    """The first ```python block, else the first fenced block of any kind, else the whole response."""
-    blocks = [(lang.lower(), body) for lang, body in _BLOCK.findall(response)]
-    for lang, body in blocks:
-        if lang in _PYTHON:
-            return body
-    return blocks[0][1] if blocks else response
 
 
 def defines(code: str, name: str) -> bool:
