@@ -149,7 +149,7 @@ class EngineCalls:
             prompt_price, completion_price = self.prices.get(model, (0.0, 0.0))
             record.cost_usd = (generation.prompt_tokens * prompt_price
                                + generation.completion_tokens * completion_price) / 1e6
-            return generation
+            return replace(generation, call=call)
         finally:
             self._reserved.pop(id(record), None)
             record.end_s = self.trace.now()

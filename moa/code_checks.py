@@ -29,6 +29,7 @@ from typing import Literal
 from moa.context import CheckOutcome, LayerFailed, Response, StepContext, handles
 from moa.engine import ChatMessage
 from moa.steps import Check
+from moa.trace import CheckFinished
 
 MARKER = "__MOA_CHECKS__"
 LOAD_TIMEOUT_S = 5  # defining the response's code (imports, module-level statements)
@@ -221,6 +222,8 @@ async def check(ctx: StepContext, step: Check, current: list[Response]) -> list[
                                       for r in todo))
     for response, outcome in zip(todo, outcomes, strict=True):
         response.checks = outcome
+        call, index = response.origin or (-1, -1)
+        ctx.calls.emit(CheckFinished(step.kind, ctx.layer, call, index, response.model, outcome.passed, outcome.total))
     out = ordered(current) if step.order else list(current)
     ctx.note(f"checks: {len(checks)} from the conversation; passed per response "
              f"{[f'{r.checks.passed}/{r.checks.total}' for r in current]}"

@@ -48,6 +48,7 @@ class Response:
     layer: int
     data: dict | None = None  # structured output (council)
     checks: CheckOutcome | None = None  # set by a `check` step (moa/code_checks.py)
+    origin: tuple[int, int] | None = None  # (call in the trace, sample index) that wrote it, where known
 
 
 class LayerFailed(Exception):

@@ -81,6 +81,7 @@ class Generation:
     cached_prompt_tokens: int
     ttft_s: float | None
     total_s: float
+    call: int = -1  # its position in the run's trace (set by the orchestrator: events name calls by it)
 
     @property
     def completion_tokens(self) -> int:

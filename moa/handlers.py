@@ -78,9 +78,10 @@ async def _propose(ctx: StepContext, step: Propose) -> list[Response]:
 
     async def one(model: str, n: int, temperature: float, role: str | None, seed: int | None) -> list[Response]:
         params = ctx.params(step, n=n, temperature=temperature, seed=seed)
-        texts = await ctx.call(step, model, messages_for(role), params, need=one_request_quorum,
-                               essential=ctx.index == 0)
-        return [Response(t, model, step.kind, ctx.layer) for t in texts]
+        generation = await ctx.generation(step, model, messages_for(role), params, need=one_request_quorum,
+                                          essential=ctx.index == 0)
+        return [Response(c.text, model, step.kind, ctx.layer, origin=(generation.call, c.index))
+                for c in generation.completions]
 
     tasks = [asyncio.create_task(one(*request)) for request in requests]
     return await gather_layer(ctx, tasks, quorum=step.quorum, min_success=step.min_success)

@@ -182,6 +182,20 @@ class StepNote:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckFinished:
+    """A `check` step ran one response's code: `call` and `index` name the engine call and sample that wrote it
+    (-1 when not known), so a viewer can mark that answer."""
+
+    step: str
+    layer: int
+    call: int
+    index: int
+    model: str
+    passed: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
 class AnswerDelta:
     """A chunk of the final answer, streamed by the pipeline's last LLM step."""
 
@@ -197,4 +211,5 @@ class AnswerRestarted:
     reason: str
 
 
-Event = StepStarted | CallStarted | CallDelta | CallFinished | StepNote | StepFinished | AnswerDelta | AnswerRestarted
+Event = (StepStarted | CallStarted | CallDelta | CallFinished | StepNote | CheckFinished | StepFinished | AnswerDelta
+         | AnswerRestarted)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from moa.pipeline import Pipeline
-from moa.steps import Aggregate, Propose
+from moa.steps import Aggregate, Check, Propose, Take
 from moa.testing import ScriptedEngine
 from serving.api.app import ServerSettings, create_app
 from serving.api.votes import read_votes
@@ -221,3 +221,24 @@ async def test_while_engines_start_the_page_says_so_and_a_send_shows_the_503(bro
         await page.click("#run-send")
         await page.wait_for_selector("body[data-run=failed]")
         assert "503" in await page.text_content("#run-error")
+
+
+async def test_a_check_step_marks_each_sample_with_its_examples_passed(browser):
+    """A pipeline with a check step (code execution on): each sample's box says how many of the question's
+    examples its code passed, checked in the server's sandbox."""
+    right = "```python\ndef add(a, b):\n    return a + b\n```"
+    wrong = "```python\ndef add(a, b):\n    return a - b\n```"
+    engine = ScriptedEngine(SMALL, reply=lambda messages, params, i: (right, wrong)[i % 2])
+    pipeline = Pipeline("checked", (Propose(models=(SMALL,), samples=2, temperature=0.8), Check(), Take(k=1)))
+    app = create_app(load_registry(), models=[SMALL], pipelines={"checked": pipeline}, engines={SMALL: engine},
+                     settings=ServerSettings(code_execution=True))
+    async with uvicorn_serving(app) as url, page_on(browser, url) as page:
+        page.set_default_timeout(60_000)
+        await page.select_option("#run-target", "checked")
+        await page.fill("#run-prompt", "def add(a, b):\n    '''\n    >>> add(2, 3)\n    5\n    '''")
+        await page.click("#run-send")
+        await page.wait_for_selector("body[data-run=done]")
+        marks = await page.eval_on_selector_all(
+            ".sample[data-checks]", "ss => ss.map(s => [s.dataset.index, s.dataset.checked, s.dataset.checks])")
+        assert sorted(marks) == [["0", "passed", "1/1"], ["1", "failed", "0/1"]]
+        assert await page.text_content("#run-answer") == right

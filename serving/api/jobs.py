@@ -25,6 +25,7 @@ from moa.trace import (
     CallDelta,
     CallFinished,
     CallStarted,
+    CheckFinished,
     Event,
     StepFinished,
     StepNote,
@@ -37,7 +38,7 @@ from serving.api.targets import apply_overrides
 
 DEFAULT_MAX_TOKENS = 512
 EVENT_NAMES = {StepStarted: "layer_started", StepFinished: "layer_finished", CallStarted: "call_started",
-               CallDelta: "call_delta", CallFinished: "call_finished", StepNote: "decision"}
+               CallDelta: "call_delta", CallFinished: "call_finished", StepNote: "decision", CheckFinished: "check"}
 
 
 @dataclass

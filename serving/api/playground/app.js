@@ -280,6 +280,19 @@ class RunDisplay {
     if (e.error) call.node.append(el("p", { class: "failure", textContent: e.error }));
   }
 
+  on_check(e) {
+    // A check step ran this sample's code against the question's examples (in the server's sandbox).
+    const sample = this.calls.get(e.call)?.samples[e.index];
+    if (!sample) return;
+    const passed = e.total > 0 && e.passed === e.total;
+    sample.node.dataset.checks = `${e.passed}/${e.total}`;
+    sample.node.dataset.checked = passed ? "passed" : "failed";
+    sample.node.querySelector(".check")?.remove();
+    sample.node.querySelector("h4").append(el("span", { class: "check",
+      textContent: `${passed ? "✓" : "✗"} ${e.passed}/${e.total} examples`,
+      title: "checked against the examples in the question, in the sandbox" }));
+  }
+
   on_decision(e) {
     this.row?.querySelector(".notes").append(el("li", { textContent: e.text }));
     if (e.text.includes("previous responses kept")) {
