@@ -40,9 +40,9 @@ _IMPORT = re.compile(r"^(?:import\s+\w|from\s+[\w.]+\s+import\s)")
 
 @dataclass(frozen=True, slots=True)
 class CodeCheck:
-    kind: Literal["example", "assert"]
-    source: str
-    want: str = ""  # an example's expected output
+    kind: Literal["example", "equals", "assert"]
+    source: str  # an example's statement, the call of an `equals` check, or an assert statement
+    want: str = ""  # an example's expected output, or the expression an `equals` call must equal
 
 
 def extract_code(text: str) -> str:
@@ -60,12 +60,33 @@ def checks_from(conversation: Sequence[ChatMessage]) -> list[CodeCheck]:
     `f(3) ➞ 5` or `f(3) should return 5` for a function the user's code defines (literal arguments and a
     literal result only); and `assert` lines."""
     text = _last_user(conversation)
-    examples = [CodeCheck("example", e.source, _want(e.want)) for e in _doctest_examples(text)]
+    examples = [_example(e) for e in _doctest_examples(text)]
     defined = set(re.findall(r"^\s*def\s+(\w+)\s*\(", text, re.MULTILINE))
     usage = [] if examples else [c for line in text.splitlines() if (c := _usage_line(line, defined))]
+    # Only top-level assert lines that parse: an `assert` inside a function body or in prose is not a check.
     asserts = [CodeCheck("assert", line.strip()) for line in text.splitlines()
-               if line.strip().startswith("assert ") and ">>>" not in line]
+               if line.startswith("assert ") and _parses(line)]
     return examples + usage + asserts
+
+
+def _example(example: doctest.Example) -> CodeCheck:
+    """A doctest example; `>>> f(x) == y` with no output line (a common docstring shorthand) asserts it."""
+    want = _want(example.want)
+    try:
+        node = ast.parse(example.source, mode="eval").body
+    except SyntaxError:
+        node = None
+    if not want.strip() and isinstance(node, ast.Compare):
+        return CodeCheck("assert", f"assert {example.source.strip()}")
+    return CodeCheck("example", example.source, want)
+
+
+def _parses(source: str) -> bool:
+    try:
+        ast.parse(source)
+        return True
+    except (SyntaxError, ValueError):
+        return False
 
 
 def _doctest_examples(text: str) -> list[doctest.Example]:
@@ -86,11 +107,13 @@ def _doctest_examples(text: str) -> list[doctest.Example]:
 
 
 def _want(want: str) -> str:
-    """An example's expected output without the docstring's closing quotes or a code fence that followed it
-    on the next line (doctest reads up to a blank line; docstrings often close right after the output)."""
-    lines = want.splitlines()
-    while lines and lines[-1].strip() in ('"""', "'''", "```"):
-        lines.pop()
+    """An example's expected output, cut at the docstring's closing quotes or a code fence (doctest reads up to
+    a blank line, and docstrings often close right after the output, with the function body below)."""
+    lines = []
+    for line in want.splitlines():
+        if line.strip().startswith(('"""', "'''", "```")):
+            break
+        lines.append(line)
     return "\n".join(lines) + "\n" if lines else ""
 
 
@@ -114,23 +137,37 @@ def _usage_line(line: str, defined: set[str]) -> CodeCheck | None:
         ast.literal_eval(want)
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
         return None
-    return CodeCheck("assert", f"assert {call} == {want}")
+    return CodeCheck("equals", call, want)
 
 
-def context_imports(conversation: Sequence[ChatMessage]) -> str:
-    """Top-level imports in the user's own code (e.g. `from typing import List` above a stub): a response that
-    completes the function without repeating them is still runnable, as it would be in the user's file."""
+def user_code(conversation: Sequence[ChatMessage]) -> str:
+    """The user's own code, which a response's code runs after (as it would in the user's file): its fenced
+    blocks where they parse as Python (imports, helper functions, the stub itself), else their import lines."""
     text = _last_user(conversation)
-    bodies = [body for _, body in _FENCE.findall(text)] or [text]
-    return "\n".join(line for body in bodies for line in body.splitlines() if _IMPORT.match(line))
+    bodies = [body for _, body in _FENCE.findall(text)]
+    if not bodies and _parses(text):
+        bodies = [text]
+    return "\n".join(body if _parses(body) else "\n".join(line for line in body.splitlines() if _IMPORT.match(line))
+                     for body in bodies)
+
+
+def response_code(response: str, context: str) -> str:
+    """A response's code; where it only continued the user's function (defines none of the user's functions),
+    the user's code with the continuation appended — the way the HumanEval scorer reads such answers."""
+    code = extract_code(response)
+    wanted = set(re.findall(r"^def\s+(\w+)\s*\(", context, re.MULTILINE))
+    if wanted and not wanted & set(re.findall(r"^\s*(?:async\s+)?def\s+(\w+)\s*\(", code, re.MULTILINE)):
+        return context.rstrip("\n") + "\n" + code
+    return code
 
 
 def _last_user(conversation: Sequence[ChatMessage]) -> str:
     return next((m["content"] for m in reversed(conversation) if m["role"] == "user"), "")
 
 
-def harness(code: str, checks: Sequence[CodeCheck], imports: str = "", per_check_s: float = 2.0) -> str:
-    """The program the sandbox runs: define the code, run each check under an alarm, print one JSON report."""
+def harness(code: str, checks: Sequence[CodeCheck], context: str = "", per_check_s: float = 2.0) -> str:
+    """The program the sandbox runs: the user's code, then the response's (separate compile units, so either may
+    start with a `from __future__` import), each check under an alarm, one JSON report."""
     payload = json.dumps([{"kind": c.kind, "source": c.source, "want": c.want} for c in checks])
     return f'''import contextlib, doctest, io, json, signal, sys
 def _alarm(signum, frame):
@@ -142,7 +179,11 @@ _err = None
 try:
     signal.setitimer(signal.ITIMER_REAL, {LOAD_TIMEOUT_S})
     with contextlib.redirect_stdout(io.StringIO()):
-        exec(compile({imports!r} + "\\n" + {code!r}, "<response>", "exec"), _ns)
+        try:
+            exec(compile({context!r}, "<question>", "exec"), _ns)
+        except Exception:
+            pass  # the user's own code may not run alone; the response's is what is checked
+        exec(compile({code!r}, "<response>", "exec"), _ns)
 except BaseException as e:
     _err = type(e).__name__ + ": " + str(e)
 finally:
@@ -156,10 +197,16 @@ for _c in _checks:
     try:
         signal.setitimer(signal.ITIMER_REAL, {per_check_s})
         with contextlib.redirect_stdout(_buf):
-            exec(compile(_c["source"], "<check>", "single" if _c["kind"] == "example" else "exec"), _ns)
+            if _c["kind"] == "equals":  # the value itself is the output: responses agree or differ on it
+                _value = eval(compile(_c["source"], "<check>", "eval"), _ns)
+            else:
+                exec(compile(_c["source"], "<check>", "single" if _c["kind"] == "example" else "exec"), _ns)
         signal.setitimer(signal.ITIMER_REAL, 0)
-        _got = _buf.getvalue()
-        _ok = _c["kind"] == "assert" or _checker.check_output(_c["want"], _got, doctest.NORMALIZE_WHITESPACE)
+        if _c["kind"] == "equals":
+            _got, _ok = repr(_value), _value == eval(_c["want"], {{}})
+        else:
+            _got = _buf.getvalue()
+            _ok = _c["kind"] == "assert" or _checker.check_output(_c["want"], _got, doctest.NORMALIZE_WHITESPACE)
     except BaseException as e:
         signal.setitimer(signal.ITIMER_REAL, 0)
         _got, _ok = type(e).__name__ + ": " + str(e), False
@@ -176,25 +223,30 @@ def parse_report(stdout: str, total: int) -> CheckOutcome:
         report = json.loads(lines[-1][len(MARKER):]) if lines else None
     except ValueError:
         report = None
-    if not isinstance(report, list) or len(report) != total:
-        return CheckOutcome(0, total, ("(no report: the program did not finish)",) * total)
-    return CheckOutcome(sum(bool(ok) for ok, _ in report), total, tuple(str(got) for _, got in report))
+    try:
+        if isinstance(report, list) and len(report) == total:
+            return CheckOutcome(sum(bool(ok) for ok, _ in report), total, tuple(str(got) for _, got in report))
+    except (TypeError, ValueError):  # a malformed report line (the response printed its own)
+        pass
+    return CheckOutcome(0, total)  # no outputs: it agrees with nobody
 
 
-async def check_response(runner, response: Response, checks: Sequence[CodeCheck], imports: str,
+async def check_response(runner, response: Response, checks: Sequence[CodeCheck], context: str,
                          per_check_s: float) -> CheckOutcome:
-    result = await runner.run_python(harness(extract_code(response.text), checks, imports, per_check_s))
+    code = response_code(response.text, context)
+    result = await runner.run_python(harness(code, checks, context, per_check_s))
     return parse_report(getattr(result, "stdout", ""), len(checks))
 
 
 def ordered(responses: Sequence[Response]) -> list[Response]:
     """Most checks passed first; ties: the response whose outputs most others share (MBR-exec's agreement),
     then the original order (so a greedy answer proposed first wins a tie)."""
-    signatures = Counter(r.checks.outputs for r in responses if r.checks is not None)
+    signatures = Counter(r.checks.outputs for r in responses if r.checks is not None and r.checks.outputs)
 
     def key(item: tuple[int, Response]) -> tuple[int, int, int]:
         i, r = item
-        return (-(r.checks.passed if r.checks else 0), -(signatures[r.checks.outputs] if r.checks else 0), i)
+        agree = signatures[r.checks.outputs] if r.checks is not None and r.checks.outputs else 0
+        return (-(r.checks.passed if r.checks else 0), -agree, i)
 
     return [r for _, r in sorted(enumerate(responses), key=key)]
 
@@ -216,9 +268,9 @@ async def check(ctx: StepContext, step: Check, current: list[Response]) -> list[
     if not checks:
         ctx.note("no checks in the conversation (no >>> examples, no assert lines): responses kept as they are")
         return current
-    imports = context_imports(ctx.conversation)
+    context = user_code(ctx.conversation)
     todo = [r for r in current if r.checks is None or r.checks.total != len(checks)]  # earlier checks stand
-    outcomes = await asyncio.gather(*(check_response(ctx.code_runner, r, checks, imports, step.check_timeout_s)
+    outcomes = await asyncio.gather(*(check_response(ctx.code_runner, r, checks, context, step.check_timeout_s)
                                       for r in todo))
     for response, outcome in zip(todo, outcomes, strict=True):
         response.checks = outcome

@@ -46,7 +46,12 @@ async def propose(ctx: StepContext, step: Propose, current: list[Response]) -> l
         if passing:
             ctx.note(f"{len(passing)} response(s) pass every check: no more samples")
             return current
-        return current + await _propose(ctx, step)
+        try:
+            return current + await _propose(ctx, step)
+        except LayerFailed as exc:  # the escalation failed (timeout, spending limit): what was there stands
+            ctx.failures.extend(exc.failures)
+            ctx.note(f"no more samples ({exc}); the responses before it stand")
+            return current
     return await _propose(ctx, step)
 
 

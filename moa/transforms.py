@@ -86,7 +86,12 @@ def _passed(response: Response, rule: str | None) -> bool:
 
 @transform(Map)
 def map_responses(step: Map, current: list[Response], rng: random.Random, notes: list[str]) -> list[Response]:
-    return [Response(apply_map(step.op, r.text), r.model, r.step, r.layer, r.data, r.checks) for r in current]
+    out = []
+    for r in current:
+        text = apply_map(step.op, r.text)
+        # A changed text is another program: its check result no longer applies.
+        out.append(Response(text, r.model, r.step, r.layer, r.data, r.checks if text == r.text else None, r.origin))
+    return out
 
 
 @transform(MajorityVote)

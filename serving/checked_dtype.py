@@ -78,15 +78,22 @@ def recorded(spec: ModelSpec) -> dict[str, Any] | None:
 
 
 def checked_spec(spec: ModelSpec) -> ModelSpec:
-    """`spec` in the dtype that passed its check here, where its configured dtype failed; else `spec`."""
+    """`spec` in the dtype that passed its check here, where its configured dtype failed; else `spec`.
+
+    Where no dtype passed (broken weights or engine: the pool warns), the last one tried (float32) runs, so
+    the failing 16-bit start is not paid again either.
+    """
     entry = recorded(spec)
-    passed = entry and entry.get("dtype")
-    if not passed or passed == spec.engine.dtype:
+    if not entry:
+        return spec
+    dtype = entry.get("dtype") or next((c["dtype"] for c in reversed(entry.get("checks", [])) if c.get("dtype")),
+                                       None)
+    if not dtype or dtype == spec.engine.dtype:
         return spec
     log.info("model %s: running %s, not its configured %s, which failed the known-answer check on this CPU "
-             "(%s; `moa models check %s` checks again)", spec.name, passed, spec.engine.dtype,
+             "(%s; `moa models check %s` checks again)", spec.name, dtype, spec.engine.dtype,
              entry.get("checked_at", "?"), spec.name)
-    return spec.model_copy(update={"engine": spec.engine.model_copy(update={"dtype": passed})})
+    return spec.model_copy(update={"engine": spec.engine.model_copy(update={"dtype": dtype})})
 
 
 def record(spec: ModelSpec, passed_dtype: str | None, results: list[Any]) -> None:
@@ -96,6 +103,13 @@ def record(spec: ModelSpec, passed_dtype: str | None, results: list[Any]) -> Non
     """
     if not _applies(spec):
         return
+    try:
+        _write(spec, passed_dtype, results)
+    except Exception as exc:  # a record that cannot be written costs a second start next time, nothing more
+        log.warning("model %s: could not record its checked dtype in %s: %s", spec.name, record_path(), exc)
+
+
+def _write(spec: ModelSpec, passed_dtype: str | None, results: list[Any]) -> None:
     from filelock import FileLock
 
     path = record_path()
@@ -110,6 +124,10 @@ def record(spec: ModelSpec, passed_dtype: str | None, results: list[Any]) -> Non
     }
     with FileLock(str(path) + ".lock", timeout=60):
         data = _read()
+        old = data.get(record_key(spec))
+        if old is not None and old.get("dtype") == passed_dtype and [c["ok"] for c in old.get("checks", [])] == \
+                [c["ok"] for c in entry["checks"]]:
+            return  # the same verdict: no rewrite at every healthy start
         data[record_key(spec)] = entry
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))

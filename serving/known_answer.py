@@ -19,11 +19,11 @@ Teacher forcing exercises prefill only, and prefill is not where every broken ke
 on an Intel AMX CPU the embedded SmolLM2 in bf16 agreed 100% teacher-forced while its
 free-running greedy answers were garbage (issue 23). So the check also *decodes*: each
 prompt is continued greedily by the engine, token by token, and compared with the reference.
-A flipped near-tie re-anchors the decode just after it (the reference token is fed as
-prompt, decoding goes on), so one legitimate flip does not end the evidence; a flipped
-decisive token ends that case, and every decisive position after it counts as lost. Both
-views must reach MIN_AGREEMENT; a reference with no decisive positions proves nothing and
-does not pass.
+At a flipped token the decode re-anchors just after it (the reference token is fed as
+prompt, decoding goes on): a flipped near tie costs nothing, a flipped decisive token one
+miss, and an engine that keeps flipping decisive tokens loses the rest of that prompt
+(`decode_case`). Both views must reach MIN_AGREEMENT; a reference with no decisive
+positions proves nothing and does not pass.
 """
 
 from __future__ import annotations
@@ -171,9 +171,11 @@ def compare(reference: ReferenceCase, engine_top1: Sequence[int]) -> CaseResult:
 async def decode_case(engine: TeacherForcing, reference: ReferenceCase, result: CaseResult) -> None:
     """Continue the prompt greedily on the engine and fill `result`'s decode fields.
 
-    A flipped near-tie re-anchors just after it (the reference token joins the prompt); a flipped
-    decisive token ends the case, and the decisive positions after it count as not reproduced.
-    Positions left unjudged after MAX_REANCHORS re-anchors are left out of the count.
+    At a flipped token the decode re-anchors just after it (the reference token joins the prompt) and goes
+    on: a flipped near tie costs nothing, a flipped decisive token counts as one miss. After MAX_REANCHORS
+    re-anchors the rest is left unjudged — or, where decisive tokens were already missed, counted as lost
+    (an engine that keeps flipping decisive tokens is wrong, not unlucky). A decode that stops short of the
+    reference loses the decisive positions it did not reach.
     """
     tokens, margins = reference.tokens, reference.margins
     pos = 0
@@ -182,17 +184,21 @@ async def decode_case(engine: TeacherForcing, reference: ReferenceCase, result: 
         flipped = None
         for p, got in enumerate(out[:len(tokens) - pos], start=pos):
             decisive = margins[p] >= DECISIVE_MARGIN
+            result.decode_decisive += decisive
             if got == tokens[p]:
-                result.decode_decisive += decisive
                 result.decode_agreed += decisive
-            elif decisive:  # a decisive token decoded wrongly: it and every decisive position after it are lost
+                continue
+            if decisive and result.decode_first_disagreement is None:
                 result.decode_first_disagreement = p
-                result.decode_decisive += sum(m >= DECISIVE_MARGIN for m in margins[p:])
-                return
-            else:
-                flipped = p
-                break
-        if flipped is None or result.decode_reanchors >= MAX_REANCHORS:
+            flipped = p
+            break
+        if flipped is None:
+            reached = pos + len(out)
+            result.decode_decisive += sum(m >= DECISIVE_MARGIN for m in margins[reached:])  # stopped short: lost
+            return
+        if result.decode_reanchors >= MAX_REANCHORS:
+            if result.decode_first_disagreement is not None:
+                result.decode_decisive += sum(m >= DECISIVE_MARGIN for m in margins[flipped + 1:])
             return
         result.decode_reanchors += 1
         pos = flipped + 1
@@ -261,10 +267,11 @@ async def check_model(registry: Registry, name: str) -> list[CheckResult]:
         raise CheckError(f"model {name!r} has no local weights (backend {spec.backend}, no source) to make a "
                          "float32 reference from; run the check on the machine that holds them")
     reference = await asyncio.to_thread(ensure_reference, resolve(spec))
-    results = []
+    results, tried = [], []
     for candidate in (spec, fallback_spec(spec)):
         if candidate is None:
             break
+        tried.append(candidate.engine.dtype)
         engine = create_engine(candidate, cpu_threads_bind=split_cores(1)[0], as_checked=False)
         await engine.start()
         try:
@@ -276,5 +283,5 @@ async def check_model(registry: Registry, name: str) -> list[CheckResult]:
             break
     if len(results) > 1:
         results[-1].replaced = results[0]
-    record(spec, results[-1].dtype if results[-1].ok else None, results)
+    record(spec, tried[-1] if results[-1].ok else None, results)  # the dtype as models.yaml spells it
     return results

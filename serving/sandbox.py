@@ -60,6 +60,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,20 +424,34 @@ async def run(isolation: Isolation, source: str, limits: Limits) -> SandboxResul
 class Sandbox:
     """Runs programs with the host's isolation, at most `max_concurrent` at once (default: one per core)."""
 
-    def __init__(self, limits: Limits = Limits(), *, max_concurrent: int | None = None) -> None:
+    def __init__(self, limits: Limits = Limits(), *, max_concurrent: int | None = None,
+                 require_isolation: bool = False) -> None:
         self.limits = limits
-        self._slots = asyncio.Semaphore(max_concurrent or os.cpu_count() or 1)
+        # A server's check steps run code a remote client influences: never without bwrap's confinement there.
+        self.require_isolation = require_isolation
+        self._max_concurrent = max_concurrent or os.cpu_count() or 1
+        # One semaphore per event loop: an asyncio.Semaphore is bound to the loop that first waits on it, and one
+        # Sandbox may serve several loops (a CLI command's asyncio.run after another's, tests).
+        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = \
+            weakref.WeakKeyDictionary()
 
     async def run_python(self, source: str, *, limits: Limits | None = None) -> SandboxResult:
-        async with self._slots:
+        loop = asyncio.get_running_loop()
+        slots = self._slots.get(loop) or self._slots.setdefault(loop, asyncio.Semaphore(self._max_concurrent))
+        async with slots:
             isolation = _chosen or await asyncio.to_thread(_isolation)
+            if self.require_isolation and isolation.bwrap is None:
+                return SandboxResult("error", None, "", f"not run: this sandbox requires bwrap's namespaces, and here "
+                                     f"only rlimits are available ({isolation.label})", 0.0, False)
             return await run(isolation, source, limits or self.limits)
 
 
 def check_sandbox() -> Sandbox:
     """The sandbox `check` steps run responses in (moa/code_checks.py): one program per response runs every
-    check, each under its own 2 s alarm, so it gets a longer wall clock than one scoring run."""
-    return Sandbox(Limits(wall_s=30.0, cpu_s=20.0))
+    check, each under its own 2 s alarm, so it gets a longer wall clock than one scoring run; 4 processes of
+    512 MiB at most. It runs the request's own examples and asserts too, so it never runs without bwrap's
+    confinement (no fallback to rlimits alone): where bwrap cannot start, every check fails and says why."""
+    return Sandbox(Limits(wall_s=30.0, cpu_s=20.0, max_procs=4), require_isolation=True)
 
 
 async def _costs(runs: int = 20) -> dict[str, float]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from moa.code_checks import checks_from, context_imports, extract_code
+from moa.code_checks import checks_from, extract_code, user_code
 from moa.engine import InvalidRequest
 from moa.pipeline import Pipeline
 from moa.presets import parse_pipeline
@@ -51,8 +51,16 @@ def test_checks_come_from_the_conversation_examples_usage_lines_and_asserts():
         ("example", "add([1, 2])", "3"), ("example", "add([])", "0")]
     usage = [{"role": "user", "content": "```python\ndef f(x):\n    '''f(2) ➞ 4\n    f(3) should return 9.\n"
                                          "    g(1) == 2\n    f(y) == 3\n    '''\n```\nassert f(0) == 0"}]
-    assert [c.source for c in checks_from(usage)] == ["assert f(2) == 4", "assert f(3) == 9", "assert f(0) == 0"]
-    assert context_imports(QUESTION) == "from typing import List"
+    assert [(c.kind, c.source, c.want) for c in checks_from(usage)] == [
+        ("equals", "f(2)", "4"), ("equals", "f(3)", "9"), ("assert", "assert f(0) == 0", "")]
+    # A docstring that closes right after an example's output, with the body below; `>>> f(x) == y` without an
+    # output line; asserts inside a body or in prose are not checks.
+    body = [{"role": "user", "content": '```python\ndef sq(n):\n    """\n    >>> sq(2)\n    4\n    """\n'
+                                        '    assert n >= 0\n    return n * n\n```\nAlso: assert sq(3) => 9'}]
+    assert [(c.kind, c.want) for c in checks_from(body)] == [("example", "4\n")]
+    shorthand = [{"role": "user", "content": 'def f(x):\n    """\n    >>> f(2) == 4\n    """'}]
+    assert [(c.kind, c.source) for c in checks_from(shorthand)] == [("assert", "assert f(2) == 4")]
+    assert user_code(QUESTION) == STUB
     assert checks_from([{"role": "user", "content": "What is 2 + 2?"}]) == []
     assert extract_code("Here:\n```python\nx = 1\n```\n```python\ny = 2\n```") == "x = 1\n"
 
@@ -66,6 +74,28 @@ async def test_each_response_is_run_against_the_examples_and_the_most_passing_co
     assert [(r.checks.passed, r.checks.total) for r in checked] == [(2, 2), (1, 2), (0, 2), (0, 2), (0, 2)]
     assert "TimeoutError" in checked[3].checks.outputs[0]  # the endless loop failed its checks, nothing else
     assert "checks: 2 from the conversation" in result.trace.steps[1].notes[0]
+
+
+async def test_the_users_code_runs_first_and_a_body_only_answer_continues_it():
+    """Helpers and imports in the question exist for the response; an answer that only continues the body is
+    the question's code plus its lines (as the HumanEval scorer reads it); `from __future__` may lead."""
+    question = [{"role": "user", "content": '```python\ndef double(x):\n    return 2 * x\n\n\ndef quad(x):\n'
+                                            '    """\n    >>> quad(3)\n    12\n    """\n```'}]
+    answers = ["```python\nfrom __future__ import annotations\ndef quad(x):\n    return double(double(x))\n```",
+               "    return double(x) * 2\n"]
+    engine = engine_answering(*answers)
+    pipe = pipeline("p", [{"propose": {"models": [M], "samples": 2, "temperature": 0.8}}, {"check": {}}])
+    result = await run(pipe, question, {M: engine}, code_runner=check_sandbox())
+    assert [(r.checks.passed, r.checks.total) for r in result.responses[-1]] == [(1, 1), (1, 1)]
+
+
+async def test_a_failed_escalation_keeps_the_answer_it_escalated_from():
+    from moa.runner import Ceiling
+
+    pipe = load_registry().pipeline("adaptive-code").with_models({"qwen2.5-coder-1.5b": M})
+    engine = engine_answering(WRONG)
+    result = await run(pipe, QUESTION, {M: engine}, code_runner=check_sandbox(), ceiling=Ceiling(tokens=200))
+    assert result.answer == WRONG and any("no more samples" in n for s in result.trace.steps for n in s.notes)
 
 
 async def test_adaptive_code_samples_only_where_greedy_fails_an_example():

@@ -11,10 +11,8 @@ import io
 import itertools
 import json
 import re
-import sys
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -28,7 +26,7 @@ from serving.bench.eval_suites.humaneval import (
     HumanEval,
     Problem,
     extract_code,
-    program,
+    source,
 )
 from serving.bench.eval_suites.tasks import TaskSuite
 from serving.bench.evaluate import System, accuracy_row, answer_tasks, single_model
@@ -40,23 +38,17 @@ BY_ID = {p.id: p for p in PROBLEMS}
 
 
 class StandIn:
-    """serving.sandbox.Sandbox's run_python, minus the isolation: this Python in a subprocess, 10 s wall."""
+    """The real sandbox, recording every program it is given (what the scorer sends, checked below)."""
 
     def __init__(self) -> None:
-        self.sources: list[str] = []
+        from serving.sandbox import Sandbox
 
-    async def run_python(self, source: str, *, limits: object = None) -> SimpleNamespace:
+        self.sources: list[str] = []
+        self.sandbox = Sandbox()
+
+    async def run_python(self, source: str, *, limits: object = None):
         self.sources.append(source)
-        pipe, null = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-I", "-c", source, stdin=null, stdout=null,
-                                                    stderr=pipe)
-        try:
-            _, stderr = await asyncio.wait_for(proc.communicate(), 10)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            return SimpleNamespace(status="timeout", stderr=b"")
-        return SimpleNamespace(status="passed" if proc.returncode == 0 else "failed", stderr=stderr)
+        return await self.sandbox.run_python(source)
 
 
 def solved(problem: Problem) -> str:
@@ -129,12 +121,12 @@ def test_code_is_the_first_python_block_else_the_first_block_else_the_whole_resp
 
 def test_a_body_is_completed_after_the_prompt_and_a_function_keeps_the_prompts_imports_and_helpers():
     p = BY_ID["HumanEval/32"]  # find_zero: the tests call the prompt's helper `poly`
-    body = program(p, p.canonical_solution)
+    body = source(p, p.canonical_solution)
     assert p.prompt + p.canonical_solution in body and body.endswith(f"{p.test}\n\ncheck(find_zero)\n")
-    alone = program(p, f"```python\nimport math\n\ndef find_zero(xs: list):{p.canonical_solution.split(':', 1)[1]}```")
+    alone = source(p, f"```python\nimport math\n\ndef find_zero(xs: list):{p.canonical_solution.split(':', 1)[1]}```")
     assert alone.index("def poly(") < alone.index("def find_zero(") and alone.count("def find_zero(") == 1
     first = BY_ID["HumanEval/0"]
-    text = program(first, "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```")
+    text = source(first, "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```")
     assert text.startswith("from typing import List\n\n") and "check(has_close_elements)" in text
 
 
@@ -428,3 +420,19 @@ def test_moa_eval_in_process_with_samples_on_scripted_engines(tmp_path, monkeypa
 
 
 STAND_IN = StandIn()
+
+
+async def test_the_scorer_runs_answers_as_the_official_harness_does():
+    """An answer's own `if __name__ == "__main__":` block does not run (a wrong answer that exits 0 there through
+    unittest.main() does not pass; a right one with a failing self-test of its own does), and exit() fails."""
+    from serving.sandbox import Sandbox
+
+    suite = HumanEval(runner=Sandbox())
+    p = BY_ID["HumanEval/0"]
+    right = f"```python\n{p.prompt}{p.canonical_solution}\n```"
+    wrong_exits_early = ("```python\nimport unittest\ndef has_close_elements(numbers, threshold):\n    return False\n"
+                         "if __name__ == '__main__':\n    unittest.main(argv=['x'], exit=True)\n```")
+    right_with_bad_selftest = right.replace("\n```", "\nif __name__ == '__main__':\n    assert False\n```")
+    exits = f"```python\n{p.prompt}{p.canonical_solution}\nraise SystemExit(0)\n```"
+    assert await suite.score(p, right) and await suite.score(p, right_with_bad_selftest)
+    assert not await suite.score(p, wrong_exits_early) and not await suite.score(p, exits)

@@ -94,6 +94,12 @@ async def test_a_flipped_near_tie_re_anchors_the_decode():
     # A decisive flip late in the answer loses only what follows it.
     late = await check_engine(ForcedEngine(CASE.tokens, decoded=[10, 11, 12, 50]), _reference())
     assert late.cases[0].decode_first_disagreement == 3 and late.decode_agreement == pytest.approx(2 / 3)
+    # An early decisive flip is one miss, not the loss of everything after it: the decode re-anchors and goes on.
+    early = await check_engine(ForcedEngine(CASE.tokens, decoded=[50, 11, 12, 13]), _reference())
+    assert early.cases[0].decode_first_disagreement == 0 and early.decode_agreement == pytest.approx(2 / 3)
+    # A decode that stops short loses the decisive positions it did not reach.
+    short = await check_engine(ForcedEngine(CASE.tokens, decoded=[10, 11]), _reference())
+    assert short.decode_decisive == 3 and short.decode_agreement == pytest.approx(1 / 3)
 
 
 async def test_a_reference_without_decisive_tokens_proves_nothing():

@@ -220,3 +220,6 @@ async def test_rlimits_only_fallback(box, monkeypatch, caplog):
     big = await box.run_python("bytearray(10 * 1024**3)\n")
     assert big.status == "failed" and "MemoryError" in big.stderr
     assert sandbox_processes() == []
+    # The check steps' sandbox runs request-influenced code: it never falls back to rlimits alone.
+    refused = await sandbox.check_sandbox().run_python("print(2 + 2)\n")
+    assert refused.status == "error" and "requires bwrap" in refused.stderr and not refused.stdout

@@ -43,8 +43,9 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the whole result (texts, tokens, timings) as JSON."),
     show_trace: bool = typer.Option(False, "--trace", help="Pipelines: print every engine call as a table."),
     allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="Pipelines with a `check` step: "
-                                              "run the responses' code against the question's examples, in a "
-                                              "sandbox (no network, read-only files, CPU/memory/time limits)."),
+                                              "run the responses' code, and the question's own examples and "
+                                              "asserts, in bubblewrap's sandbox (no network, read-only files, "
+                                              "CPU/memory/time limits; refused where bwrap cannot start)."),
     config: Path | None = ConfigOption,
 ) -> None:
     """Answer QUESTION with a pipeline (--pipeline) or one local model, streaming the answer to stdout."""

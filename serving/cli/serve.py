@@ -37,8 +37,9 @@ def serve(
     allow_no_key: bool = typer.Option(False, "--allow-no-key", help="Bind a non-loopback address without an API "
                                       "key (anyone who can reach the port can use the models)."),
     allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="Serve pipelines with a `check` "
-                                              "step: they run model-written code against the request's examples in "
-                                              "a sandbox [server: code_execution, off]; without it they answer 400."),
+                                              "step: they run model-written code and the request's own examples and "
+                                              "asserts in bubblewrap's sandbox (never without it) [server: "
+                                              "code_execution, off]; without it they answer 400."),
     compile: bool = CompileOption,
     config: Path | None = ConfigOption,
 ) -> None:

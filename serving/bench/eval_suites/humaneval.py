@@ -61,13 +61,27 @@ def preamble(problem: Problem) -> str:
     return problem.prompt[:found.start()] if found else ""
 
 
-def program(problem: Problem, response: str) -> str:
-    """What runs in the sandbox: the preamble, the answer's code (after the prompt when the answer only continued
-    the body), the problem's tests, and the call that runs them."""
+PASSED = "__HUMANEVAL_CHECK_PASSED__"
+
+
+def source(problem: Problem, response: str) -> str:
+    """The preamble, the answer's code (after the prompt when the answer only continued the body), the problem's
+    tests, and the call that runs them."""
     code = extract_code(response)
     if not defines(code, problem.entry_point):
         code = problem.prompt + code
     return f"{preamble(problem)}\n{code}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+
+
+def program(problem: Problem, response: str) -> str:
+    """What runs in the sandbox: `source`, run as the official harness runs it — under a module name other than
+    __main__ (an answer's own `if __name__ == "__main__":` block does not run), SystemExit a failure, and only a
+    line printed after check() returns counts as passing (an answer that exits 0 early, e.g. through
+    unittest.main(), does not pass)."""
+    return (f"import sys\n_g = {{'__name__': '__humaneval__'}}\n"
+            f"try:\n    exec(compile({source(problem, response)!r}, '<answer>', 'exec'), _g)\n"
+            f"except SystemExit:\n    sys.stderr.write('the answer called exit()\\n')\n    sys.exit(1)\n"
+            f"print({PASSED!r})\n")
 
 
 def canonical_name(model: str) -> str:
@@ -101,7 +115,7 @@ class HumanEval:
 
     async def score(self, item: Problem, response: str) -> bool:
         result = await self.runner().run_python(program(item, response))
-        return result.status == "passed"
+        return result.status == "passed" and result.stdout.rstrip().endswith(PASSED)
 
     def published(self, model: str) -> Published | None:
         figure = PUBLISHED.get(canonical_name(model))
