@@ -213,6 +213,7 @@ class ServerOptions(_Strict):
     max_concurrency: int = Field(default=16, ge=1)
     max_queue: int = Field(default=64, ge=0)
     timeout_s: float = Field(default=600.0, gt=0)
+    keepalive_s: float = Field(default=15.0, gt=0)  # a silent stream sends an SSE comment this often
     # Answers to deterministic requests kept in memory (docs/API.md, "Response cache"); 0: off.
     cache_entries: int = Field(default=0, ge=0)
     cache_path: Path | None = None  # also keep them in this SQLite file (relative to models.yaml)

@@ -3,9 +3,11 @@ engine call received (real-engine tests: tests/test_server.py, tests/test_vllm_e
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
+import openai
 
 from moa.pipeline import Pipeline
 from moa.steps import Aggregate, MajorityVote, Propose
@@ -104,3 +106,36 @@ async def test_call_deltas_add_only_empty_choice_chunks_and_leave_the_answer_as_
     rebuilt = "".join(e["text"] for e in deltas if e["call"] == 2)
     assert rebuilt == "".join(ch[0]["delta"].get("content", "") for ch in answer)
     assert not any("event" in c.get("moa", {}) for c in plain)  # nothing extra for a plain client
+
+
+async def test_a_silent_stream_sends_keep_alive_comments_and_leaving_during_one_aborts_the_engine_call():
+    """Proposers that take a while send no byte: comment lines keep the connection in use, clients skip them,
+    and a client that leaves while only comments came still cancels the engine work."""
+    engines = {SMALL: ScriptedEngine(SMALL, delay_s=1.0), QWEN_SMALL: ScriptedEngine(QWEN_SMALL)}
+    pipeline = Pipeline("p", (Propose(models=(SMALL,)), Aggregate(model=QWEN_SMALL)))
+    app = create_app(load_registry(), models=[], pipelines={"p": pipeline}, engines=engines,
+                     settings=ServerSettings(keepalive_s=0.2))
+    body = {"model": "p", "messages": Q, "seed": 1, "stream": True}
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = [line async for line in response.aiter_lines() if line]
+        first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+        assert first_data >= 3 and set(lines[:first_data]) == {": keep-alive"}, lines
+        assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines[first_data:])
+        streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in
+                           (json.loads(line.removeprefix("data: ")) for line in lines[first_data:-1]) if c["choices"])
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        parsed = await client.chat.completions.create(model="p", messages=Q, seed=1, stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in parsed if c.choices]) == streamed != ""
+
+        engines[SMALL].delay_s = 30.0
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line == ": keep-alive":
+                    break  # leave while the proposer is still at work
+        for _ in range(50):
+            if engines[SMALL].calls[-1].aborted:
+                break
+            await asyncio.sleep(0.1)
+        assert engines[SMALL].calls[-1].aborted and not engines[SMALL].calls[-1].finished
+        assert app.state.moa.semaphore._value == ServerSettings().max_concurrency  # the slot came back

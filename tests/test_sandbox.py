@@ -62,9 +62,21 @@ def scratch_dirs(monkeypatch) -> list[Path]:
     return made
 
 
+_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _others_before() -> None:
+    """This process's descendants at a test's start are not sandboxes: in a whole-suite run they are the engines
+    other modules' fixtures keep alive (and a zombie one may not have reaped yet)."""
+    _BEFORE.clear()
+    _BEFORE.update(p.pid for p in psutil.Process().children(recursive=True))
+
+
 def sandbox_processes() -> list[psutil.Process]:
-    """Sandboxes are this process's descendants (bwrap, its pid-namespace init, the program and its forks)."""
-    return psutil.Process().children(recursive=True)
+    """Sandboxes are this process's descendants the test started (bwrap, its pid-namespace init, the program and
+    its forks)."""
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in _BEFORE]
 
 
 def leftover_cgroups() -> list[Path]:

@@ -40,7 +40,10 @@ async def _idle_lifespan(app):
 
 @pytest.fixture(scope="module")
 async def server(registry, small_pool):
-    async with serving(registry, small_pool, ServerSettings(max_concurrency=8, max_queue=32)) as (url, app):
+    # Code execution on: every preset is served, the code presets' check steps included (the 400 it gives
+    # when off is tested in test_code_checks).
+    settings = ServerSettings(max_concurrency=8, max_queue=32, code_execution=True)
+    async with serving(registry, small_pool, settings) as (url, app):
         yield url, app
 
 

@@ -35,7 +35,8 @@ async def respond(state: ServerState, job: Job, request: Request, *, stream: boo
             return JSONResponse(replayed(cached, job))
     state.check_capacity()  # a full queue is a 429 before any response starts
     if stream:  # the slot is taken inside the stream, so a response that never starts holds none
-        return StreamingResponse(_events(state, job), media_type="text/event-stream",
+        events = _kept_alive(_events(state, job), state.settings.keepalive_s)
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     async with state.slot():
         return await _complete(state, job, request, key)
@@ -115,6 +116,48 @@ async def _events(state: ServerState, job: Job) -> AsyncIterator[bytes]:
             if first_token is not None:
                 state.metrics.ttft.labels(job.model).observe(first_token)
         yield sse("[DONE]")
+
+
+KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients (openai's, EventSource) skip it
+
+
+async def _kept_alive(events: AsyncIterator[bytes], every_s: float) -> AsyncIterator[bytes]:
+    """`events`, with a comment line whenever nothing was sent for `every_s` seconds.
+
+    A streamed request sends no byte while it waits for a slot or while proposers run before the
+    aggregator's first token, which on a slow machine lasts minutes: clients' read timeouts and proxies'
+    idle timeouts (nginx's is 60 s) would cut it. The events run in one task of their own, so the
+    request timeout inside them (`asyncio.timeout`, bound to a task) stays valid; leaving this
+    generator (client gone) cancels that task, which aborts the engine requests as before.
+    """
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1)
+
+    async def produce() -> None:
+        try:
+            async for event in events:
+                await queue.put(event)
+        finally:
+            await events.aclose()
+        await queue.put(None)
+
+    producer = asyncio.create_task(produce())
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), timeout=every_s)
+            except TimeoutError:
+                if producer.done():  # it failed before its end marker: surface that
+                    producer.result()
+                yield KEEPALIVE
+                continue
+            if event is None:
+                break
+            yield event
+        await producer
+    finally:
+        if not producer.done():
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
 
 
 def _has_content(chunk: dict) -> bool:

@@ -26,6 +26,7 @@ class ServerSettings:
     max_concurrency: int = 16
     max_queue: int = 64
     request_timeout_s: float = 600.0
+    keepalive_s: float = 15.0  # a stream with nothing to send for this long sends an SSE comment line
     max_body_bytes: int = 1 << 20  # counted while the body arrives (serving/api/access.py)
     metrics_public: bool = False  # with API keys set, /metrics needs one too unless this is True
     rate_limit_per_minute: float | None = None  # per API key (per client address without keys); None: off

@@ -80,6 +80,7 @@ def serve(
         max_concurrency=max_concurrency or options.max_concurrency,
         max_queue=options.max_queue if max_queue is None else max_queue,
         request_timeout_s=timeout or options.timeout_s,
+        keepalive_s=options.keepalive_s,
         cache_entries=entries,
         metrics_public=options.metrics_public,
         rate_limit_per_minute=options.rate_limit.requests_per_minute if options.rate_limit else None,
