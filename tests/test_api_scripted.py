@@ -19,28 +19,95 @@ from tests.conftest import QWEN_SMALL, SMALL, uvicorn_serving
 Q = [{"role": "user", "content": "What is 2 + 2?"}]
 
 
-async def test_a_stream_whose_aggregator_breaks_off_gets_the_fallback_answer_the_json_path_returns():
+def broken_aggregator_app(fail_after: int):
+    """moa over one proposer; the aggregator's engine dies after `fail_after` words of its answer."""
     engines = {SMALL: ScriptedEngine(SMALL), QWEN_SMALL: ScriptedEngine(QWEN_SMALL, fail="connection lost",
-                                                                        fail_after=2)}
+                                                                        fail_after=fail_after)}
     pipeline = Pipeline("p", (Propose(models=(SMALL,)), Aggregate(model=QWEN_SMALL)))
-    app = create_app(load_registry(), models=[], pipelines={"p": pipeline}, settings=ServerSettings(),
-                     engines=engines)
+    return create_app(load_registry(), models=[], pipelines={"p": pipeline}, settings=ServerSettings(),
+                      engines=engines), engines
+
+
+FALLBACK = f"{SMALL} answer 0 seed 1"  # the proposal, kept when the aggregator failed
+
+
+async def sse_data(http: httpx.AsyncClient, body: dict) -> list[str]:
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        return [line.removeprefix("data: ") async for line in response.aiter_lines() if line.startswith("data: ")]
+
+
+def content_of(chunks: list[dict]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices"))
+
+
+async def test_an_events_stream_whose_aggregator_breaks_off_gets_the_fallback_answer_the_json_path_returns():
+    app, _ = broken_aggregator_app(fail_after=2)
     async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
         whole = (await http.post("/v1/chat/completions", json={"model": "p", "messages": Q, "seed": 1})).json()
         answer = whole["choices"][0]["message"]["content"]
-        assert answer == f"{SMALL} answer 0 seed 1"  # the proposal, kept when the aggregator failed
-        async with http.stream("POST", "/v1/chat/completions",
-                               json={"model": "p", "messages": Q, "seed": 1, "stream": True}) as response:
-            lines = [line.removeprefix("data: ") async for line in response.aiter_lines() if line.startswith("data: ")]
+        assert answer == FALLBACK
+        lines = await sse_data(http, {"model": "p", "messages": Q, "seed": 1, "stream": True,
+                                      "moa": {"events": True}})
     assert lines[-1] == "[DONE]"
     chunks = [json.loads(line) for line in lines[:-1]]
     restarts = [i for i, c in enumerate(chunks) if (c.get("moa") or {}).get("event") == "answer_restarted"]
     assert len(restarts) == 1, chunks
-    content = ["".join(c["choices"][0]["delta"].get("content", "") for c in part if c["choices"])
-               for part in (chunks[:restarts[0]], chunks[restarts[0]:])]
+    content = [content_of(part) for part in (chunks[:restarts[0]], chunks[restarts[0]:])]
     assert content == [f"{QWEN_SMALL} answer", answer]  # the broken-off words, then the whole fallback
     assert chunks[restarts[0]]["moa"]["discarded"] == len(content[0])
     assert "connection lost" in chunks[restarts[0]]["moa"]["reason"]
+    assert chunks[-1]["moa"]["engine_calls"] == 2 and not any("error" in c for c in chunks)
+
+
+async def test_a_plain_stream_whose_aggregator_breaks_off_ends_in_an_error_and_never_gets_void_text():
+    """Text already sent cannot be taken back: a client that reads no `choices: []` chunks gets the words it
+    was sent, then an error saying they broke off and where the answer is; never the fallback joined on."""
+    app, engines = broken_aggregator_app(fail_after=2)
+    metrics = app.state.moa.metrics.registry
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        lines = await sse_data(http, {"model": "p", "messages": Q, "seed": 1, "stream": True,
+                                      "stream_options": {"include_usage": True}})
+        assert lines[-1] == "[DONE]"
+        chunks = [json.loads(line) for line in lines[:-1]]
+        assert content_of(chunks) == f"{QWEN_SMALL} answer"  # what the aggregator wrote before it died
+        assert "error" in chunks[-1] and not any("error" in c for c in chunks[:-1])
+        assert not any("moa" in c for c in chunks)  # no event, no summary: the stream carried no answer
+        error = chunks[-1]["error"]
+        assert (error["code"], error["type"]) == ("answer_broken_off", "service_unavailable")
+        for said in ("broke off", "aggregate", QWEN_SMALL, "connection lost", "without stream", "moa.events"):
+            assert said in error["message"], (said, error["message"])
+        assert not any(FALLBACK in line for line in lines)
+
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        received = []
+        stream = await client.chat.completions.create(model="p", messages=Q, seed=1, stream=True)
+        try:
+            async for chunk in stream:
+                received.extend(c.delta.content or "" for c in chunk.choices)
+            raise AssertionError(f"the stream ended without an error after {''.join(received)!r}")
+        except openai.APIError as exc:
+            assert exc.body["code"] == "answer_broken_off" and "connection lost" in exc.message
+        assert "".join(received) == f"{QWEN_SMALL} answer"
+        await client.close()
+    assert metrics.get_sample_value("moa_requests_total", {"model": "p", "status": "503"}) == 2
+    assert metrics.get_sample_value("moa_engine_calls_total", {"engine": QWEN_SMALL, "status": "error"}) == 2
+    assert metrics.get_sample_value("moa_engine_calls_total", {"engine": SMALL, "status": "ok"}) == 2
+    assert not any(call.aborted for engine in engines.values() for call in engine.calls)
+
+
+async def test_a_plain_stream_whose_aggregator_fails_before_its_first_word_gets_exactly_the_fallback():
+    app, _ = broken_aggregator_app(fail_after=0)  # nothing of the aggregator was sent: nothing to void
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        lines = await sse_data(http, {"model": "p", "messages": Q, "seed": 1, "stream": True})
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        stream = await client.chat.completions.create(model="p", messages=Q, seed=1, stream=True)
+        received = [c.delta.content or "" async for chunk in stream for c in chunk.choices]
+        await client.close()
+    chunks = [json.loads(line) for line in lines[:-1]]
+    assert lines[-1] == "[DONE]" and not any("error" in c for c in chunks)
+    assert content_of(chunks) == FALLBACK == "".join(received)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and "engine_calls" in chunks[-1]["moa"]
 
 
 def scripted_app(**pipelines: Pipeline):

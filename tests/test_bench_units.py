@@ -386,3 +386,26 @@ async def test_a_replay_keeps_the_recorded_number_of_calls_in_flight_and_recordi
     recording = Recording(ScriptedEngine("a", delay_s=0.05), recorded, in_flight)
     await asyncio.gather(*(recording.generate(c.messages, c.params) for c in calls[:4]))
     assert len(recorded) == 4 and in_flight.now == 0 and 3.0 < in_flight.mean <= 4.0
+
+
+async def test_http_request_scores_the_fallback_a_broken_off_pipeline_answer_is_replaced_with():
+    """`moa bench/eval --url` record what the non-streaming request returns, not an error or the void words."""
+    import openai
+
+    from serving.api.app import ServerSettings, create_app
+    from serving.bench.http_client import http_request
+    from serving.registry import load_registry
+    from tests.conftest import QWEN_SMALL, SMALL, uvicorn_serving
+
+    engines = {SMALL: ScriptedEngine(SMALL), QWEN_SMALL: ScriptedEngine(QWEN_SMALL, fail="connection lost",
+                                                                        fail_after=2)}
+    pipeline = Pipeline("p", (Propose(models=(SMALL,)), Aggregate(model=QWEN_SMALL)))
+    app = create_app(load_registry(), models=[], pipelines={"p": pipeline}, settings=ServerSettings(),
+                     engines=engines)
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    async with uvicorn_serving(app) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        sample = await http_request(client, "p", messages, 0, 0.0, max_tokens=None, seed=1, pipeline=True)
+        await client.close()
+    assert (sample.error, sample.answer) == (None, f"{SMALL} answer 0 seed 1")
+    assert sample.engine_calls == 2

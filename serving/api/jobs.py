@@ -153,24 +153,52 @@ class PipelineJob:
             [choice], usage=self._usage(result), moa=self.summary(result))
 
     async def chunks(self) -> AsyncIterator[dict]:
-        """Progress events (opt-in) as `choices: []` chunks; the role goes out with the first answer token."""
+        """Progress events (opt-in) as `choices: []` chunks; the role goes out with the first answer token.
+
+        When the call writing the answer fails part-way, the runner falls back to the previous responses and
+        sends AnswerRestarted: the text streamed so far is void. A client that asked for events (`moa.events`,
+        or `moa.call_deltas`, which implies them) reads `choices: []` chunks, so it gets the `answer_restarted`
+        event, then the fallback whole. A plain OpenAI client skips such chunks and would join the void text
+        to the fallback; text already sent cannot be taken back, and holding the answer until its writer is
+        done would end streaming. So a plain stream ends with an error event instead (`_broken_off`: the
+        official client raises it) and never receives the fallback's text; the non-streaming request, or the
+        same one with `moa.events`, returns that fallback. A writer that fails before streaming any text
+        voids nothing: the runner sends no AnswerRestarted, and the fallback streams as the answer.
+        """
         envelope = Envelope(self.model, "chat.completion.chunk", f"chatcmpl-{self.id}")
-        first = True
+        watching = self.options.events or self.options.call_deltas
+        first, broken = True, None
         async with aclosing(self.run(stream_calls=self.options.call_deltas)) as items:
             async for item in items:
                 if isinstance(item, AnswerDelta):
+                    if broken is not None:  # the fallback: this stream already sent other text as its answer
+                        continue
                     delta = {"role": "assistant", "content": item.text} if first else {"content": item.text}
                     first = False
                     yield envelope([{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}])
-                elif isinstance(item, AnswerRestarted):  # always sent: the text before it is void
-                    yield envelope([], moa={"event": "answer_restarted", **asdict(item)})
+                elif isinstance(item, AnswerRestarted):  # the text before it is void
+                    if watching:
+                        yield envelope([], moa={"event": "answer_restarted", **asdict(item)})
+                    else:
+                        broken = item
                 elif isinstance(item, RunResult):
-                    self.state.metrics.count_run(self.model, item)
+                    self.state.metrics.count_run(self.model, item)  # the engine calls ran either way
+                    if broken is not None:
+                        raise self._broken_off(broken)
                     yield envelope([{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}])
                     extra = {"usage": self._usage(item)} if self.include_usage else {}
                     yield envelope([], moa=self.summary(item), **extra)
-                elif self.options.events or self.options.call_deltas:
+                elif watching:
                     yield envelope([], moa={"event": event_name(item), **asdict(item)})
+
+    def _broken_off(self, restart: AnswerRestarted) -> APIError:
+        """The error that ends a plain stream whose answer broke off: what failed, and where the answer is."""
+        step = self.pipeline.steps[-1].kind
+        return APIError(503, f"the answer broke off: the {step} step writing it failed after {restart.discarded} "
+                             f"characters were streamed ({restart.reason}), so the text this stream sent is void. "
+                             f"Pipeline {self.model!r} fell back to its previous responses; the same request "
+                             "without stream, or with moa.events (an answer_restarted event, then the fallback), "
+                             "returns that answer", code="answer_broken_off")
 
     def _usage(self, result: RunResult) -> dict:
         u = result.usage

@@ -15,6 +15,10 @@ from moa.engine import ChatMessage
 from moa.steps import llm_step_kinds
 from serving.bench.measure import RequestSample
 
+# `events`: a pipeline whose writer breaks off mid-answer then sends `answer_restarted` and its fallback (the
+# answer the non-streaming request returns); without events the stream ends in an error instead.
+MOA_OPTIONS = {"moa": {"trace": True, "events": True}}
+
 
 async def http_request(client: Any, model: str, messages: Sequence[ChatMessage], index: int, t0: float, *,
                        max_tokens: int | None, seed: int | None, pipeline: bool, n: int = 1,
@@ -32,8 +36,7 @@ async def http_request(client: Any, model: str, messages: Sequence[ChatMessage],
     try:
         stream = await client.chat.completions.create(
             model=model, messages=list(messages), max_tokens=max_tokens, seed=seed, stream=True,
-            stream_options={"include_usage": True}, extra_body={"moa": {"trace": True}} if pipeline else None,
-            **sampling)
+            stream_options={"include_usage": True}, extra_body=MOA_OPTIONS if pipeline else None, **sampling)
         async for chunk in stream:
             summary = (chunk.model_extra or {}).get("moa")
             if isinstance(summary, dict) and summary.get("event") == "answer_restarted":
