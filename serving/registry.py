@@ -199,7 +199,10 @@ class ModelSpec(_Strict):
 
 
 class RateLimit(_Strict):
-    """Per API key (per client address when no keys are set): a token bucket."""
+    """Per API key (per client address when no keys are set): `burst` at once, `requests_per_minute` after.
+
+    Served as `burst` requests per ceil(60 * burst / requests_per_minute) s, sliding (serving/api/access.py).
+    """
 
     requests_per_minute: float = Field(gt=0)
     burst: int = Field(default=10, ge=1)

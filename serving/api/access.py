@@ -2,7 +2,7 @@
 
 The body limit is an ASGI middleware that counts the bytes as they arrive, so a chunked
 upload (no Content-Length) is cut at the limit like a declared one; keys are compared in
-constant time; each key (each client address when no keys are set) has a token bucket.
+constant time; each key (each client address when no keys are set) has its own rate limit.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import hmac
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+
+from limits import RateLimitItemPerSecond
+from limits.storage import MemoryStorage
+from limits.strategies import SlidingWindowCounterRateLimiter
 
 from serving.api.errors import error_response
 
@@ -71,28 +74,44 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-@dataclass
+def rate_key(key: str | None, keys: Sequence[str], client: str | None) -> str:
+    """Whom a request counts against: its API key when keys are set (the guard has accepted it by then),
+    else the client's address. Without keys the Authorization header is ignored: any string a client
+    sends would otherwise be a fresh allowance, and one more entry in the table."""
+    if keys and accepted(key, keys):
+        return f"key:{key}"
+    return f"addr:{client or 'unknown'}"
+
+
 class RateLimiter:
-    """A token bucket per key: `burst` requests at once, refilled at `per_minute` a minute."""
+    """`burst` requests at once and `per_minute` a minute after that, per key (`rate_key`).
 
-    per_minute: float
-    burst: int
-    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (tokens, updated)
+    The `limits` library's sliding-window counter, `burst` requests per window of
+    ceil(60 * burst / per_minute) seconds: a burst of `burst`, then the long-run rate `per_minute`.
+    Its in-memory storage drops a key's counters two windows after its last request, so the table
+    holds only the clients active lately. (Not its moving window: that storage keeps an empty entry
+    for every key it ever saw.)
+    """
 
-    def take(self, key: str, now: float | None = None) -> float | None:
-        """None if the request may go; else the seconds until one token is back (Retry-After)."""
-        now = time.monotonic() if now is None else now
-        rate = self.per_minute / 60.0
-        tokens, updated = self._buckets.get(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - updated) * rate)
-        if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
+    def __init__(self, per_minute: float, burst: int) -> None:
+        self.per_minute, self.burst = per_minute, burst
+        self.window_s = max(1, math.ceil(60 * burst / per_minute))
+        self.item = RateLimitItemPerSecond(burst, self.window_s)
+        self.storage = MemoryStorage()
+        self.strategy = SlidingWindowCounterRateLimiter(self.storage)
+
+    def take(self, key: str) -> float | None:
+        """None if the request may go; else the seconds until the key's count next falls (Retry-After)."""
+        if self.strategy.hit(self.item, key):
             return None
-        self._buckets[key] = (tokens, now)
-        return (1.0 - tokens) / rate
+        return max(0.0, self.strategy.get_window_stats(self.item, key).reset_time - time.time())
+
+    def __len__(self) -> int:
+        """The counters held now (a key has at most two: its current and previous window)."""
+        return len(self.storage.storage)
 
     def refusal(self, wait_s: float):
         seconds = max(1, math.ceil(wait_s))
         return error_response(429, f"rate limit: {self.per_minute:g} requests a minute (bursts of {self.burst}) "
-                                   f"per API key; retry in {seconds} s", code="rate_limit_exceeded",
-                              headers={"Retry-After": str(seconds)})
+                                   f"per API key (per client address without keys); retry in {seconds} s",
+                              code="rate_limit_exceeded", headers={"Retry-After": str(seconds)})

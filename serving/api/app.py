@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moa.engine import Engine
 from moa.pipeline import Pipeline
-from serving.api.access import BodyLimit, RateLimiter, accepted, key_of
+from serving.api.access import BodyLimit, RateLimiter, accepted, key_of, rate_key
 from serving.api.delivery import respond
 from serving.api.errors import (
     APIError,
@@ -78,6 +78,7 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # inside `guard`: keys are checked first
     limiter = (RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
                if settings.rate_limit_per_minute else None)
+    app.state.limiter = limiter  # what it holds can be read (tests: its table stays bounded)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -88,7 +89,7 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
             return error_response(401, "missing or invalid API key (Authorization: Bearer ...)",
                                   code="invalid_api_key")
         if limiter is not None and path.startswith("/v1/") and request.method == "POST":
-            wait = limiter.take(key or (request.client.host if request.client else "unknown"))
+            wait = limiter.take(rate_key(key, settings.api_keys, request.client.host if request.client else None))
             if wait is not None:
                 return limiter.refusal(wait)
         return await call_next(request)
