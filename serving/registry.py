@@ -185,6 +185,9 @@ class ModelSpec(_Strict):
     price: Price = Price()
     tags: list[str] = Field(default_factory=list)
     description: str = ""
+    # A failed known-answer check (serving/known_answer.py): "require" keeps the server from serving the model
+    # (/ready and its requests answer 503); "warn" serves it anyway, knowingly, with the failure in /ready.
+    known_answer: Literal["require", "warn"] = "require"
 
     @model_validator(mode="after")
     def _source_matches_backend(self) -> ModelSpec:

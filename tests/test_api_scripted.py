@@ -13,6 +13,7 @@ from moa.pipeline import Pipeline
 from moa.steps import Aggregate, MajorityVote, Propose
 from moa.testing import ScriptedEngine
 from serving.api.app import ServerSettings, create_app
+from serving.known_answer import CaseResult, CheckResult
 from serving.registry import load_registry
 from tests.conftest import QWEN_SMALL, SMALL, uvicorn_serving
 
@@ -206,3 +207,46 @@ async def test_a_silent_stream_sends_keep_alive_comments_and_leaving_during_one_
             await asyncio.sleep(0.1)
         assert engines[SMALL].calls[-1].aborted and not engines[SMALL].calls[-1].finished
         assert app.state.moa.semaphore._value == ServerSettings().max_concurrency  # the slot came back
+
+
+def _check(model: str, agreed: int) -> CheckResult:
+    """A known-answer result as the pool records it: 20 decisive tokens, `agreed` of them right in both views."""
+    case = CaseResult("p", positions=32, decisive=20, agreed=agreed, agreed_all=agreed, first_disagreement=None,
+                      decode_decisive=20, decode_agreed=agreed)
+    return CheckResult(model, "bfloat16", "test cpu", [case])
+
+
+async def test_a_model_that_failed_its_known_answer_check_is_not_served_unless_its_entry_accepts_it():
+    registry = load_registry()
+    engines = {SMALL: ScriptedEngine(SMALL), QWEN_SMALL: ScriptedEngine(QWEN_SMALL)}
+    pipeline = Pipeline("p", (Propose(models=(SMALL,)), Aggregate(model=QWEN_SMALL)))
+    app = create_app(registry, models=[SMALL, QWEN_SMALL], pipelines={"p": pipeline}, engines=engines)
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        state = app.state.moa
+        state.checks = {SMALL: _check(SMALL, 20), QWEN_SMALL: _check(QWEN_SMALL, 20)}
+        assert (await http.get("/ready")).status_code == 200
+        state.checks[SMALL] = _check(SMALL, 5)  # 25%: its answers are not the model's
+        ready = await http.get("/ready")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "known_answer_failed"
+        assert SMALL in ready.json()["error"]["message"] and QWEN_SMALL not in ready.json()["error"]["message"]
+        assert ready.json()["known_answer_checks"][SMALL]["ok"] is False
+        calls = len(engines[SMALL].calls)
+        for body in ({"model": SMALL}, {"model": "p"}, {"model": QWEN_SMALL, "stream": True,
+                                                        "moa": {}}, {"model": "p", "stream": True}):
+            r = await http.post("/v1/chat/completions", json={"messages": Q, **body})
+            if body["model"] == QWEN_SMALL:  # its own check passed: served
+                assert r.status_code == 200, r.text
+                continue
+            assert r.status_code == 503 and r.json()["error"]["code"] == "known_answer_failed", body
+            assert "known_answer: warn" in r.json()["error"]["message"]
+        overridden = await http.post("/v1/chat/completions", json={
+            "model": "p", "messages": Q, "moa": {"proposers": [QWEN_SMALL], "aggregator": QWEN_SMALL}})
+        assert overridden.status_code == 200  # the request's own pipeline does not need the failed model
+        text = await http.post("/v1/completions", json={"model": SMALL, "prompt": "2 + 2 ="})
+        assert text.status_code == 503
+        assert len(engines[SMALL].calls) == calls  # refused before any engine call
+        # Accepted knowingly in models.yaml: served, and /ready still shows the failure.
+        state.registry.models[SMALL] = registry.get(SMALL).model_copy(update={"known_answer": "warn"})
+        ready = await http.get("/ready")
+        assert ready.status_code == 200 and ready.json()["known_answer_checks"][SMALL]["ok"] is False
+        assert (await http.post("/v1/chat/completions", json={"model": "p", "messages": Q})).status_code == 200

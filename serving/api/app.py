@@ -26,13 +26,14 @@ from serving.api.delivery import respond
 from serving.api.errors import (
     APIError,
     api_error_handler,
+    body,
     documented_errors,
     error_response,
     http_error_handler,
     validation_handler,
     without_422,
 )
-from serving.api.jobs import chat_job, text_job
+from serving.api.jobs import PipelineJob, chat_job, text_job
 from serving.api.playground import playground_routes
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest
 from serving.api.state import ServerSettings, ServerState
@@ -112,6 +113,9 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
                          "dtype": r.dtype, "configured_dtype": registry.get(name).engine.dtype,
                          "replaced": r.replaced.dtype if r.replaced else None, "seconds": round(r.seconds, 2)}
                   for name, r in state.checks.items()}
+        if refused := state.refused_models():  # a replica serving wrong answers is not ready
+            failed = body(503, "; ".join(refused.values()), code="known_answer_failed")
+            return JSONResponse({**failed, "known_answer_checks": checks}, status_code=503)
         return JSONResponse({"status": "ready", "models": state.models, "pipelines": list(state.pipelines),
                              "known_answer_checks": checks})
 
@@ -133,11 +137,14 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
     @app.post("/v1/chat/completions", responses=POST_ERRORS)
     async def chat(req: ChatCompletionRequest, request: Request):
         state.check_target(req.model)
-        return await respond(state, chat_job(state, req), request, stream=req.stream)
+        job = chat_job(state, req)
+        state.check_answers(job.pipeline.models() if isinstance(job, PipelineJob) else (job.model,))
+        return await respond(state, job, request, stream=req.stream)
 
     @app.post("/v1/completions", responses=POST_ERRORS)
     async def completions(req: CompletionRequest, request: Request):
         state.check_target(req.model)
+        state.check_answers((req.model,))
         return await respond(state, text_job(state, req), request, stream=req.stream)
 
     app.include_router(playground_routes(state))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +71,26 @@ class ServerState:
             known = ", ".join([*self.models, *self.pipelines])
             raise APIError(404, f"model {model!r} is neither a served model nor a pipeline; served: {known}",
                            param="model", code="model_not_found")
+
+    def refused_models(self) -> dict[str, str]:
+        """Models whose known-answer check failed at start and whose entry does not accept that: why, per model.
+
+        An engine that disagrees with its float32 reference is running, but its answers are not the model's;
+        serving them as if they were is what the check exists to stop (`known_answer: warn` accepts it).
+        """
+        return {name: (f"model {name!r} failed its known-answer check at start ({r.dtype}: "
+                       f"{100 * r.agreement:.0f}% teacher-forced, {100 * r.decode_agreement:.0f}% decoded of its "
+                       f"decisive tokens, {r.decisive}/{r.decode_decisive}; 90% needed), so its answers are not "
+                       "the model's; see GET /ready and the server log. To serve it anyway, knowingly, set "
+                       f"`known_answer: warn` on {name!r} in models.yaml")
+                for name, r in self.checks.items()
+                if not r.ok and name in self.registry.models and self.registry.get(name).known_answer == "require"}
+
+    def check_answers(self, models: Iterable[str]) -> None:
+        """A request that needs a refused model is a 503 naming it, before any engine call."""
+        refused = self.refused_models()
+        if reasons := [refused[m] for m in dict.fromkeys(models) if m in refused]:
+            raise APIError(503, "; ".join(reasons), code="known_answer_failed")
 
     def check_capacity(self) -> None:
         """A full queue is a 429 with Retry-After, decided before any response starts."""
