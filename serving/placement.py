@@ -183,6 +183,12 @@ def detect_gpus() -> list[Gpu]:
         pynvml.nvmlShutdown()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and all(v.strip().isdigit() for v in visible.split(",") if v.strip()):
+        order = os.environ.get("CUDA_DEVICE_ORDER", "")
+        if order not in ("", "PCI_BUS_ID"):  # engines get PCI_BUS_ID, NVML's numbering; these indices would not
+            raise PlanError(f"CUDA_VISIBLE_DEVICES={visible} with CUDA_DEVICE_ORDER={order}: moa numbers GPUs in "
+                            "PCI bus order (NVML's, and CUDA's with CUDA_DEVICE_ORDER=PCI_BUS_ID, which every "
+                            "engine gets), so these indices may name other GPUs. Unset CUDA_DEVICE_ORDER or set "
+                            "it to PCI_BUS_ID, and give the indices nvidia-smi shows")
         keep = [v.strip() for v in visible.split(",") if v.strip()]
         gpus = [g for g in gpus if g.id in keep]
     return gpus

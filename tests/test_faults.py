@@ -12,6 +12,7 @@ import httpx
 import psutil
 import pytest
 
+from moa.engine import EngineError, SamplingParams
 from moa.pipeline import Pipeline
 from moa.runner import RunResult, iter_run
 from moa.steps import Aggregate, Propose
@@ -113,3 +114,48 @@ async def _result(items) -> RunResult:
         if isinstance(item, RunResult):
             return item
     raise AssertionError("the run ended without a result")
+
+
+async def test_two_engines_killed_together_restart_each_with_its_own_environment(pool):
+    """Their restarts run at once, in two threads, and each sets its placement in os.environ for its EngineCore:
+    each core must get its own (MOA_ENGINE names it) and the parent keep none of it."""
+    import os
+
+    from tests.test_placement import engine_core_env
+
+    before = {k: os.environ.get(k) for k in ("MOA_ENGINE", "VLLM_CPU_OMP_THREADS_BIND")}
+    binds = {name: engine_core_env(engine).get("VLLM_CPU_OMP_THREADS_BIND") for name, engine in pool.items()}
+    for engine in pool.values():
+        kill_engine(engine)
+    await until(lambda: all(e.state == "dead" for e in pool.values()))
+    answers = await asyncio.wait_for(asyncio.gather(
+        *(engine.generate(FRANCE, SamplingParams(temperature=0, max_tokens=4)) for engine in pool.values())), 300)
+    assert all(a.texts[0] for a in answers)
+    for name, engine in pool.items():
+        env = engine_core_env(engine)
+        assert env["MOA_ENGINE"] == name and env.get("VLLM_CPU_OMP_THREADS_BIND") == binds[name], name
+    assert {k: os.environ.get(k) for k in before} == before
+
+
+async def test_a_restart_that_fails_is_tried_again_by_a_later_request(pool, monkeypatch):
+    """Before: one failed restart left the engine 'not started' for good and /ready 503 forever."""
+    small = pool[SMALL]
+    real_build = small._build
+
+    def broken() -> None:
+        raise EngineError(f"model {SMALL!r}: vLLM could not start: out of memory (injected)")
+
+    monkeypatch.setattr(small, "_build", broken)
+    monkeypatch.setattr(small, "restart_retry_s", 3600.0)
+    kill_engine(small)
+    await until(lambda: small.state == "dead")
+    params = SamplingParams(temperature=0, max_tokens=4)
+    with pytest.raises(EngineError, match="restarting it failed: .*out of memory"):
+        await small.generate(FRANCE, params)
+    assert small.state == "dead"  # not "stopped": /ready stays 503 until it is back
+    with pytest.raises(EngineError, match=r"1 restart\(s\) failed.*next request in \d+ s"):
+        await small.generate(FRANCE, params)  # within the wait: fails fast, no second build
+    monkeypatch.setattr(small, "_build", real_build)
+    monkeypatch.setattr(small, "restart_retry_s", 0.0)
+    answer = await asyncio.wait_for(small.generate(FRANCE, params), 300)
+    assert answer.texts[0] and small.state == "ready"

@@ -156,6 +156,69 @@ def test_gpu_ids_keep_their_names():
 # -- the plan applied to real engines (vLLM CPU build) --------------------------------------------
 
 
+class FakeNVML:
+    """pynvml's calls detect_gpus makes, for a node of `gpus` (name, GiB), in NVML's (PCI bus) order."""
+
+    def __init__(self, gpus: list[tuple[str, float]]) -> None:
+        self.gpus = gpus
+
+    def nvmlInit(self) -> None: ...
+
+    def nvmlShutdown(self) -> None: ...
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetName(self, i: int) -> bytes:
+        return self.gpus[i][0].encode()
+
+    def nvmlDeviceGetMemoryInfo(self, i: int):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(total=self.gpus[i][1] * 2**30)
+
+
+MIXED = [("NVIDIA L4", 24), ("NVIDIA L4", 24), ("NVIDIA L40S", 48)]  # `--gpus 2x24GB,1x48GB`, as NVML sees it
+
+
+def test_the_machine_report_names_gpus_through_nvml_without_touching_cuda(monkeypatch):
+    """Before: torch.cuda.get_device_name(0) made a CUDA context on GPU 0 in the parent before any engine."""
+    import sys
+
+    import torch
+
+    from serving.bench.environment import gpu
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("torch.cuda was called in the parent process")
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(MIXED))
+    for name in ("is_available", "device_count", "get_device_name", "init"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    assert gpu() == "2x NVIDIA L4 (24 GiB), 1x NVIDIA L40S (48 GiB)"
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([]))
+    assert gpu() == "no GPU"
+
+
+def test_visible_devices_are_read_in_nvml_order_and_a_conflicting_cuda_order_is_refused(monkeypatch):
+    import sys
+
+    from serving.placement import detect_gpus
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(MIXED))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    assert [(g.id, g.name) for g in detect_gpus()] == [("2", "NVIDIA L40S")]
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    assert [g.id for g in detect_gpus()] == ["2"]
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")  # "2" would be CUDA's third-fastest: maybe an L4
+    with pytest.raises(PlanError, match="CUDA_DEVICE_ORDER=FASTEST_FIRST.*PCI_BUS_ID"):
+        detect_gpus()
+
+
 def environ_of(pid: int) -> dict[str, str]:
     raw = open(f"/proc/{pid}/environ", "rb").read().decode(errors="replace")
     return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
@@ -188,7 +251,10 @@ async def test_each_engine_core_is_spawned_with_its_planned_gpus(registry, local
         assert sorted(planned.values()) == ["0", "1"]  # one GPU each, not both on the same one
         for name in (QWEN_SMALL, SMALL):
             env = engine_core_env(pool[name])
-            assert env["CUDA_VISIBLE_DEVICES"] == planned[name]
+            assert env["CUDA_VISIBLE_DEVICES"] == planned[name] and env["MOA_ENGINE"] == name
+            # The plan numbers GPUs as NVML does (PCI bus order); CUDA must too, or on a mixed node the
+            # engine lands on another GPU than planned.
+            assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
         assert os.environ.get("CUDA_VISIBLE_DEVICES") == parent_before  # set for the spawn, then restored
 
 

@@ -24,14 +24,14 @@ def machine() -> str:
 
 
 def gpu() -> str:
-    try:
-        import torch
+    """The GPUs by name, read through NVML as the planner reads them: asking torch would create a CUDA context
+    on GPU 0 in this process before any engine starts, memory the plan did not count."""
+    from collections import Counter
 
-        if torch.cuda.is_available():
-            return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    except ImportError:
-        pass
-    return "no GPU"
+    from serving.placement import detect_gpus
+
+    gpus = Counter(f"{g.name or 'GPU'} ({g.total_bytes / 2**30:.0f} GiB)" for g in detect_gpus())
+    return ", ".join(f"{count}x {name}" for name, count in gpus.items()) or "no GPU"
 
 
 def engine_version() -> str:

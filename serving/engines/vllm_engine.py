@@ -14,6 +14,7 @@ import gc
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, contextmanager
@@ -41,9 +42,17 @@ log = logging.getLogger(__name__)
 _ids = itertools.count()
 
 
+# vLLM spawns its EngineCore with a copy of this process's environment and takes no environment of its own, so
+# an engine's placement (core bind, GPUs) is set in os.environ around the build. Builds run in worker threads
+# (start() and restarts): this lock keeps two of them (two engines dying together) from handing each other's
+# placement to their EngineCores, or leaving the parent with a stale value.
+_SPAWN_LOCK = threading.Lock()
+
+
 @contextmanager
 def _environ(values: dict[str, str]):
-    """Set variables for the engine process we are about to spawn (it copies our environment)."""
+    """Set variables for the engine process we are about to spawn (it copies our environment); hold
+    `_SPAWN_LOCK` meanwhile."""
     old = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:
@@ -83,6 +92,7 @@ class VLLMEngine(StreamingEngine):
         self._llm: Any = None
         self._tokenizer: Any = None
         self._restart_lock = asyncio.Lock()
+        self._restart_failed: tuple[int, float, str] | None = None  # failures in a row, when, why
         self.start_seconds: float | None = None
         self.max_model_len: int | None = None
         self.dtype: str | None = None
@@ -120,20 +130,29 @@ class VLLMEngine(StreamingEngine):
 
         kwargs = build_engine_args(self.spec, self.model.path, gpu_memory_utilization=self._gpu_memory_utilization)
         kwargs.setdefault("disable_log_stats", True)  # moa keeps its own metrics; vLLM's periodic log is noise
-        env = {"VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP", "127.0.0.1")}
+        # MOA_ENGINE names the model in its processes' environment (/proc/PID/environ): scripts/gpu_smoke.sh
+        # maps each GPU process to its engine through it.
+        env = {"VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP", "127.0.0.1"), "MOA_ENGINE": self.name}
         if on_cpu() and self._cpu_threads_bind:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_threads_bind
         if self._cuda_visible_devices is not None:
             # The EngineCore child inherits this at spawn: the engine sees only its planned GPUs
-            # (this process never initialises CUDA itself, and engines start one at a time).
+            # (this process never initialises CUDA itself). The plan numbers GPUs as NVML does (PCI bus
+            # order); CUDA numbers them fastest-first unless told otherwise, which on a mixed node would
+            # put the engine on another GPU than planned.
             env["CUDA_VISIBLE_DEVICES"] = self._cuda_visible_devices
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         try:
-            with _environ(env):
+            with _SPAWN_LOCK, _environ(env):
                 return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         except Exception as exc:
             raise EngineError(f"model {self.name!r}: vLLM could not start from {self.model.path}: {exc}") from exc
 
     async def close(self) -> None:
+        self._restart_failed = None  # closed on purpose: nothing to restart
+        await self._shut_down()
+
+    async def _shut_down(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None:
             # On the loop thread: shutdown cancels AsyncLLM's output-handler task, which is not thread-safe.
@@ -152,17 +171,23 @@ class VLLMEngine(StreamingEngine):
             await self._llm.reset_prefix_cache()
 
     restart_wait_s: float = 180.0  # how long a request waits for a restart under way before it fails
+    restart_retry_s: float = 15.0  # after a failed restart, requests fail fast this long before the next try
+    restart_retry_max_s: float = 300.0  # (the wait doubles with each failure in a row, up to this)
 
     @property
     def state(self) -> str:
-        """ready | restarting | dead (its EngineCore died; the next request restarts it) | stopped."""
+        """ready | restarting | dead (its EngineCore died, or its restart failed; a request restarts it) |
+        stopped."""
         if self._restart_lock.locked():
             return "restarting"
         if self._llm is None:
-            return "stopped"
+            return "dead" if self._restart_failed is not None else "stopped"
         return "dead" if self._llm.errored else "ready"
 
     async def _ensure_alive(self) -> None:
+        """Restart a dead engine for the request that finds it dead; a failed restart is tried again by a later
+        request (after `restart_retry_s`, doubling), never left for good — a GPU whose memory the dead core
+        had not yet released, for one, frees it seconds later."""
         if self._restart_lock.locked():  # another request is restarting the engine: wait for it, do not fail
             try:
                 await asyncio.wait_for(self._restart_lock.acquire(), self.restart_wait_s)
@@ -170,16 +195,36 @@ class VLLMEngine(StreamingEngine):
                 raise EngineError(f"model {self.name!r}: still restarting after {self.restart_wait_s:.0f} s; "
                                   "retry later") from None
             self._restart_lock.release()
-        if self._llm is None:
+        if self._llm is None and self._restart_failed is None:
             raise EngineError(f"model {self.name!r}: engine is not started")
-        if not self._llm.errored:
+        if self._llm is not None and not self._llm.errored:
             return
         async with self._restart_lock:
-            if self._llm is not None and self._llm.errored:
-                log.error("engine %s died; restarting it", self.name)
-                self.stats.restarts += 1
-                await self.close()
+            if self._llm is not None and not self._llm.errored:
+                return  # restarted meanwhile
+            if self._llm is None and self._restart_failed is None:
+                raise EngineError(f"model {self.name!r}: engine is not started")
+            if self._restart_failed is not None:
+                failures, at, reason = self._restart_failed
+                if (left := at + self._retry_wait(failures) - time.monotonic()) > 0:
+                    raise EngineError(f"model {self.name!r}: its engine died and {failures} restart(s) failed, "
+                                      f"the last: {reason}; the next request in {left:.0f} s tries again")
+            log.error("engine %s %s; restarting it", self.name,
+                      "is down after a failed restart" if self._llm is None else "died")
+            self.stats.restarts += 1
+            await self._shut_down()
+            try:
                 await self.start()
+            except Exception as exc:
+                failures = self._restart_failed[0] + 1 if self._restart_failed else 1
+                self._restart_failed = (failures, time.monotonic(), str(exc))
+                log.error("engine %s: restart %d failed: %s", self.name, failures, exc)
+                raise EngineError(f"model {self.name!r}: its engine died and restarting it failed: {exc}; "
+                                  f"a request after {self._retry_wait(failures):.0f} s tries again") from exc
+            self._restart_failed = None
+
+    def _retry_wait(self, failures: int) -> float:
+        return min(self.restart_retry_s * 2 ** (failures - 1), self.restart_retry_max_s)
 
     # -- requests ------------------------------------------------------------------
 
