@@ -111,7 +111,8 @@ class EngineCalls:
         # Later layers first: a call that finishes a request goes ahead of one that starts another
         # (where the engine schedules by priority; lower is sooner, ties in arrival order).
         params = replace(params, priority=-layer)
-        record = CallRecord(step, layer, model, params.n, self.trace.now())
+        record = CallRecord(step, layer, model, params.n, self.trace.now(), temperature=params.temperature,
+                            seed=params.seed)
         call = len(self.trace.calls)
         self.trace.calls.append(record)
         self.emit(CallStarted(call, step, layer, model, params.n))
@@ -184,6 +185,7 @@ class EngineCalls:
             await stream.aclose()
         # The request was cut (quorum) before the engine's own counts arrived: count with its tokenizer.
         kept = sorted(finished)
+        record.aborted_samples = params.n - len(kept)
         record.note = "quorum reached: the other samples were aborted; tokens re-counted without the template"
         completions = tuple(Completion(j, texts[i], engine.count_tokens(texts[i]), "stop")
                             for j, i in enumerate(kept))

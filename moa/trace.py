@@ -27,6 +27,11 @@ class CallRecord:
     status: str = "running"  # ok | error | timeout | aborted | skipped (the ceiling)
     error: str | None = None
     note: str | None = None
+    # The sampling it was sent with and the samples a quorum cut off inside it: whether its answer is fixed by
+    # its inputs (greedy or seeded, nothing cut), which the response cache checks before storing a run.
+    temperature: float | None = None
+    seed: int | None = None
+    aborted_samples: int = 0
 
 
 @dataclass(slots=True)
@@ -38,6 +43,7 @@ class StepRecord:
     inputs: int = 0
     outputs: int = 0
     notes: list[str] = field(default_factory=list)
+    unseeded: bool = False  # it drew fresh entropy (a shuffle, dropout or sample with no seed): not repeatable
 
 
 @dataclass(slots=True)

@@ -32,8 +32,12 @@ def transform(step_class: type[Transform]) -> Callable[[Pure], Pure]:
 
 
 def rng_for(step: Transform, ctx: StepContext) -> random.Random:
+    """The step's generator; a step that draws (it has a `seed` field) from fresh entropy is marked `unseeded`
+    in the trace, so its answer is known not to repeat (the response cache never stores it)."""
     seed = getattr(step, "seed", None)
     seed = seed if seed is not None else ctx.seed
+    if seed is None and hasattr(step, "seed"):
+        ctx.record.unseeded = True
     return random.Random(None if seed is None else seed + ctx.index)  # None: fresh entropy
 
 

@@ -222,7 +222,7 @@ class ServerOptions(_Strict):
     keepalive_s: float = Field(default=15.0, gt=0)  # a silent stream sends an SSE comment this often
     # Answers to deterministic requests kept in memory (docs/API.md, "Response cache"); 0: off.
     cache_entries: int = Field(default=0, ge=0)
-    cache_path: Path | None = None  # also keep them in this SQLite file (relative to models.yaml)
+    cache_path: Path | None = None  # also keep them in this directory (relative to models.yaml)
     # The playground's compare-view votes, one JSON line each (relative to models.yaml); default
     # $MOA_HOME/playground-votes.jsonl.
     votes_path: Path | None = None

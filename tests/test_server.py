@@ -328,7 +328,7 @@ async def test_bench_url_mode_measures_a_served_pipeline_and_model(server):
 
 
 async def test_response_cache_on_disk_answers_after_a_restart(registry, small_pool, tmp_path):
-    settings = ServerSettings(cache_entries=8, cache_path=tmp_path / "answers.sqlite")
+    settings = ServerSettings(cache_entries=8, cache_path=tmp_path / "answers")
     answers, calls = [], []
     for _ in range(2):  # two servers, one after the other, on the same file
         async with serving(registry, small_pool, settings) as (url, _):

@@ -1,17 +1,24 @@
 """Answers to deterministic requests, kept so a repeat costs no engine call.
 
-Only a request whose answer is fixed by its inputs is cached: a base model at
-temperature 0 or with a seed; a pipeline with a seed, or whose every LLM step is
-greedy. The key covers the normalised conversation, the target (a pipeline after
-the request's overrides), every sampling parameter, and the identity of each model
-involved: its models.yaml entry (source, checksum, engine arguments) and the dtype
-its engine settled on, so new weights or a float32 fallback never reuse old answers;
-for a `route` step, the router file's checksum; the request's spending limit.
+A request's answer is stored only when it is fixed by its inputs, decided twice. Before the run
+(`may_be_fixed`), from the request: a base model at temperature 0 or with a seed; a pipeline with a
+seed, or whose every sampling step is greedy or seeded (a propose step's `temperature_offsets`
+included) and whose shuffle / dropout / sample steps are seeded; anything else gets no key at all.
+After the run (`unfixed`), from its trace: every engine call was greedy or seeded and ended `ok`
+(none failed, timed out, was aborted — by a quorum or otherwise — or skipped by the spending limit,
+all of which depend on timing), no quorum cut samples inside a call, and no step drew unseeded
+randomness. A run that fails that check is answered as usual but never stored.
 
-In memory, least recently used first out; with a path, also in a SQLite file (the
-same bound, least recently used first out), so answers survive a restart and are
-shared by servers on one machine. Streamed requests and `Cache-Control: no-cache`
-(or `moa.cache: false`) bypass it.
+The key covers the normalised conversation, the target (a pipeline after the request's overrides),
+every sampling parameter, and the identity of each model involved: its models.yaml entry (source,
+checksum, engine arguments) and the dtype its engine settled on, so new weights or a float32
+fallback never reuse old answers; for a `route` step, the router file's checksum; the request's
+spending limit.
+
+In memory: cachetools' LRUCache, N entries. With a path, also a diskcache directory (SQLite
+underneath, safe across processes), so answers survive a restart and are shared by servers on
+one machine; least recently used out first, bounded in bytes (diskcache bounds by size, not by
+count): N x 64 KiB. Streamed requests and `Cache-Control: no-cache` (or `moa.cache: false`) bypass it.
 """
 
 from __future__ import annotations
@@ -19,87 +26,145 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import sqlite3
-import threading
 import time
-from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
-from moa.steps import LLMStep
+import diskcache
+from cachetools import LRUCache
+
+from moa.pipeline import Pipeline
+from moa.steps import Cascade, LLMStep, Propose, Step, Transform
 from serving.api.jobs import ChatJob, Job, PipelineJob
 from serving.api.state import ServerState
 
+log = logging.getLogger(__name__)
+DISK_BYTES_PER_ENTRY = 64 * 1024  # the disk bound per --cache-entries; an answer is a few KiB, a trace more
+
 
 class ResponseCache:
+    """cachetools' LRUCache in memory, in front of an optional diskcache store; this class only joins the two
+    (a disk hit is kept in memory) and decides, through `offer`, what may be stored at all."""
+
     def __init__(self, max_entries: int, path: Path | None = None) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, dict] = OrderedDict()
-        self._disk = _DiskStore(path, max_entries) if path is not None else None
+        self._entries: LRUCache[str, dict] = LRUCache(max_entries)
+        self._disk = _open_disk(path, max_entries) if path is not None else None
 
     def get(self, key: str) -> dict | None:
         body = self._entries.get(key)
-        if body is None and self._disk is not None and (body := self._disk.get(key)) is not None:
-            self._remember(key, body)
-        elif body is not None:
-            self._entries.move_to_end(key)
-            if self._disk is not None:
-                self._disk.touch(key)
+        if self._disk is not None:
+            stored = self._disk.get(key)  # read on a memory hit too: that marks it used in the disk's LRU order
+            if body is None and stored is not None:
+                body = self._entries[key] = json.loads(stored)
         return body
 
     def put(self, key: str, body: dict) -> None:
-        self._remember(key, body)
-        if self._disk is not None:
-            self._disk.put(key, body)
-
-    def _remember(self, key: str, body: dict) -> None:
         self._entries[key] = body
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        if self._disk is not None:
+            self._disk.set(key, json.dumps(body))  # JSON text, not diskcache's default pickle: a shared
+            # directory's contents are never unpickled
+
+    def offer(self, key: str, job: Job, body: dict) -> dict:
+        """Store a finished job's body if its run proves it fixed; returns the body to answer with."""
+        body, why = storable(job, body)
+        if why is None:
+            self.put(key, body)
+        else:
+            log.debug("answer not cached: %s", why)
+        return body
 
     def __len__(self) -> int:
         return len(self._entries)
 
 
-class _DiskStore:
-    """Bodies in one SQLite table, keyed like the memory cache; the least recently used are dropped."""
+def _open_disk(path: Path, max_entries: int) -> diskcache.Cache:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"response cache {path}: this is a file, and --cache-path (server.cache_path) names a "
+                         "directory now; an older moa-stack's SQLite answers are not carried over (they were "
+                         "stored unchecked): delete the file or pass another path")
+    try:
+        # cull_limit: at most 2 least recently used out per insert over the bound (diskcache's default, 10,
+        # empties a small store at once); 2, not 1, so the store shrinks back after a large answer.
+        return diskcache.Cache(str(path), size_limit=max_entries * DISK_BYTES_PER_ENTRY,
+                               eviction_policy="least-recently-used", cull_limit=2)
+    except (OSError, sqlite3.Error) as exc:
+        raise ValueError(f"response cache {path}: cannot open it as a cache directory ({exc}); "
+                         "pass another --cache-path or delete it") from None
 
-    def __init__(self, path: Path, max_entries: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.max_entries = max_entries
-        self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, body TEXT NOT NULL, "
-                             "used REAL NOT NULL)")
-        except sqlite3.Error as exc:
-            raise ValueError(f"response cache {path}: cannot open it as SQLite ({exc}); "
-                             "pass another --cache-path or delete the file") from None
 
-    def get(self, key: str) -> dict | None:
-        with self._lock:
-            row = self._db.execute("SELECT body FROM answers WHERE key = ?", (key,)).fetchone()
-            if row is not None:
-                self._db.execute("UPDATE answers SET used = ? WHERE key = ?", (time.time(), key))
-        return None if row is None else json.loads(row[0])
+def may_be_fixed(pipeline: Pipeline, seed: int | None) -> bool:
+    """Whether a run of `pipeline` can repeat its answer at all, judged from its steps before it runs.
 
-    def touch(self, key: str) -> None:
-        with self._lock:
-            self._db.execute("UPDATE answers SET used = ? WHERE key = ?", (time.time(), key))
+    A request seed seeds every call and transform. Without one, a step must be seeded itself, or greedy in
+    every call it makes; a cascade's first call is always greedy (its samples, if it draws any, show in the
+    trace, which `unfixed` reads after the run).
+    """
+    if seed is not None:
+        return True
+    for step in pipeline.steps:
+        if getattr(step, "seed", None) is not None or isinstance(step, Cascade):
+            continue
+        if isinstance(step, Transform) and hasattr(step, "seed"):
+            return False  # shuffle / dropout / sample from fresh entropy
+        if isinstance(step, LLMStep) and any(t > 0 for t in _temperatures(step)):
+            return False
+    return True
 
-    def put(self, key: str, body: dict) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)", (key, json.dumps(body), time.time()))
-            self._db.execute("DELETE FROM answers WHERE key NOT IN (SELECT key FROM answers ORDER BY used DESC "
-                             "LIMIT ?)", (self.max_entries,))
+
+def _temperatures(step: Step) -> set[float]:
+    """The temperatures a step's calls are sent with (moa/handlers.py: offsets cycle over the samples)."""
+    if isinstance(step, Propose) and step.temperature_offsets:
+        offsets = step.temperature_offsets
+        return {max(0.0, step.temperature + offsets[i % len(offsets)]) for i in range(step.total)}
+    return {step.temperature}
+
+
+def unfixed(trace: dict) -> str | None:
+    """Why a finished run's answer may differ next time (None: its trace proves it repeatable)."""
+    for i, call in enumerate(trace["calls"]):
+        where = f"call {i} ({call['step']}, {call['model']})"
+        if call["status"] != "ok":
+            return f"{where} ended {call['status']}"
+        if call.get("aborted_samples"):
+            return f"{where}: a quorum cut {call['aborted_samples']} sample(s)"
+        if call.get("temperature") != 0 and call.get("seed") is None:
+            return f"{where} sampled at temperature {call.get('temperature')} without a seed"
+    for step in trace["steps"]:
+        if step.get("unseeded"):
+            return f"step {step['step']} (layer {step['layer']}) drew unseeded randomness"
+    return None
+
+
+def traced(job: Job) -> Job:
+    """The job to run when its answer may be stored: a pipeline that reports its trace, for `storable`.
+
+    A job hands back only its response body, so the trace (which the request may not have asked for)
+    is how the run's calls reach the check; `storable` takes it out again.
+    """
+    if isinstance(job, PipelineJob) and not job.options.trace:
+        return replace(job, options=job.options.model_copy(update={"trace": True}))
+    return job
+
+
+def storable(job: Job, body: dict) -> tuple[dict, str | None]:
+    """The body as the request asked for it, and why it must not be stored (None: store it).
+
+    A base model's 200 is its one engine call, finished; a pipeline's is judged by its trace.
+    """
+    if not isinstance(job, PipelineJob):
+        return body, None
+    moa = body["moa"]
+    trace = moa["trace"] if job.options.trace else moa.pop("trace")
+    return body, unfixed(trace)
 
 
 def cache_key(state: ServerState, job: Job) -> str | None:
-    """The key of a deterministic job; None when its answer may differ between two identical requests."""
+    """The key of a job whose answer may be fixed; None when it surely is not (the run's trace decides the rest)."""
     if isinstance(job, PipelineJob):
-        greedy = all(s.temperature == 0 for s in job.pipeline.steps if isinstance(s, LLMStep))
-        if job.seed is None and not greedy:
+        if not may_be_fixed(job.pipeline, job.seed):
             return None
         routers = sorted({r for s in job.pipeline.steps if (r := getattr(s, "router", None))})
         target = {"pipeline": job.model, "steps": [repr(s) for s in job.pipeline.steps], "seed": job.seed,

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from serving.api.cache import cache_key, replayed
+from serving.api.cache import cache_key, replayed, traced
 from serving.api.errors import APIError, as_api_error, body, error_response
 from serving.api.jobs import Job
 from serving.api.state import ServerState
@@ -48,7 +48,8 @@ def _may_cache(state: ServerState, job: Job, request: Request) -> bool:
 
 async def _complete(state: ServerState, job: Job, request: Request, cache_as: str | None) -> JSONResponse:
     started, status = time.perf_counter(), "200"
-    task = asyncio.create_task(job.complete())
+    # A run whose answer may be stored reports its trace, which the cache checks before it stores the answer.
+    task = asyncio.create_task((job if cache_as is None else traced(job)).complete())
     gone = asyncio.create_task(_disconnected(request))  # a request whose client left is cancelled
     try:
         done, _ = await asyncio.wait({task, gone}, timeout=state.settings.request_timeout_s,
@@ -65,9 +66,8 @@ async def _complete(state: ServerState, job: Job, request: Request, cache_as: st
         if (failure := task.exception()) is not None:
             raise _logged(failure)
         state.metrics.latency.labels(job.model).observe(time.perf_counter() - started)
-        if cache_as is not None:
-            state.cache.put(cache_as, task.result())
-        return JSONResponse(task.result())
+        result = task.result() if cache_as is None else state.cache.offer(cache_as, job, task.result())
+        return JSONResponse(result)
     except APIError as exc:
         status = str(exc.status)
         raise

@@ -27,8 +27,9 @@ def serve(
     cache_entries: int | None = typer.Option(None, "--cache-entries", min=0,
                                              help="Keep answers to deterministic requests (greedy or seeded) and "
                                                   "answer repeats without an engine call; 0: off [server: 0]."),
-    cache_path: Path | None = typer.Option(None, "--cache-path", help="Also keep cached answers in this SQLite "
-                                           "file: they survive restarts [server: cache_path]."),
+    cache_path: Path | None = typer.Option(None, "--cache-path", help="Also keep cached answers in this directory "
+                                           "(created if missing; not a file): they survive restarts and servers "
+                                           "on this machine share them [server: cache_path]."),
     votes: Path | None = typer.Option(None, "--votes", help="Append the playground's compare-view votes to this "
                                       "JSONL file [server: votes_path, else $MOA_HOME/playground-votes.jsonl]."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Run every vLLM engine in a Ray actor on "
