@@ -5,8 +5,9 @@
 #
 # 1. `moa plan` against this machine's GPUs (NVML), as JSON and as a table.
 # 2. `moa serve` with that config; waits for GET /ready (engines loaded and known-answer checked).
-# 3. For every EngineCore process: its CUDA_VISIBLE_DEVICES (from /proc/PID/environ) against the
-#    plan, and the GPU memory nvidia-smi says each process holds against its planned fraction.
+# 3. For every EngineCore process: its CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER (from /proc/PID/environ)
+#    against the plan; then every process nvidia-smi lists, mapped to its engine (MOA_ENGINE): its
+#    memory must be on a GPU the plan gave that engine (serving/placement_check.py).
 # 4. One request per served model and per pipeline through the OpenAI API.
 # 5. A short `moa bench --url` on the first pipeline.
 # 6. The same pipeline in process under vLLM's fcfs and priority scheduling (issue: later layers first).
@@ -55,25 +56,26 @@ echo "$ready" > "$out/ready.json"
 echo "ready: $ready" >> "$report"
 
 step "3. placement as applied"
-.venv/bin/python - "$out/plan.json" "$server" >> "$report" <<'PY' || fail "engine processes do not match the plan"
-import json, subprocess, sys
+# Each EngineCore's CUDA_VISIBLE_DEVICES string, then where nvidia-smi says each engine's memory really is.
+.venv/bin/python - "$out/plan.json" "$server" >> "$report" <<'PY' || fail "engine environments do not match the plan"
+import json, sys
 import psutil
 
 plan = json.load(open(sys.argv[1]))["gpu"]
 server = psutil.Process(int(sys.argv[2]))
 cores = [p for p in server.children(recursive=True) if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
-seen = []
+seen = {}
 for proc in cores:
     env = dict(line.split("=", 1) for line in open(f"/proc/{proc.pid}/environ").read().split("\0") if "=" in line)
-    seen.append(env.get("CUDA_VISIBLE_DEVICES"))
-    print(f"- EngineCore pid {proc.pid}: CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')}")
-planned = sorted(e["cuda_visible_devices"] for e in plan["engines"].values())
-print(f"- planned: {planned}; seen: {sorted(x or '' for x in seen)}")
-usage = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory", "--format=csv,noheader"],
-                       capture_output=True, text=True).stdout
-print("- nvidia-smi compute apps:\n" + "\n".join("    " + line for line in usage.splitlines()))
-sys.exit(0 if sorted(x or "" for x in seen) == planned else 1)
+    seen[env.get("MOA_ENGINE")] = (env.get("CUDA_VISIBLE_DEVICES"), env.get("CUDA_DEVICE_ORDER"))
+    print(f"- EngineCore pid {proc.pid} ({env.get('MOA_ENGINE')}): CUDA_VISIBLE_DEVICES="
+          f"{env.get('CUDA_VISIBLE_DEVICES')} CUDA_DEVICE_ORDER={env.get('CUDA_DEVICE_ORDER')}")
+planned = {name: (e["cuda_visible_devices"], "PCI_BUS_ID") for name, e in plan["engines"].items()}
+print(f"- planned: {planned}")
+sys.exit(0 if seen == planned else 1)
 PY
+.venv/bin/python -m serving.placement_check "$out/plan.json" >> "$report" \
+  || fail "an engine's GPU memory is not on the GPU the plan gave it (nvidia-smi per process)"
 
 step "4. one request per model and pipeline"
 targets=$(curl -sf -H "Authorization: Bearer $key" "http://127.0.0.1:$port/v1/models" \
