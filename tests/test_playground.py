@@ -199,8 +199,7 @@ async def test_the_page_loads_nothing_from_elsewhere_and_votes_are_off_without_a
         for asset in ("app.js", "style.css"):
             assert (await http.get(f"/playground/{asset}")).status_code == 200
         assert (await http.get("/playground/../app.py")).status_code == 404
-        vote = {"messages": [{"role": "user", "content": "hi"}], "verdict": "tie",
-                "a": {"target": SMALL, "answer": "x"}, "b": {"target": "p", "answer": "y"}}
+        vote = {"verdict": "tie", "a": {"id": "chatcmpl-1"}, "b": {"id": "chatcmpl-2"}}
         refused = await http.post("/v1/playground/votes", json=vote)
         assert refused.status_code == 404 and refused.json()["error"]["code"] == "votes_off"
 

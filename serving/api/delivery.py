@@ -21,6 +21,7 @@ from serving.api.cache import cache_key, replayed, traced
 from serving.api.errors import APIError, as_api_error, body, error_response
 from serving.api.jobs import Job
 from serving.api.state import ServerState
+from serving.api.votes import StreamSeen, remember
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ async def respond(state: ServerState, job: Job, request: Request, *, stream: boo
         state.metrics.cache.labels("hit" if cached else "miss").inc()
         if cached is not None:  # a repeat of a deterministic request: no slot, no engine call
             state.metrics.requests.labels(job.model, "200").inc()
-            return JSONResponse(replayed(cached, job))
+            reply = replayed(cached, job)
+            remember(state, job, reply)  # a vote may name it, as any completion this server sent
+            return JSONResponse(reply)
     state.check_capacity()  # a full queue is a 429 before any response starts
     if stream:  # the slot is taken inside the stream, so a response that never starts holds none
         events = _kept_alive(_events(state, job), state.settings.keepalive_s)
@@ -67,6 +70,7 @@ async def _complete(state: ServerState, job: Job, request: Request, cache_as: st
             raise _logged(failure)
         state.metrics.latency.labels(job.model).observe(time.perf_counter() - started)
         result = task.result() if cache_as is None else state.cache.offer(cache_as, job, task.result())
+        remember(state, job, result, time.perf_counter() - started)
         return JSONResponse(result)
     except APIError as exc:
         status = str(exc.status)
@@ -92,12 +96,15 @@ async def _events(state: ServerState, job: Job) -> AsyncIterator[bytes]:
     """The job's chunks as SSE; a failure becomes an error event, and the stream always ends with [DONE]."""
     started, first_token, status = time.perf_counter(), None, "200"
     async with state.slot():
+        seen = StreamSeen(state, job)
         try:
             async with asyncio.timeout(state.settings.request_timeout_s):
                 async for chunk in job.chunks():
                     if first_token is None and _has_content(chunk):
                         first_token = time.perf_counter() - started
+                    seen.add(chunk)
                     yield sse(chunk)
+                seen.done()  # finished whole: a vote may name it (before [DONE], so before the client can)
         except TimeoutError:
             status = "504"
             state.metrics.aborted.labels(job.model, "timeout").inc()

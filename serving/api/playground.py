@@ -45,15 +45,17 @@ def playground_routes(state: ServerState) -> APIRouter:
 
     @router.post("/v1/playground/votes", responses=documented_errors(400, 401, 404, 413, 429))
     async def vote(body: Vote) -> dict:
-        """Record a compare-view verdict (a JSON line in the server's votes file)."""
-        if votes is None:
+        """Record a verdict on two chat completions this server produced, named by their `id`s (a JSON line)."""
+        if votes is None or state.completions is None:
             raise APIError(404, "this server records no votes: start it with --votes PATH "
                                 "(or server.votes_path in models.yaml)", code="votes_off")
-        for side in (body.a, body.b):
-            if side.target not in state.models and side.target not in state.pipelines:
-                raise APIError(400, f"{side.target!r} is not served here", param="target", code="model_not_found")
-        record = await votes.append(body)
+        a, b = state.completions.take(body.a, body.b)
+        try:
+            record = await votes.append(body, a, b)
+        except BaseException:
+            state.completions.put_back(body.a, body.b, (a, b))  # not recorded: they may be voted on again
+            raise
         return {"id": record["id"], "verdict": record["verdict"], "winner": record["winner"],
-                "a": body.a.target, "b": body.b.target}
+                "a": a.target, "b": b.target}
 
     return router

@@ -18,6 +18,7 @@ from serving.registry import Registry
 
 if TYPE_CHECKING:
     from serving.api.cache import ResponseCache
+    from serving.api.votes import Completions
 
 
 @dataclass
@@ -50,10 +51,12 @@ class ServerState:
     waiting: int = 0
     semaphore: asyncio.Semaphore = field(init=False)
     cache: ResponseCache | None = field(init=False)
+    completions: Completions | None = field(init=False)  # what a playground vote may name (votes on)
     code_runner: CodeRunner | None = field(init=False)
 
     def __post_init__(self) -> None:
         from serving.api.cache import ResponseCache
+        from serving.api.votes import Completions
         from serving.sandbox import check_sandbox
 
         self.code_runner = check_sandbox() if self.settings.code_execution else None
@@ -61,6 +64,7 @@ class ServerState:
         self.semaphore = asyncio.Semaphore(self.settings.max_concurrency)
         self.cache = (ResponseCache(self.settings.cache_entries, self.settings.cache_path)
                       if self.settings.cache_entries else None)
+        self.completions = Completions() if self.settings.votes_path else None
 
     def check_target(self, model: str) -> None:
         """The request's `model` is served and the engines are up, or the matching 503/404."""

@@ -399,10 +399,11 @@ function pane(side) {
 async function answerSide(side, entry, messages, maxTokens) {
   const view = pane(side);
   const started = performance.now();
-  const result = { target: entry, answer: "", completion_tokens: null, seconds: null, ok: false };
+  const result = { target: entry, id: null, answer: "", completion_tokens: null, seconds: null, ok: false };
   view.status.textContent = "answering…";
   try {
     await streamChat({ model: entry, messages, max_tokens: maxTokens }, (chunk) => {
+      result.id = chunk.id || result.id; // what the vote names: the server records the answer it sent
       for (const choice of chunk.choices || []) {
         if (choice.delta?.content) {
           result.answer += choice.delta.content;
@@ -477,10 +478,8 @@ function reveal() {
 async function vote(verdict) {
   if (!duel) return;
   $("#vote").hidden = true;
-  const side = (s) => ({ target: duel.sides[s].target, answer: duel.sides[s].answer,
-    completion_tokens: duel.sides[s].completion_tokens, seconds: duel.sides[s].seconds });
   try {
-    const recorded = await postJSON("/v1/playground/votes", { messages: duel.messages, a: side("a"), b: side("b"),
+    const recorded = await postJSON("/v1/playground/votes", { a: { id: duel.sides.a.id }, b: { id: duel.sides.b.id },
       verdict });
     $("#vote-result").textContent = `Vote recorded (${recorded.winner ? `${recorded.winner} preferred` : verdict.replace("_", " ")}).`;
     document.body.dataset.compare = "voted";
