@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from serving.engines.vllm_args import DEFAULT_MAX_MODEL_LEN
 from serving.placement import (
     Demand,
     Gpu,
@@ -43,7 +44,7 @@ def demand_for(spec: ModelSpec) -> Demand:
         quantization=e.quantization,
         tensor_parallel_size=e.tensor_parallel_size,
         pipeline_parallel_size=e.pipeline_parallel_size,
-        max_model_len=e.max_model_len or 4096,
+        max_model_len=e.max_model_len or DEFAULT_MAX_MODEL_LEN,  # what the engine gets (vllm_args.py)
         max_num_seqs=e.max_num_seqs,
         devices=tuple(str(d) for d in e.devices) if e.devices is not None else None,
         gpu_memory_utilization=e.gpu_memory_utilization,

