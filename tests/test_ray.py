@@ -91,6 +91,13 @@ async def test_health_lists_each_engine_with_its_node(ray_registry, ray_pool):
     app = create_app(ray_registry, models=["smol-a", "smol-b"], pipelines={}, engines=ray_pool.engines)
     async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url) as http:
         engines = (await http.get("/health")).json()["engines"]
+        # Beyond the context: a 400 before any byte of the stream, checked on this side (the actor's
+        # tokenizer is the model's own, loaded here too).
+        too_long = await http.post("/v1/chat/completions", json={"model": "smol-a", "messages": FRANCE,
+                                                                "max_tokens": 5000, "stream": True})
+        assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens", too_long.text
+        assert "context length 4096" in too_long.json()["error"]["message"]
+        assert (await http.get("/ready")).status_code == 200
     assert {name: e["placement"] for name, e in engines.items()} == {"smol-a": "ray", "smol-b": "ray"}
     assert engines["smol-a"]["node_id"] == ray_pool["smol-a"].node["node_id"] != engines["smol-b"]["node_id"]
 
@@ -136,7 +143,13 @@ async def test_a_killed_actor_is_restarted_and_serves_again(ray_pool):
     before, old_cores = engine.node["pid"], engine.node["core_pids"]
     greedy = SamplingParams(temperature=0, max_tokens=8)
     expected = (await engine.generate(FRANCE, greedy)).texts
+    assert engine.state == "ready"
     ray.kill(engine._actor, no_restart=False)
+    for _ in range(100):  # the probe sees it go: /ready is 503 before any request has failed
+        if engine.state == "restarting":
+            break
+        await asyncio.sleep(0.1)
+    assert engine.state == "restarting"
     failures = 0
     for _ in range(240):
         try:
@@ -149,6 +162,11 @@ async def test_a_killed_actor_is_restarted_and_serves_again(ray_pool):
         pytest.fail("the actor did not come back")
     assert result.texts == expected and (await engine.describe())["pid"] != before
     assert failures >= 1  # requests during the restart failed as engine errors, not hangs
+    for _ in range(100):
+        if engine.state == "ready":
+            break
+        await asyncio.sleep(0.1)
+    assert engine.state == "ready"
     alive = [p for p in old_cores if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert alive == []  # the killed actor's EngineCore went with it
 

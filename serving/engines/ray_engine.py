@@ -95,6 +95,20 @@ class RayEngine(StreamingEngine):
         self.node: dict[str, Any] = {}
         self.max_model_len: int | None = None
         self.dtype: str | None = None
+        self._tokenizer: Any = None  # the model's own, on this side: requests are checked before they stream
+        self._state = "stopped"
+        self._watch: asyncio.Task | None = None
+
+    probe_every_s: float = 2.0  # how often the actor is asked whether it is up (a tiny call)
+    probe_timeout_s: float = 10.0  # an actor that does not answer within this is not ready
+
+    @property
+    def state(self) -> str:
+        """ready | restarting (its actor died or does not answer; Ray restarts it, max_restarts) | stopped.
+
+        Known from a probe every `probe_every_s` and from every failed call, so /ready answers 503 while Ray
+        rebuilds the actor, not only once a request has failed."""
+        return self._state
 
     async def start(self) -> None:
         import ray
@@ -136,9 +150,45 @@ class RayEngine(StreamingEngine):
             raise EngineError(f"model {self.name!r}: its Ray actor could not start: {_cause(exc)}") from exc
         self.max_model_len = self.node["max_model_len"]
         self.dtype = self.node["dtype"]
+        self._tokenizer = await asyncio.to_thread(_local_tokenizer, self.model.path)
+        self._state = "ready"
+        self._watch = asyncio.create_task(self._watch_actor(), name=f"watch {self.name}")
+
+    async def _watch_actor(self) -> None:
+        from ray.exceptions import RayError
+
+        while self._actor is not None:
+            await asyncio.sleep(self.probe_every_s)
+            actor = self._actor
+            if actor is None:
+                return
+            try:
+                node = await asyncio.wait_for(actor.describe.remote(), self.probe_timeout_s)
+            except (RayError, TimeoutError):
+                self._state = "restarting"
+                continue
+            if node.get("pid") != self.node.get("pid"):  # Ray restarted it: a new process, new engine core
+                self.node = node
+            self._state = "ready"
+
+    def validate_request(self, messages: Sequence[ChatMessage], params: SamplingParams) -> list[int] | None:
+        """As VLLMEngine's, with the model's tokenizer on this side (the actor's vLLM templates the same way):
+        a request beyond the context is a 400 before any byte of a stream. None where the weights are not on
+        this machine (the actor still refuses it, as an error inside the stream)."""
+        from serving.engines.vllm_engine import check_fits, template_ids
+
+        if self._tokenizer is None:
+            return None
+        ids = template_ids(self._tokenizer, messages)
+        check_fits(self.name, ids, params, self.max_model_len)
+        return ids
 
     async def close(self) -> None:
         actor, self._actor = self._actor, None
+        self._state = "stopped"
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if actor is not None:
             import ray
 
@@ -168,7 +218,7 @@ class RayEngine(StreamingEngine):
         try:
             return await getattr(self._actor, method).remote(*args)
         except Exception as exc:
-            raise _translate(self.name, exc) from exc
+            raise self._failed(exc) from exc
 
     async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
                      request_id: str | None = None) -> AsyncIterator[StreamEvent]:
@@ -192,9 +242,26 @@ class RayEngine(StreamingEngine):
             ray.cancel(generator)  # CancelledError inside the actor: VLLMEngine aborts the request in vLLM
             raise
         except Exception as exc:
-            raise _translate(self.name, exc) from exc
+            raise self._failed(exc) from exc
         finally:
             self.stats.end(outcome)
+
+    def _failed(self, exc: BaseException) -> Exception:
+        from ray.exceptions import RayActorError
+
+        if isinstance(exc, RayActorError):
+            self._state = "restarting"  # until the probe reaches the rebuilt actor
+        return _translate(self.name, exc)
+
+
+def _local_tokenizer(path: Path) -> Any:
+    """The model's tokenizer from its weights folder, where this machine has it (the usual case: the pool
+    resolves the weights here and the actors read the same path)."""
+    if not (Path(path) / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def _cause(exc: BaseException) -> BaseException:

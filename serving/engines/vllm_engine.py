@@ -65,6 +65,24 @@ def _environ(values: dict[str, str]):
                 os.environ[key] = value
 
 
+def template_ids(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
+    """The prompt as the engine sees it: a conversation through the model's chat template, a raw prompt
+    (/v1/completions) as it is."""
+    validate_messages(messages)
+    if isinstance(messages, str):
+        return list(tokenizer.encode(messages))
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # some tokenizers return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def check_fits(name: str, prompt_ids: Sequence[int], params: SamplingParams, max_model_len: int | None) -> None:
+    if max_model_len is not None and len(prompt_ids) + params.max_tokens > max_model_len:
+        raise InvalidRequest(f"model {name!r}: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                             f"exceeds the context length {max_model_len}")
+
+
 def _children() -> set[int]:
     import psutil
 
@@ -229,13 +247,7 @@ class VLLMEngine(StreamingEngine):
     # -- requests ------------------------------------------------------------------
 
     def prompt_token_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
-        validate_messages(messages)
-        if isinstance(messages, str):  # a raw prompt (/v1/completions): no chat template
-            return list(self._tokenizer.encode(messages))
-        ids = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # some tokenizers return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+        return template_ids(self._tokenizer, messages)
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer.encode(text, add_special_tokens=False))
@@ -301,11 +313,7 @@ class VLLMEngine(StreamingEngine):
     def validate_request(self, messages: Sequence[ChatMessage], params: SamplingParams) -> list[int]:
         """The prompt's token ids, or InvalidRequest if it cannot be served (a server checks before answering)."""
         prompt_ids = self.prompt_token_ids(messages)
-        if self.max_model_len is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise InvalidRequest(
-                f"model {self.name!r}: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
-                f"exceeds the context length {self.max_model_len}"
-            )
+        check_fits(self.name, prompt_ids, params, self.max_model_len)
         return prompt_ids
 
     async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
