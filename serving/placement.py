@@ -36,6 +36,12 @@ BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "auto": 2.0,
                    "bitsandbytes-8bit": 1.06}
 
 
+# The context an engine gets when models.yaml leaves max_model_len unset, on every device: the plan budgets
+# KV cache for exactly this, and the engine arguments (serving/engines/vllm_args.py) pass it, so vLLM does not
+# take the model's whole context (a plan that fit could then be refused at load).
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
 class PlanError(ValueError):
     """The models do not fit, or a placement is impossible; the message names the model and the shortfall."""
 
@@ -69,7 +75,7 @@ class Demand:
     quantization: str | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    max_model_len: int = 4096
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN
     max_num_seqs: int | None = None
     devices: tuple[str, ...] | None = None  # explicit placement
     gpu_memory_utilization: float | None = None  # explicit fraction of each of its devices

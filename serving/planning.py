@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from serving.engines.vllm_args import DEFAULT_MAX_MODEL_LEN
 from serving.placement import (
+    DEFAULT_MAX_MODEL_LEN,
     Demand,
     Gpu,
     GpuPlan,

@@ -229,7 +229,7 @@ def test_an_unset_max_model_len_is_the_planned_one_on_every_device(tmp_path):
     load. A model whose own context is shorter gets that (vLLM refuses more)."""
     import json
 
-    from serving.engines.vllm_args import DEFAULT_MAX_MODEL_LEN
+    from serving.placement import DEFAULT_MAX_MODEL_LEN
     from serving.planning import demand_for
 
     text = GOOD.replace("max_model_len: 2048, ", "")

@@ -9,13 +9,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from serving.placement import DEFAULT_MAX_MODEL_LEN
 from serving.registry import ModelSpec
 
 CPU_DEFAULT_KV_CACHE_GIB = 1.0
-# The context an engine gets when models.yaml leaves max_model_len unset, on every device: the planner
-# (serving/planning.py) budgets KV cache for exactly this, so the engine must not take more (vLLM would
-# otherwise take the model's whole context, and a plan that fits could be refused at load).
-DEFAULT_MAX_MODEL_LEN = 4096
 GPU_DEFAULT_MEMORY_UTILIZATION = 0.9
 
 
