@@ -202,7 +202,7 @@ async def test_a_silent_stream_sends_keep_alive_comments_and_leaving_during_one_
                 if line == ": keep-alive":
                     break  # leave while the proposer is still at work
         for _ in range(50):
-            if engines[SMALL].calls[-1].aborted:
+            if engines[SMALL].calls[-1].aborted and app.state.moa.semaphore._value == ServerSettings().max_concurrency:
                 break
             await asyncio.sleep(0.1)
         assert engines[SMALL].calls[-1].aborted and not engines[SMALL].calls[-1].finished
@@ -250,3 +250,33 @@ async def test_a_model_that_failed_its_known_answer_check_is_not_served_unless_i
         ready = await http.get("/ready")
         assert ready.status_code == 200 and ready.json()["known_answer_checks"][SMALL]["ok"] is False
         assert (await http.post("/v1/chat/completions", json={"model": "p", "messages": Q})).status_code == 200
+
+
+async def test_a_stream_that_times_out_while_its_client_reads_slowly_still_ends_with_its_timeout_event():
+    """The request timeout (an `asyncio.timeout` inside the stream's generator) must land inside that generator
+    even when the reader is slower than the writer; before, it could land while the keep-alive wrapper's
+    producer waited to hand over a chunk, closing the stream as if the client had left, with no [DONE]."""
+    from serving.api.delivery import _kept_alive
+
+    ended: list[str] = []
+
+    async def events():  # the shape of delivery._events: chunks under a timeout, its event, then [DONE]
+        try:
+            async with asyncio.timeout(0.3):
+                for i in range(10_000):  # a chunk a millisecond: ~300 before the timeout
+                    await asyncio.sleep(0.001)
+                    yield f"chunk {i}"
+        except TimeoutError:
+            ended.append("timeout")
+            yield "504"
+        except GeneratorExit:
+            ended.append("client gone")
+            raise
+        yield "[DONE]"
+
+    received = []
+    async with asyncio.timeout(10):
+        async for item in _kept_alive(events(), every_s=5.0):
+            received.append(item)
+            await asyncio.sleep(0.005)  # a slow reader
+    assert ended == ["timeout"] and received[-2:] == ["504", "[DONE]"], (ended, received[-3:])

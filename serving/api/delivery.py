@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -137,15 +138,17 @@ async def _kept_alive(events: AsyncIterator[bytes], every_s: float) -> AsyncIter
     request timeout inside them (`asyncio.timeout`, bound to a task) stays valid; leaving this
     generator (client gone) cancels that task, which aborts the engine requests as before.
     """
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1)
+    # Unbounded (a stream is at most max_tokens chunks), so the producer never waits on a slow reader: its
+    # only waits are inside `events`, where the request timeout and a cancellation must land.
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
 
     async def produce() -> None:
         try:
-            async for event in events:
-                await queue.put(event)
+            async with aclosing(events) as running:
+                async for event in running:
+                    queue.put_nowait(event)
         finally:
-            await events.aclose()
-        await queue.put(None)
+            queue.put_nowait(None)  # the end, however it came
 
     producer = asyncio.create_task(produce())
     try:
@@ -153,14 +156,12 @@ async def _kept_alive(events: AsyncIterator[bytes], every_s: float) -> AsyncIter
             try:
                 event = await asyncio.wait_for(queue.get(), timeout=every_s)
             except TimeoutError:
-                if producer.done():  # it failed before its end marker: surface that
-                    producer.result()
                 yield KEEPALIVE
                 continue
             if event is None:
                 break
             yield event
-        await producer
+        await producer  # `events` answers every failure itself; anything else surfaces here
     finally:
         if not producer.done():
             producer.cancel()

@@ -33,9 +33,13 @@ class ServerSettings:
     rate_limit_per_minute: float | None = None  # per API key (per client address without keys); None: off
     rate_limit_burst: int = 10
     cache_entries: int = 0  # answers to deterministic requests kept in memory (serving/api/cache.py); 0: off
-    cache_path: Path | None = None  # and in this SQLite file, across restarts
+    cache_path: Path | None = None  # and in this directory (diskcache), across restarts and servers
     votes_path: Path | None = None  # the playground's compare-view votes (JSONL); None: voting is off
     code_execution: bool = False  # pipelines with a `check` step may run (model-written code, in the sandbox)
+
+    def __post_init__(self) -> None:
+        if self.keepalive_s <= 0 or self.request_timeout_s <= 0:
+            raise ValueError("keepalive_s and request_timeout_s must be positive")
 
 
 @dataclass
