@@ -153,3 +153,34 @@ def test_a_cache_path_that_is_a_file_is_refused_by_name(tmp_path):
     old.write_text("an older moa-stack's SQLite file")
     with pytest.raises(ValueError, match=re.escape(f"response cache {old}: this is a file")):
         ResponseCache(8, old)
+
+
+def test_a_pipeline_that_runs_code_is_never_stored():
+    """A check's verdict depends on its time limit under the machine's load, which no trace records."""
+    from moa.steps import Check
+    from serving.api.cache import may_be_fixed
+
+    assert may_be_fixed(Pipeline("greedy", GREEDY), seed=None)
+    checked = Pipeline("checked", (Propose(models=(SMALL,), temperature=0), Check()))
+    assert not may_be_fixed(checked, seed=None) and not may_be_fixed(checked, seed=3)
+
+
+def test_a_locked_or_failing_disk_is_a_miss_and_a_kept_answer_not_a_failed_request(tmp_path, caplog):
+    """Another server holding the SQLite lock, a full disk: before, the error became a 500 (after the engine work,
+    for a write) or held the event loop for diskcache's default 60 s."""
+    import diskcache
+
+    cache = ResponseCache(4, tmp_path / "answers")
+    assert cache._disk.timeout == 1.0
+    cache.put("k", {"answer": 4})
+
+    def locked(*args, **kwargs):
+        raise diskcache.Timeout("database is locked")
+
+    cache._disk.get = locked
+    cache._disk.set = locked
+    assert cache.get("k") == {"answer": 4}  # from memory
+    assert cache.get("other") is None  # a miss, said in the log
+    cache.put("new", {"answer": 5})  # kept in memory only
+    assert cache.get("new") == {"answer": 5}
+    assert sum("response cache" in r.message and "database is locked" in r.message for r in caplog.records) == 4  # 3 reads, 1 write

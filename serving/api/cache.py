@@ -7,7 +7,8 @@ included) and whose shuffle / dropout / sample steps are seeded; anything else g
 After the run (`unfixed`), from its trace: every engine call was greedy or seeded and ended `ok`
 (none failed, timed out, was aborted — by a quorum or otherwise — or skipped by the spending limit,
 all of which depend on timing), no quorum cut samples inside a call, and no step drew unseeded
-randomness. A run that fails that check is answered as usual but never stored.
+randomness. A run that fails that check is answered as usual but never stored. A pipeline with a
+`check` step is never stored: a check's verdict depends on its time limit under load.
 
 The key covers the normalised conversation, the target (a pipeline after the request's overrides),
 every sampling parameter, and the identity of each model involved: its models.yaml entry (source,
@@ -42,6 +43,8 @@ from serving.api.state import ServerState
 
 log = logging.getLogger(__name__)
 DISK_BYTES_PER_ENTRY = 64 * 1024  # the disk bound per --cache-entries; an answer is a few KiB, a trace more
+DISK_TIMEOUT_S = 1.0
+DISK_ERRORS = (diskcache.Timeout, sqlite3.Error, OSError)
 
 
 class ResponseCache:
@@ -56,7 +59,11 @@ class ResponseCache:
     def get(self, key: str) -> dict | None:
         body = self._entries.get(key)
         if self._disk is not None:
-            stored = self._disk.get(key)  # read on a memory hit too: that marks it used in the disk's LRU order
+            try:  # read on a memory hit too: that marks it used in the disk's LRU order
+                stored = self._disk.get(key)
+            except DISK_ERRORS as exc:  # a locked or failing disk is a miss, never a failed request
+                log.warning("response cache %s: read failed (%s); answering without it", self._disk.directory, exc)
+                stored = None
             if body is None and stored is not None:
                 body = self._entries[key] = json.loads(stored)
         return body
@@ -64,8 +71,11 @@ class ResponseCache:
     def put(self, key: str, body: dict) -> None:
         self._entries[key] = body
         if self._disk is not None:
-            self._disk.set(key, json.dumps(body))  # JSON text, not diskcache's default pickle: a shared
-            # directory's contents are never unpickled
+            try:  # JSON text, not diskcache's default pickle: a shared directory's contents are never unpickled
+                self._disk.set(key, json.dumps(body))
+            except DISK_ERRORS as exc:  # the answer was made: it is still given, only not kept on disk
+                log.warning("response cache %s: write failed (%s); the answer is kept in memory only",
+                            self._disk.directory, exc)
 
     def offer(self, key: str, job: Job, body: dict) -> dict:
         """Store a finished job's body if its run proves it fixed; returns the body to answer with."""
@@ -88,8 +98,10 @@ def _open_disk(path: Path, max_entries: int) -> diskcache.Cache:
     try:
         # cull_limit: at most 2 least recently used out per insert over the bound (diskcache's default, 10,
         # empties a small store at once); 2, not 1, so the store shrinks back after a large answer.
+        # timeout: how long SQLite waits on another server's lock (each read is a write: LRU order) before
+        # the lookup counts as a miss; it blocks the event loop meanwhile, so short.
         return diskcache.Cache(str(path), size_limit=max_entries * DISK_BYTES_PER_ENTRY,
-                               eviction_policy="least-recently-used", cull_limit=2)
+                               eviction_policy="least-recently-used", cull_limit=2, timeout=DISK_TIMEOUT_S)
     except (OSError, sqlite3.Error) as exc:
         raise ValueError(f"response cache {path}: cannot open it as a cache directory ({exc}); "
                          "pass another --cache-path or delete it") from None
@@ -102,6 +114,8 @@ def may_be_fixed(pipeline: Pipeline, seed: int | None) -> bool:
     every call it makes; a cascade's first call is always greedy (its samples, if it draws any, show in the
     trace, which `unfixed` reads after the run).
     """
+    if pipeline.runs_code():
+        return False  # a check's verdict depends on its time limit under the machine's load, which no trace shows
     if seed is not None:
         return True
     for step in pipeline.steps:
