@@ -58,7 +58,8 @@ def nvidia_smi_processes() -> list[GpuProcess]:
         return [[f.strip() for f in line.split(",")] for line in text.splitlines() if line.strip()]
 
     index_of = {uuid: index for index, uuid in query("gpu", "index,uuid")}
-    return [GpuProcess(int(pid), index_of.get(uuid, uuid), float(used))
+    # used_memory is "[N/A]" where the driver does not report it per process (MIG, vGPU): the GPU still counts.
+    return [GpuProcess(int(pid), index_of.get(uuid, uuid), float(used) if used.replace(".", "").isdigit() else 0.0)
             for pid, uuid, used in query("compute-apps", "pid,gpu_uuid,used_memory")]
 
 

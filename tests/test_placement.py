@@ -217,6 +217,9 @@ def test_visible_devices_are_read_in_nvml_order_and_a_conflicting_cuda_order_is_
     monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")  # "2" would be CUDA's third-fastest: maybe an L4
     with pytest.raises(PlanError, match="CUDA_DEVICE_ORDER=FASTEST_FIRST.*PCI_BUS_ID"):
         detect_gpus()
+    from serving.bench.environment import gpu
+
+    assert gpu().startswith("GPUs not read: CUDA_VISIBLE_DEVICES=2")  # a benchmark's report is still written
 
 
 def environ_of(pid: int) -> dict[str, str]:

@@ -241,6 +241,8 @@ def test_an_unset_max_model_len_is_the_planned_one_on_every_device(tmp_path):
         assert build_engine_args(spec, weights, cpu=cpu)["max_model_len"] == DEFAULT_MAX_MODEL_LEN
     (weights / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
     assert build_engine_args(spec, weights, cpu=False)["max_model_len"] == 2048
+    (weights / "config.json").write_text(json.dumps({"n_positions": 1024}))  # GPT-2's key (vLLM reads it too)
+    assert build_engine_args(spec, weights, cpu=False)["max_model_len"] == 1024
     sized = spec.model_copy(update={"size": {"params_b": 0.1, "layers": 2, "kv_heads": 1, "head_dim": 64}})
     assert demand_for(type(spec).model_validate(sized.model_dump())).max_model_len == DEFAULT_MAX_MODEL_LEN
     assert "--max-model-len" in server_command(spec, weights)  # the scale-out server gets it too

@@ -167,7 +167,7 @@ class StreamSeen:
     job: Job
     started: float = field(default_factory=time.perf_counter)
     id: str | None = None
-    answers: dict[int, str] = field(default_factory=dict)
+    parts: dict[int, list[str]] = field(default_factory=dict)  # per choice index, the text as it streamed
     completion_tokens: int | None = None
 
     def add(self, chunk: dict) -> None:
@@ -175,18 +175,19 @@ class StreamSeen:
             return
         self.id = chunk.get("id", self.id)
         if (chunk.get("moa") or {}).get("event") == "answer_restarted":  # the text before it is void
-            self.answers.clear()
+            self.parts.clear()
         for choice in chunk.get("choices") or ():
             text = (choice.get("delta") or {}).get("content") or ""
-            self.answers[choice["index"]] = self.answers.get(choice["index"], "") + text
+            self.parts.setdefault(choice["index"], []).append(text)  # joined once, in done(): no quadratic copy
         if chunk.get("usage"):
             self.completion_tokens = chunk["usage"].get("completion_tokens")
 
     def done(self) -> None:
         if self.state.completions is None or self.id is None or (messages := _conversation(self.job)) is None:
             return
-        tokens = self.completion_tokens if len(self.answers) == 1 else None
-        self.state.completions.keep(self.id, Produced(self.job.model, messages, dict(self.answers), tokens,
+        answers = {index: "".join(parts) for index, parts in self.parts.items()}
+        tokens = self.completion_tokens if len(answers) == 1 else None
+        self.state.completions.keep(self.id, Produced(self.job.model, messages, answers, tokens,
                                                       time.perf_counter() - self.started))
 
 

@@ -28,9 +28,13 @@ def gpu() -> str:
     on GPU 0 in this process before any engine starts, memory the plan did not count."""
     from collections import Counter
 
-    from serving.placement import detect_gpus
+    from serving.placement import PlanError, detect_gpus
 
-    gpus = Counter(f"{g.name or 'GPU'} ({g.total_bytes / 2**30:.0f} GiB)" for g in detect_gpus())
+    try:
+        found = detect_gpus()
+    except PlanError as exc:  # a CUDA_DEVICE_ORDER the plan refuses: the report still gets written
+        return f"GPUs not read: {exc}"
+    gpus = Counter(f"{g.name or 'GPU'} ({g.total_bytes / 2**30:.0f} GiB)" for g in found)
     return ", ".join(f"{count}x {name}" for name, count in gpus.items()) or "no GPU"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ from serving.registry import ModelSpec
 from serving.store import LocalModel
 
 _ids = itertools.count()
+log = logging.getLogger(__name__)
 FORWARDED_ENV = ("VLLM_HOST_IP", "HF_HUB_OFFLINE", "VLLM_LOGGING_LEVEL", "HF_HOME", "MOA_HOME")
 
 
@@ -165,6 +167,10 @@ class RayEngine(StreamingEngine):
             try:
                 node = await asyncio.wait_for(actor.describe.remote(), self.probe_timeout_s)
             except (RayError, TimeoutError):
+                self._state = "restarting"
+                continue
+            except Exception as exc:  # noqa: BLE001 - the probe must outlive anything a call can raise
+                log.warning("model %s: probing its Ray actor failed: %s", self.name, exc)
                 self._state = "restarting"
                 continue
             if node.get("pid") != self.node.get("pid"):  # Ray restarted it: a new process, new engine core

@@ -91,8 +91,16 @@ def default_max_model_len(model_path: Path) -> int:
         config = json.loads((model_path / "config.json").read_text())
     except (OSError, ValueError):
         return DEFAULT_MAX_MODEL_LEN
-    own = config.get("text_config", config).get("max_position_embeddings")
-    return min(DEFAULT_MAX_MODEL_LEN, own) if isinstance(own, int) and own > 0 else DEFAULT_MAX_MODEL_LEN
+    text = config.get("text_config", config)
+    # The keys vLLM derives a model's context from, the smallest present winning, and model_max_length over
+    # all (vllm/transformers_utils/model_arch_config_convertor.py, derive_max_model_len_and_key).
+    found = [v for k in CONTEXT_KEYS if isinstance(v := text.get(k), int) and v > 0]
+    own = text["model_max_length"] if isinstance(text.get("model_max_length"), int) else min(found, default=None)
+    return min(DEFAULT_MAX_MODEL_LEN, own) if own else DEFAULT_MAX_MODEL_LEN
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
 
 
 def server_command(spec: ModelSpec, model_path: Path, *, host: str = "127.0.0.1", port: int = 8000,
