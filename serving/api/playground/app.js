@@ -402,7 +402,11 @@ async function answerSide(side, entry, messages, maxTokens) {
   const result = { target: entry, id: null, answer: "", completion_tokens: null, seconds: null, ok: false };
   view.status.textContent = "answering…";
   try {
-    await streamChat({ model: entry, messages, max_tokens: maxTokens }, (chunk) => {
+    // A pipeline's answer that breaks off restarts with its fallback only for a client that takes events
+    // (a plain stream ends in an error instead): ask for them, so the duel still gets an answer to vote on.
+    const body = { model: entry, messages, max_tokens: maxTokens };
+    if (targets.get(entry)?.moa?.kind === "pipeline") body.moa = { events: true };
+    await streamChat(body, (chunk) => {
       result.id = chunk.id || result.id; // what the vote names: the server records the answer it sent
       for (const choice of chunk.choices || []) {
         if (choice.delta?.content) {
