@@ -111,7 +111,8 @@ async def test_a_chunked_body_is_cut_at_the_limit_while_it_arrives():
         assert small.status_code == 503  # under the limit: read, replayed to the app, past the guard
 
 
-async def test_each_key_gets_its_own_limit_and_429_says_when_to_retry():
+async def test_each_key_gets_its_own_limit_and_429_says_when_to_retry(monkeypatch):
+    monkeypatch.setattr(time, "time", Clock())  # no window boundary mid-test (it would allow one more)
     settings = ServerSettings(api_keys=["a", "b"], rate_limit_per_minute=1, rate_limit_burst=2)  # 2 per 120 s
     async with starting_app(settings) as (app, http):
         as_a, as_b = {"Authorization": "Bearer a"}, {"Authorization": "Bearer b"}
@@ -128,8 +129,9 @@ async def test_each_key_gets_its_own_limit_and_429_says_when_to_retry():
         assert (await http.get("/v1/models", headers=as_a)).status_code == 200  # reads are not counted
 
 
-async def test_without_keys_a_new_bearer_string_buys_no_new_allowance():
+async def test_without_keys_a_new_bearer_string_buys_no_new_allowance(monkeypatch):
     """Issue 25 item 7: without keys the limit is the client address's; the header is not a key."""
+    monkeypatch.setattr(time, "time", Clock())  # no window boundary mid-test (it would allow one more)
     settings = ServerSettings(rate_limit_per_minute=1, rate_limit_burst=2)
     async with starting_app(settings) as (app, http):
         codes = [(await http.post("/v1/chat/completions", json=BODY,
