@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import logging
 import os
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -125,22 +124,26 @@ class OpenAIEngine(StreamingEngine):
 
     async def _opened(self, open_stream: Callable[[], Awaitable[Any]]) -> Any:
         """The stream, opened; a refused connection or a 502/503/504 (a server restarting, a proxy without a
-        backend) is retried with jittered backoff, as nothing has been generated yet."""
+        backend) is retried with jittered exponential backoff (tenacity), as nothing has been generated yet.
+        Not the openai client's own retries: those also repeat timeouts, 429s and 500s, and keep no count."""
         from openai import APIConnectionError, APIStatusError, APITimeoutError
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-        for attempt in range(self.endpoint.retries + 1):
-            try:
+        def transient(exc: BaseException) -> bool:
+            return (isinstance(exc, APIConnectionError) and not isinstance(exc, APITimeoutError)) or \
+                (isinstance(exc, APIStatusError) and exc.status_code in (502, 503, 504))
+
+        def counted(state) -> None:
+            log.warning("model %s: %s; retry %d of %d in %.1f s", self.name, _message(state.outcome.exception()),
+                        state.attempt_number, self.endpoint.retries, state.next_action.sleep)
+            self.stats.extra["retries"] = self.stats.extra.get("retries", 0) + 1
+
+        backoff = self.endpoint.retry_backoff_s
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(self.endpoint.retries + 1), reraise=True,
+                                           retry=retry_if_exception(transient), before_sleep=counted,
+                                           wait=wait_exponential_jitter(initial=backoff, jitter=backoff)):
+            with attempt:
                 return await open_stream()
-            except (APIConnectionError, APIStatusError) as exc:
-                transient = (isinstance(exc, APIConnectionError) and not isinstance(exc, APITimeoutError)) or \
-                    (isinstance(exc, APIStatusError) and exc.status_code in (502, 503, 504))
-                if not transient or attempt == self.endpoint.retries:
-                    raise
-                delay = self.endpoint.retry_backoff_s * 2 ** attempt * random.uniform(0.5, 1.5)
-                log.warning("model %s: %s; retry %d of %d in %.1f s", self.name, _message(exc), attempt + 1,
-                            self.endpoint.retries, delay)
-                self.stats.extra["retries"] = self.stats.extra.get("retries", 0) + 1
-                await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
