@@ -27,19 +27,20 @@ def moa(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 
 def test_bench_runs_every_baseline_and_writes_tables_json_and_plots(local_model, tmp_path):
     local_model(SMALL)
-    proc = moa("bench", "-p", "self-moa", "--swap", SWAP, "--max-tokens", "8", "-n", "2", "--concurrency", "1,2",
+    # One concurrency level: every system and table is exercised; the curve over levels is the benchmark's job
+    # (each level is another round of real requests on a 2-core CI machine).
+    proc = moa("bench", "-p", "self-moa", "--swap", SWAP, "--max-tokens", "8", "-n", "2", "--concurrency", "2",
                "--sequential-requests", "1", "-o", str(tmp_path))
     data = json.loads((tmp_path / "results.json").read_text())
     entry = data["pipelines"][0]
     systems = {(lv["system"], lv["concurrency"]) for lv in entry["levels"]}
-    assert systems == {("moa", 1), ("moa", 2), ("split-n", 1), ("split-n", 2), ("sequential", 1), ("http", 1),
-                       ("http", 2)}
+    assert systems == {("moa", 2), ("split-n", 2), ("sequential", 1), ("http", 2)}
     assert all(lv["errors"] == 0 for lv in entry["levels"]), entry["levels"]
     moa_level = next(lv for lv in entry["levels"] if lv["system"] == "moa" and lv["concurrency"] == 2)
     assert moa_level["per_request"]["engine_calls"] == 2  # n=6 proposals in one request, then the aggregate
     assert moa_level["output_tokens_per_s"] > 0 and moa_level["ttft_s"]["p50"] is not None
     assert entry["raw"]["calls"] == 4 and entry["raw"]["tokens_per_s"] > 0  # 2 requests x 2 calls, replayed
-    assert [row["concurrency"] for row in entry["comparison"]] == [1, 2]
+    assert [row["concurrency"] for row in entry["comparison"]] == [2]
     assert all(row["efficiency"] and row["vs_http"] and row["vs_split_n"] for row in entry["comparison"])
     assert (tmp_path / "throughput.png").stat().st_size > 5000
     assert (tmp_path / "latency_cdf.png").stat().st_size > 5000

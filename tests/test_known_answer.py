@@ -238,13 +238,15 @@ async def test_a_real_engine_fed_a_wrong_reference_fails_with_its_own_answer(reg
 
 
 @pytest.mark.vllm
-def test_moa_models_check_passes_for_every_embedded_model(registry, local_model):
-    """`moa models check` on vLLM for each embedded model, and the transformers backend: on any CPU.
+def test_moa_models_check_passes_for_the_embedded_models_the_suite_runs(registry, local_model):
+    """`moa models check` on vLLM for the embedded models the suite runs, and the transformers backend: on any CPU.
 
     On a CPU whose bf16 kernels are wrong for a model this fails, naming the model: the default
-    dtype in models.yaml must be one whose answers agree with float32 there.
+    dtype in models.yaml must be one whose answers agree with float32 there. The 1.5B is left out for the
+    suite's time (its load and check are ~4 minutes of a 2-core CI run): it takes the 0.5B's kernel paths on
+    every CPU family measured (docs/ENGINES.md), and it is checked at every start of it as the default model.
     """
-    names = [n for n, s in registry.models.items() if "embedded" in s.tags]
+    names = [SMALL, QWEN_SMALL]
     for name in names:
         local_model(name)
     out = subprocess.run([sys.executable, "-m", "serving.cli", "models", "check", *names, "--json"],
