@@ -51,8 +51,8 @@ _SPAWN_LOCK = threading.Lock()
 
 @contextmanager
 def _environ(values: dict[str, str]):
-    """Set variables for the engine process we are about to spawn (it copies our environment); hold
-    `_SPAWN_LOCK` meanwhile."""
+    """Set variables for the engine process we are about to spawn (it copies our environment); the caller holds
+    `_SPAWN_LOCK`."""
     old = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:
@@ -131,11 +131,14 @@ class VLLMEngine(StreamingEngine):
         after close().
         """
         started = time.perf_counter()
-        before = _children()
-        # No local name for the engine: vLLM's first imports inside _build keep a frame chain alive that
-        # reaches this frame, and a local here would keep the AsyncLLM alive after close().
-        self._llm = self._build()
-        self.core_pids = sorted(_children() - before)
+        # Under the spawn lock from before to after: the processes this build spawned are the new children
+        # only while no other engine builds (two restarting together would each claim the other's).
+        with _SPAWN_LOCK:
+            before = _children()
+            # No local name for the engine: vLLM's first imports inside _build keep a frame chain alive that
+            # reaches this frame, and a local here would keep the AsyncLLM alive after close().
+            self._llm = self._build()
+            self.core_pids = sorted(_children() - before)
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = self._llm.model_config.max_model_len
         self.dtype = str(self._llm.model_config.dtype).removeprefix("torch.")  # `auto` resolved
@@ -161,7 +164,7 @@ class VLLMEngine(StreamingEngine):
             env["CUDA_VISIBLE_DEVICES"] = self._cuda_visible_devices
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         try:
-            with _SPAWN_LOCK, _environ(env):
+            with _environ(env):  # the caller holds _SPAWN_LOCK
                 return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         except Exception as exc:
             raise EngineError(f"model {self.name!r}: vLLM could not start from {self.model.path}: {exc}") from exc
