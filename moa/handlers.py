@@ -68,10 +68,8 @@ async def _propose(ctx: StepContext, step: Propose) -> list[Response]:
             sample += k
             continue
         for _ in range(k):
-            offset = step.temperature_offsets[sample % len(step.temperature_offsets)] \
-                if step.temperature_offsets else 0.0
             role = step.role_prompts[sample % len(step.role_prompts)] if step.role_prompts else None
-            requests.append((model, 1, max(0.0, step.temperature + offset), role,
+            requests.append((model, 1, step.sample_temperature(sample), role,
                              None if seed is None else seed + sample))
             sample += 1
 

@@ -108,6 +108,11 @@ class Propose(LLMStep):
     def total(self) -> int:
         return len(self.models) * self.samples
 
+    def sample_temperature(self, i: int) -> float:
+        """The temperature sample i is drawn at (offsets cycle over the samples; never below greedy)."""
+        offset = self.temperature_offsets[i % len(self.temperature_offsets)] if self.temperature_offsets else 0.0
+        return max(0.0, self.temperature + offset)
+
     def __post_init__(self) -> None:
         LLMStep.__post_init__(self)
         _require(self.quorum is None or 1 <= self.quorum <= self.total,

@@ -33,7 +33,7 @@ from serving.api.errors import (
     validation_handler,
     without_422,
 )
-from serving.api.jobs import PipelineJob, chat_job, text_job
+from serving.api.jobs import chat_job, text_job
 from serving.api.playground import playground_routes
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest
 from serving.api.state import ServerSettings, ServerState
@@ -138,14 +138,15 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
     async def chat(req: ChatCompletionRequest, request: Request):
         state.check_target(req.model)
         job = chat_job(state, req)
-        state.check_answers(job.pipeline.models() if isinstance(job, PipelineJob) else (job.model,))
+        state.check_answers(job.models())
         return await respond(state, job, request, stream=req.stream)
 
     @app.post("/v1/completions", responses=POST_ERRORS)
     async def completions(req: CompletionRequest, request: Request):
         state.check_target(req.model)
-        state.check_answers((req.model,))
-        return await respond(state, text_job(state, req), request, stream=req.stream)
+        job = text_job(state, req)
+        state.check_answers(job.models())
+        return await respond(state, job, request, stream=req.stream)
 
     app.include_router(playground_routes(state))
     openapi = app.openapi

@@ -129,10 +129,9 @@ def may_be_fixed(pipeline: Pipeline, seed: int | None) -> bool:
 
 
 def _temperatures(step: Step) -> set[float]:
-    """The temperatures a step's calls are sent with (moa/handlers.py: offsets cycle over the samples)."""
-    if isinstance(step, Propose) and step.temperature_offsets:
-        offsets = step.temperature_offsets
-        return {max(0.0, step.temperature + offsets[i % len(offsets)]) for i in range(step.total)}
+    """The temperatures a step's calls are sent with."""
+    if isinstance(step, Propose):
+        return {step.sample_temperature(i) for i in range(step.total)}
     return {step.temperature}
 
 
@@ -186,17 +185,15 @@ def cache_key(state: ServerState, job: Job) -> str | None:
                   "ceiling": [job.options.max_total_tokens, job.options.max_cost_usd],
                   "routers": {r: hashlib.sha256(state.registry.router_path(r).read_bytes()).hexdigest()
                               for r in routers}}
-        models = job.pipeline.models()
         conversation = job.messages
     else:
         if job.params.temperature != 0 and job.params.seed is None:
             return None
         target = {"model": job.model, "endpoint": type(job).__name__, "params": repr(job.params),
                   "json_schema": job.params.json_schema}
-        models = (job.model,)
         conversation = job.prompt
     identity = {name: [state.registry.get(name).model_dump(mode="json"),
-                       getattr(state.checks.get(name), "dtype", None)] for name in models}
+                       getattr(state.checks.get(name), "dtype", None)] for name in job.models()}
     text = json.dumps([conversation, target, identity], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 

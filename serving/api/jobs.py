@@ -75,6 +75,10 @@ class ChatJob:
     use_cache: bool = True  # `moa.cache: false` turns the response cache off for this request
     id: str = field(default_factory=_request_id)
 
+    def models(self) -> tuple[str, ...]:
+        """The models whose engines answer it."""
+        return (self.model,)
+
     def envelope(self, stream: bool) -> Envelope:
         return Envelope(self.model, "chat.completion.chunk" if stream else "chat.completion", f"chatcmpl-{self.id}")
 
@@ -129,6 +133,10 @@ class PipelineJob:
     seed: int | None = None
     include_usage: bool = False
     id: str = field(default_factory=_request_id)
+
+    def models(self) -> tuple[str, ...]:
+        """The models whose engines answer it (after the request's overrides)."""
+        return tuple(self.pipeline.models())
 
     @property
     def use_cache(self) -> bool:
