@@ -60,13 +60,14 @@ step "3. placement as applied"
 .venv/bin/python - "$out/plan.json" "$server" >> "$report" <<'PY' || fail "engine environments do not match the plan"
 import json, sys
 import psutil
+from serving.placement_check import environ_of
 
 plan = json.load(open(sys.argv[1]))["gpu"]
 server = psutil.Process(int(sys.argv[2]))
 cores = [p for p in server.children(recursive=True) if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
 seen = {}
 for proc in cores:
-    env = dict(line.split("=", 1) for line in open(f"/proc/{proc.pid}/environ").read().split("\0") if "=" in line)
+    env = environ_of(proc.pid) or {}
     seen[env.get("MOA_ENGINE")] = (env.get("CUDA_VISIBLE_DEVICES"), env.get("CUDA_DEVICE_ORDER"))
     print(f"- EngineCore pid {proc.pid} ({env.get('MOA_ENGINE')}): CUDA_VISIBLE_DEVICES="
           f"{env.get('CUDA_VISIBLE_DEVICES')} CUDA_DEVICE_ORDER={env.get('CUDA_DEVICE_ORDER')}")

@@ -63,13 +63,17 @@ def nvidia_smi_processes() -> list[GpuProcess]:
             for pid, uuid, used in query("compute-apps", "pid,gpu_uuid,used_memory")]
 
 
-def engine_of(pid: int) -> str | None:
+def environ_of(pid: int) -> dict[str, str] | None:
+    """A process's environment as it was started (None where /proc does not show it)."""
     try:
         raw = open(f"/proc/{pid}/environ", "rb").read().decode(errors="replace")
     except OSError:
         return None
-    env = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
-    return env.get("MOA_ENGINE")
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
+def engine_of(pid: int) -> str | None:
+    return (environ_of(pid) or {}).get("MOA_ENGINE")
 
 
 def main(argv: list[str]) -> int:

@@ -222,11 +222,6 @@ def test_visible_devices_are_read_in_nvml_order_and_a_conflicting_cuda_order_is_
     assert gpu().startswith("GPUs not read: CUDA_VISIBLE_DEVICES=2")  # a benchmark's report is still written
 
 
-def environ_of(pid: int) -> dict[str, str]:
-    raw = open(f"/proc/{pid}/environ", "rb").read().decode(errors="replace")
-    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
-
-
 def engine_core_env(engine) -> dict[str, str]:
     import psutil
 
@@ -234,6 +229,8 @@ def engine_core_env(engine) -> dict[str, str]:
              if psutil.pid_exists(pid) and "EngineCore" in " ".join([psutil.Process(pid).name(),
                                                                       *psutil.Process(pid).cmdline()])]
     assert len(cores) == 1, engine.core_pids
+    from serving.placement_check import environ_of
+
     return environ_of(cores[0])
 
 
