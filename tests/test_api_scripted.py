@@ -280,3 +280,137 @@ async def test_a_stream_that_times_out_while_its_client_reads_slowly_still_ends_
             received.append(item)
             await asyncio.sleep(0.005)  # a slow reader
     assert ended == ["timeout"] and received[-2:] == ["504", "[DONE]"], (ended, received[-3:])
+
+
+async def test_each_target_answers_as_soon_as_its_engines_are_up_and_the_rest_say_what_they_wait_for():
+    """Serve as you go: while the second engine starts, the first model answers, a pipeline that needs the
+    second gets a 503 with Retry-After naming it, and /ready (whole) stays 503 until every engine is up.
+    The engines come up here by hand, in the order the pool would start them."""
+    from contextlib import asynccontextmanager
+    from types import SimpleNamespace
+
+    registry = load_registry()
+    engines = {SMALL: ScriptedEngine(SMALL), QWEN_SMALL: ScriptedEngine(QWEN_SMALL)}
+    pipeline = Pipeline("p", (Propose(models=(SMALL,)), Aggregate(model=QWEN_SMALL)))
+    app = create_app(registry, models=[SMALL], pipelines={"p": pipeline})
+    state = app.state.moa
+    pool = SimpleNamespace(starting=SMALL)
+
+    @asynccontextmanager
+    async def starting_by_hand(app):
+        state.pool, state.engines = pool, engines
+        yield
+
+    app.router.lifespan_context = starting_by_hand
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        assert state.models == [SMALL, QWEN_SMALL]  # the start order: the named model first
+        nothing = await http.post("/v1/chat/completions", json={"model": SMALL, "messages": Q})
+        assert nothing.status_code == 503 and nothing.headers["retry-after"] == "10"
+        assert f"{SMALL} (starting, engine 1 of 2)" in nothing.json()["error"]["message"]
+
+        state.up.append(SMALL)  # the first engine is up; the second starts
+        pool.starting = QWEN_SMALL
+        answered = await http.post("/v1/chat/completions", json={"model": SMALL, "messages": Q})
+        assert answered.status_code == 200, answered.text
+        for body in ({"model": "p"}, {"model": "p", "stream": True}, {"model": QWEN_SMALL}):
+            waits = await http.post("/v1/chat/completions", json={"messages": Q, **body})
+            assert waits.status_code == 503 and waits.headers["retry-after"] == "10", body
+            error = waits.json()["error"]
+            assert error["code"] == "model_loading" and f"{QWEN_SMALL} (starting, engine 2 of 2)" in error["message"]
+        overridden = await http.post("/v1/chat/completions", json={  # a request's own pipeline may need only SMALL
+            "model": "p", "messages": Q, "moa": {"aggregator": SMALL}})
+        assert overridden.status_code == 200, overridden.text
+        assert (await http.post("/v1/chat/completions", json={  # ... or name the model still starting
+            "model": SMALL, "messages": Q})).status_code == 200
+        assert len(engines[QWEN_SMALL].calls) == 0  # nothing reached the engine still starting
+        whole = await http.get("/ready")
+        assert whole.status_code == 503 and whole.json()["engines"] == {SMALL: "up", QWEN_SMALL: "starting"}
+        assert (await http.get("/ready", params={"target": SMALL})).status_code == 200
+        assert (await http.get("/ready", params={"target": "p"})).status_code == 503
+        assert (await http.get("/ready", params={"target": "nope"})).status_code == 404
+        listed = {e["id"]: e["moa"] for e in (await http.get("/v1/models")).json()["data"]}
+        assert listed[SMALL]["ready"] is True and listed["p"] == {**listed["p"], "ready": False,
+                                                                 "waiting_for": [QWEN_SMALL]}
+
+        state.up.append(QWEN_SMALL)
+        pool.starting, state.ready = None, True
+        assert (await http.get("/ready")).status_code == 200
+        assert (await http.get("/ready", params={"target": "p"})).status_code == 200
+        assert (await http.post("/v1/chat/completions", json={"model": "p", "messages": Q})).status_code == 200
+
+        state.start_error = "RuntimeError: no weights"  # a start that failed closes every engine: nothing served
+        state.up.clear()
+        failed = await http.post("/v1/chat/completions", json={"model": SMALL, "messages": Q})
+        assert failed.status_code == 503 and failed.json()["error"]["code"] == "engines_failed"
+        assert "no weights" in failed.json()["error"]["message"] and "retry-after" not in failed.headers
+
+
+async def test_the_server_starts_its_own_engines_one_by_one_and_answers_each_model_once_it_is_up(monkeypatch):
+    """The real lifespan and engine pool, with scripted engines (the real-engine version is in test_faults): the
+    second engine's start is held back; meanwhile the first answers and the pipeline says what it waits for."""
+    from serving.engines import pool as pool_module
+
+    gate, closed = asyncio.Event(), []
+
+    class Engine(ScriptedEngine):
+        async def start(self) -> None:
+            if self.name == QWEN_SMALL:
+                await gate.wait()  # an engine still loading its weights
+
+        async def close(self) -> None:
+            closed.append(self.name)
+
+    async def no_check(spec, engine):  # scripted engines have no float32 reference to agree with
+        return None
+
+    monkeypatch.setattr(pool_module, "create_engine", lambda spec, **placement: Engine(spec.name))
+    monkeypatch.setattr(pool_module, "verify", no_check)
+    progress: list[str] = []
+    pipeline = Pipeline("p", (Propose(models=(SMALL,)), Aggregate(model=QWEN_SMALL)))
+    app = create_app(load_registry(), models=[SMALL], pipelines={"p": pipeline}, on_progress=progress.append)
+    state = app.state.moa
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        for _ in range(200):
+            if state.up == [SMALL]:
+                break
+            await asyncio.sleep(0.05)
+        assert state.up == [SMALL] and state.pool.starting == QWEN_SMALL
+        assert (await http.post("/v1/chat/completions", json={"model": SMALL, "messages": Q})).status_code == 200
+        waits = await http.post("/v1/chat/completions", json={"model": "p", "messages": Q})
+        assert waits.status_code == 503
+        assert f"{QWEN_SMALL} (starting, engine 2 of 2)" in waits.json()["error"]["message"]
+        assert (await http.get("/ready")).json()["engines"] == {SMALL: "up", QWEN_SMALL: "starting"}
+        gate.set()
+        for _ in range(200):
+            if state.ready:
+                break
+            await asyncio.sleep(0.05)
+        assert (await http.get("/ready")).status_code == 200
+        assert (await http.post("/v1/chat/completions", json={"model": "p", "messages": Q})).status_code == 200
+    assert progress[0] == f"engine 1 of 2: starting {SMALL}" and progress[2] == f"engine 2 of 2: starting {QWEN_SMALL}"
+    assert progress[1].startswith(f"engine 1 of 2: {SMALL} up in ") and len(progress) == 4
+    assert sorted(closed) == sorted([SMALL, QWEN_SMALL]) and state.up == []  # shut down: every engine closed
+
+
+async def test_an_engine_that_fails_to_start_stops_the_server_serving_and_every_request_says_why(monkeypatch):
+    from serving.engines import pool as pool_module
+
+    class Engine(ScriptedEngine):
+        async def start(self) -> None:
+            if self.name == QWEN_SMALL:
+                raise RuntimeError("out of memory while loading the weights (injected)")
+
+    monkeypatch.setattr(pool_module, "create_engine", lambda spec, **placement: Engine(spec.name))
+    app = create_app(load_registry(), models=[SMALL, QWEN_SMALL], pipelines={})
+    state = app.state.moa
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        for _ in range(200):
+            if state.start_error:
+                break
+            await asyncio.sleep(0.05)
+        for model in (SMALL, QWEN_SMALL):  # the one that was up is closed too: a half-started server serves nothing
+            r = await http.post("/v1/chat/completions", json={"model": model, "messages": Q})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engines_failed", r.text
+            assert "out of memory while loading" in r.json()["error"]["message"]
+        ready = await http.get("/ready")
+        assert ready.status_code == 503 and ready.json()["engines"] == {SMALL: "failed", QWEN_SMALL: "failed"}

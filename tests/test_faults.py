@@ -18,16 +18,59 @@ from moa.runner import RunResult, iter_run
 from moa.steps import Aggregate, Propose
 from moa.trace import AnswerDelta, AnswerRestarted
 from serving.api.app import ServerSettings, create_app
-from tests.conftest import FRANCE, QWEN_SMALL, SMALL, small_engines, uvicorn_serving
+from tests.conftest import FRANCE, QWEN_SMALL, SMALL, uvicorn_serving
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-async def pool(registry, local_model):
-    """Engines of their own: the ones these tests kill are not the ones other modules share."""
-    async with small_engines(registry, local_model) as engines:
-        yield engines
+async def served(registry, local_model):
+    """Engines of their own (the ones these tests kill are not the ones other modules share), started the way
+    `moa serve` starts them: by the server, one by one, SMALL first. What the server answered while the second
+    engine was still starting is kept for the test of that (one start of two engines serves both purposes)."""
+    local_model(SMALL)
+    local_model(QWEN_SMALL)
+    pipeline = Pipeline("p", (Propose(models=(SMALL,)), Aggregate(model=QWEN_SMALL)))
+    progress: list[str] = []
+    app = create_app(registry, models=[SMALL], pipelines={"p": pipeline}, on_progress=progress.append)
+    state = app.state.moa
+    seen: dict = {"progress": progress}
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=300) as http:
+        await until(lambda: SMALL in state.up, 900)
+        seen["starting"] = state.pool.starting
+        seen["model"] = await http.post("/v1/chat/completions", json={
+            "model": SMALL, "messages": FRANCE, "max_tokens": 8, "temperature": 0})
+        seen["pipeline"] = await http.post("/v1/chat/completions", json={"model": "p", "messages": FRANCE})
+        seen["ready_model"] = await http.get("/ready", params={"target": SMALL})
+        seen["ready_pipeline"] = await http.get("/ready", params={"target": "p"})
+        seen["ready"] = await http.get("/ready")
+        seen["still_starting"] = state.pool.starting  # the second engine was starting throughout
+        await until(lambda: state.ready, 900)
+        seen["pipeline_once_up"] = await http.post("/v1/chat/completions", json={
+            "model": "p", "messages": FRANCE, "max_tokens": 16})
+        yield state.engines, seen
+
+
+@pytest.fixture(scope="module")
+def pool(served):
+    return served[0]
+
+
+async def test_the_server_answers_the_model_that_is_up_while_the_next_engine_starts(served):
+    """Serve as you go, on real engines: the first model answers while the second engine starts; the pipeline
+    that needs the second is a 503 with Retry-After naming it; /ready?target= says each; /ready waits for all."""
+    _, seen = served
+    assert seen["starting"] == seen["still_starting"] == QWEN_SMALL
+    assert seen["model"].status_code == 200 and seen["model"].json()["choices"][0]["message"]["content"]
+    waits = seen["pipeline"]
+    assert waits.status_code == 503 and waits.headers["retry-after"] == "10"
+    assert waits.json()["error"]["code"] == "model_loading" and f"{QWEN_SMALL} (starting" in waits.text
+    assert seen["ready_model"].status_code == 200 and seen["ready_pipeline"].status_code == 503
+    assert seen["ready"].status_code == 503 and seen["ready"].json()["engines"] == {SMALL: "up", QWEN_SMALL: "starting"}
+    assert seen["pipeline_once_up"].status_code == 200, seen["pipeline_once_up"].text
+    assert [line.split(":")[0] for line in seen["progress"]] == ["engine 1 of 2", "engine 1 of 2", "engine 2 of 2",
+                                                                 "engine 2 of 2"]
+    assert f"{SMALL} up in" in seen["progress"][1] and f"{QWEN_SMALL} up in" in seen["progress"][3]
 ESSAY = [{"role": "user", "content": "Write a long, detailed essay about the history of Paris."}]
 
 

@@ -222,6 +222,33 @@ async def test_while_engines_start_the_page_says_so_and_a_send_shows_the_503(bro
         assert "503" in await page.text_content("#run-error")
 
 
+async def test_targets_whose_engines_are_still_starting_are_greyed_until_they_are_up(browser):
+    engines = {SMALL: ScriptedEngine(SMALL), QWEN_SMALL: ScriptedEngine(QWEN_SMALL)}
+    pipeline = Pipeline("p", (Propose(models=(SMALL,)), Aggregate(model=QWEN_SMALL)))
+    app = create_app(load_registry(), models=[SMALL], pipelines={"p": pipeline})
+    state = app.state.moa
+
+    @asynccontextmanager
+    async def second_engine_starting(app):  # the first engine is up, the second still loading
+        state.engines, state.up = engines, [SMALL]
+        yield
+
+    app.router.lifespan_context = second_engine_starting
+    async with uvicorn_serving(app) as url, page_on(browser, url) as page:
+        page.set_default_timeout(20_000)
+        await page.wait_for_selector("body[data-loaded=true]")
+        option = "#run-target option[value=p]"
+        assert await page.eval_on_selector(option, "o => o.disabled") is True
+        assert QWEN_SMALL in await page.text_content(option)
+        assert await page.eval_on_selector(f"#run-target option[value='{SMALL}']", "o => o.disabled") is False
+        assert await page.input_value("#run-target") == SMALL  # the usable target is the one selected
+        state.up.append(QWEN_SMALL)
+        state.ready = True
+        # The page's next /ready poll (every 3 s while not ready) un-greys it.
+        await page.wait_for_selector(f"{option}:not([disabled])", state="attached")
+        await page.wait_for_selector("#banner[hidden]", state="attached")
+
+
 async def test_a_check_step_marks_each_sample_with_its_examples_passed(browser):
     """A pipeline with a check step (code execution on): each sample's box says how many of the question's
     examples its code passed, checked in the server's sandbox."""

@@ -281,7 +281,8 @@ async def test_auth_busy_timeout_and_not_ready(registry, small_pool):
         async with httpx.AsyncClient(base_url=url) as http:
             assert (await http.get("/ready")).status_code == 503
             r = await http.post("/v1/chat/completions", json={"model": SMALL, "messages": Q})
-        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert r.status_code == 503 and r.headers["retry-after"] == "10"
+        assert r.json()["error"]["code"] == "model_loading" and SMALL in r.json()["error"]["message"]
 
 
 async def test_response_format_json_schema_is_guided_decoding_on_vllm(client):

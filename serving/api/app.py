@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -45,23 +45,26 @@ log = logging.getLogger(__name__)
 
 
 def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str, Pipeline],
-               settings: ServerSettings | None = None, engines: Mapping[str, Engine] | None = None) -> FastAPI:
-    """Build the app. Without `engines`, the app starts (and later stops) the engines itself, one by one."""
+               settings: ServerSettings | None = None, engines: Mapping[str, Engine] | None = None,
+               on_progress: Callable[[str], None] | None = None) -> FastAPI:
+    """Build the app. Without `engines`, the app starts (and later stops) the engines itself, one by one, in
+    the order of `served_models` (the first named model first), and answers each model as soon as its engine
+    is up, each pipeline as soon as all of its models are. `on_progress` hears a line per engine start."""
     settings = settings or ServerSettings()
-    # Every model a pipeline needs gets an engine, so it is served as a base model too.
-    needed = list(dict.fromkeys([*models, *(m for p in pipelines.values() for m in p.models())]))
+    needed = served_models(models, pipelines)
     state = ServerState(registry, needed, dict(pipelines), settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if engines is not None:
-            state.engines, state.ready = engines, True
+            state.engines, state.ready, state.up = engines, True, list(engines)
             yield
             return
         from serving.engines.pool import EnginePool
 
-        pool = EnginePool(registry, needed)
-        state.engines = pool.engines
+        pool = EnginePool(registry, needed, on_progress=on_progress)
+        # The server reads the pool's own dict and list: a model answers from the moment the pool lists it up.
+        state.pool, state.engines, state.up, state.checks = pool, pool.engines, pool.up, pool.checks
         start = asyncio.create_task(_start(pool, state))
         try:
             yield
@@ -100,10 +103,22 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
         return {"status": "ok", "engines": {name: _engine_health(registry, name, engine)
                                             for name, engine in state.engines.items()}}
 
-    @app.get("/ready", responses=documented_errors(503))
-    async def ready() -> JSONResponse:
+    @app.get("/ready", responses=documented_errors(404, 503))
+    async def ready(target: str | None = None) -> JSONResponse:
+        """200 when every engine is up and answers right; with `target`, when that model or pipeline can
+        answer (its engines up, their known-answer checks passed)."""
+        if target is not None:
+            state.check_target(target)  # 404 unknown, 503 naming what it waits for
+            state.check_answers(state.target_models(target), target)
+            return JSONResponse({"status": "ready", "target": target, "models": list(state.target_models(target))})
         if not state.ready:
-            return error_response(503, "engines are starting", code="not_ready")
+            started = state.engine_states()
+            message = (f"the engines failed to start: {state.start_error}" if state.start_error else
+                       f"engines are starting ({sum(s == 'up' for s in started.values())} of {len(started)} up); "
+                       "models that are up answer already (GET /ready?target=NAME)")
+            failed = body(503, message, code="engines_failed" if state.start_error else "not_ready")
+            return JSONResponse({**failed, "engines": started}, status_code=503,
+                                headers={} if state.start_error else {"Retry-After": "5"})
         unwell = {name: s for name, e in state.engines.items() if (s := getattr(e, "state", "ready")) != "ready"}
         if unwell:  # a dead engine restarts on its next request; until then this replica is not ready
             return error_response(503, f"engines not ready: {unwell}", code="not_ready",
@@ -128,24 +143,26 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
     @app.get("/v1/models", responses=documented_errors(401))
     async def list_models() -> dict:
         created = int(time.time())
+        # `ready`: the target answers now; `waiting_for`: the models whose engines it still waits for.
         data = [{"id": name, "object": "model", "created": created, "owned_by": "moa-stack",
-                 "moa": {"kind": "model", "backend": registry.get(name).backend}} for name in state.models]
-        data += [{"id": name, "object": "model", "created": created, "owned_by": "moa-stack", "moa": describe(p)}
-                 for name, p in state.pipelines.items()]
+                 "moa": {"kind": "model", "backend": registry.get(name).backend, **_readiness(state, [name])}}
+                for name in state.models]
+        data += [{"id": name, "object": "model", "created": created, "owned_by": "moa-stack",
+                  "moa": {**describe(p), **_readiness(state, p.models())}} for name, p in state.pipelines.items()]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions", responses=POST_ERRORS)
     async def chat(req: ChatCompletionRequest, request: Request):
         state.check_target(req.model)
         job = chat_job(state, req)
-        state.check_answers(job.models())
+        state.check_answers(job.models(), req.model)
         return await respond(state, job, request, stream=req.stream)
 
     @app.post("/v1/completions", responses=POST_ERRORS)
     async def completions(req: CompletionRequest, request: Request):
         state.check_target(req.model)
         job = text_job(state, req)
-        state.check_answers(job.models())
+        state.check_answers(job.models(), req.model)
         return await respond(state, job, request, stream=req.stream)
 
     app.include_router(playground_routes(state))
@@ -172,6 +189,17 @@ POST_ERRORS = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
                **documented_errors(400, 401, 404, 413, 429, 500, 503, 504)}
 
 
+def served_models(models: list[str], pipelines: Mapping[str, Pipeline]) -> list[str]:
+    """Every model with an engine, in start order: the named models first, then each pipeline's. A model a
+    pipeline needs is served as a base model too."""
+    return list(dict.fromkeys([*models, *(m for p in pipelines.values() for m in p.models())]))
+
+
+def _readiness(state: ServerState, models) -> dict:
+    waiting = state.waiting_for(models)
+    return {"ready": not waiting and state.start_error is None, "waiting_for": waiting}
+
+
 def _engine_health(registry: Registry, name: str, engine: Engine) -> dict:
     """An engine and where it runs: a Ray node, or this machine (local devices, or a remote server's client)."""
     where = getattr(engine, "node", None) or {}
@@ -186,8 +214,9 @@ def _engine_health(registry: Registry, name: str, engine: Engine) -> dict:
 async def _start(pool, state: ServerState) -> None:
     try:
         await pool.start()  # checks each engine's answers against its float32 reference as it starts
-        state.checks = pool.checks
         state.ready = True
         log.info("ready: models %s, pipelines %s", state.models, list(state.pipelines))
-    except Exception:
-        log.exception("engines failed to start; /ready stays 503")
+    except Exception as exc:
+        # The pool closed every engine it had started: nothing is served, and requests say why.
+        state.start_error = f"{type(exc).__name__}: {exc}"
+        log.exception("engines failed to start; nothing is served and /ready stays 503")

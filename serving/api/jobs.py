@@ -252,7 +252,7 @@ def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
                             "off on this server: start it with --allow-code-execution (or server.code_execution: "
                             "true in models.yaml)", param="model", code="code_execution_disabled")
     options = req.moa or MoAOptions()
-    pipeline = apply_overrides(state.pipelines[req.model], options, set(state.engines))
+    pipeline = apply_overrides(state.pipelines[req.model], options, set(state.models))
     if req.token_limit():
         pipeline = pipeline.with_max_tokens(req.token_limit())
     sampling = {k: getattr(req, k) for k in ("temperature", "top_p", "stop") if k in req.model_fields_set

@@ -19,6 +19,11 @@ from serving.registry import Registry
 if TYPE_CHECKING:
     from serving.api.cache import ResponseCache
     from serving.api.votes import Completions
+    from serving.engines.pool import EnginePool
+
+# How long a client is told to wait for a model whose engine is still starting (an engine start takes
+# tens of seconds to minutes; polling faster only adds requests).
+LOADING_RETRY_AFTER_S = 10
 
 
 @dataclass
@@ -49,7 +54,10 @@ class ServerState:
     pipelines: dict[str, Pipeline]
     settings: ServerSettings
     engines: Mapping[str, Engine] = field(default_factory=dict)
-    ready: bool = False
+    ready: bool = False  # every engine is up (GET /ready); models answer one by one before that
+    up: list[str] = field(default_factory=list)  # models answering now, in start order (the pool's own list)
+    pool: EnginePool | None = None  # the engines this server starts itself (None: handed in, all up)
+    start_error: str | None = None  # why the engines stopped starting; nothing is served then
     checks: dict = field(default_factory=dict)  # model -> known-answer CheckResult, made at start
     metrics: Metrics = field(default_factory=Metrics)
     waiting: int = 0
@@ -71,14 +79,44 @@ class ServerState:
         self.completions = Completions() if self.settings.votes_path else None
 
     def check_target(self, model: str) -> None:
-        """The request's `model` is served and the engines are up, or the matching 503/404."""
-        if not self.ready:
-            raise APIError(503, "engines are starting; retry when GET /ready answers 200",
-                           headers={"Retry-After": "5"})
+        """The request's `model` is served (else 404); a base model's engine is up (else 503). A pipeline's
+        models are checked on its job (`check_answers`): a request's `moa` overrides may change them."""
         if model not in self.models and model not in self.pipelines:
             known = ", ".join([*self.models, *self.pipelines])
             raise APIError(404, f"model {model!r} is neither a served model nor a pipeline; served: {known}",
                            param="model", code="model_not_found")
+        if model not in self.pipelines:
+            self.check_started([model], model)
+
+    def target_models(self, target: str) -> tuple[str, ...]:
+        return self.pipelines[target].models() if target in self.pipelines else (target,)
+
+    def waiting_for(self, models: Iterable[str]) -> list[str]:
+        """Which of `models` have no engine answering yet (starting, or waiting for their turn to start)."""
+        return [m for m in dict.fromkeys(models) if m not in self.up]
+
+    def engine_states(self) -> dict[str, str]:
+        """Per served model: up, starting, queued, or failed (the start stopped before it was up)."""
+        starting = self.pool.starting if self.pool is not None else None
+        return {m: "up" if m in self.up else "failed" if self.start_error else "starting" if m == starting
+                else "queued" for m in self.models}
+
+    def check_started(self, models: Iterable[str], target: str) -> None:
+        """A 503 naming the models `target` waits for, with Retry-After while they are still coming."""
+        if self.start_error is not None:
+            raise APIError(503, f"the engines failed to start, so nothing is served: {self.start_error}; see "
+                                "the server log", code="engines_failed")
+        waiting = self.waiting_for(models)
+        if not waiting:
+            return
+        states = self.engine_states()
+        order = {m: i for i, m in enumerate(self.models, 1)}
+        what = "; ".join(f"{m} ({states[m]}, engine {order.get(m, '?')} of {len(self.models)})" for m in waiting)
+        kind = "pipeline" if target in self.pipelines else "model"
+        raise APIError(503, f"{kind} {target!r} waits for its engine{'s' if len(waiting) > 1 else ''} to start: "
+                            f"{what}; up now: {', '.join(self.up) or 'none yet'}. Retry after "
+                            f"{LOADING_RETRY_AFTER_S} s, or poll GET /ready?target={target}",
+                       code="model_loading", headers={"Retry-After": str(LOADING_RETRY_AFTER_S)})
 
     def refused_models(self) -> dict[str, str]:
         """Models whose known-answer check failed at start and whose entry does not accept that: why, per model.
@@ -94,8 +132,10 @@ class ServerState:
                 for name, r in self.checks.items()
                 if not r.ok and name in self.registry.models and self.registry.get(name).known_answer == "require"}
 
-    def check_answers(self, models: Iterable[str]) -> None:
-        """A request that needs a refused model is a 503 naming it, before any engine call."""
+    def check_answers(self, models: Iterable[str], target: str) -> None:
+        """A request that needs a model still starting, or a refused one, is a 503 naming it, before any
+        engine call (a request's `moa` overrides may name models its pipeline does not)."""
+        self.check_started(models, target)
         refused = self.refused_models()
         if reasons := [refused[m] for m in dict.fromkeys(models) if m in refused]:
             raise APIError(503, "; ".join(reasons), code="known_answer_failed")

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import typer
 
-from serving.cli.common import CompileOption, ConfigOption, ensure_local, err, registry, served_targets, user_errors
+from serving.cli.common import (
+    CompileOption,
+    ConfigOption,
+    ensure_local,
+    err,
+    quiet_engines,
+    registry,
+    served_targets,
+    user_errors,
+)
 
 
 def serve(
@@ -51,7 +60,7 @@ def serve(
     import uvicorn
 
     from serving import planning
-    from serving.api.app import ServerSettings, create_app
+    from serving.api.app import ServerSettings, create_app, served_models
     from serving.store import moa_home
 
     reg = registry(config, compile=compile)
@@ -90,15 +99,35 @@ def serve(
         votes_path=votes or _beside(reg, options.votes_path) or moa_home() / "playground-votes.jsonl",
         code_execution=allow_code_execution or options.code_execution,
     )
-    app = create_app(reg, models=models, pipelines=pipelines, settings=settings)
-    err.print(f"moa serve: http://{host}:{port}/v1 — models {models}, pipelines {list(pipelines)}; "
-              "engines start one by one, GET /ready answers 200 when all are up. "
-              f"Playground: http://{host}:{port}/playground", highlight=False, soft_wrap=True)
+    app = create_app(reg, models=models, pipelines=pipelines, settings=settings,
+                     on_progress=lambda line: err.print(f"moa serve: {line}", highlight=False, soft_wrap=True))
+    engines = served_models(models, pipelines)
+    err.print(f"moa serve: http://{host}:{port}/v1 — models {', '.join(engines)}; pipelines "
+              f"{', '.join(pipelines) or 'none'}. Engines start one by one in that order; each model answers as "
+              "soon as its engine is up, each pipeline once all its models are (GET /ready?target=NAME), GET "
+              f"/ready once all are. Playground: http://{host}:{port}/playground", highlight=False, soft_wrap=True)
     if open_page:  # a wildcard address is reached through loopback
         _open_when_bound("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
-    # On Ctrl-C uvicorn stops accepting, lets in-flight requests finish for up to 30 s, then cancels them
-    # (which aborts their engine work); the lifespan then closes every engine.
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    # vLLM's start-up output (its warnings, weight-loading bars) goes to a log file unless --verbose; our own
+    # lines and warnings, and uvicorn's (a port in use), stay on the terminal.
+    with quiet_engines(not os.environ.get("MOA_VERBOSE"), "serve") as log_path:
+        if log_path:
+            err.print(f"moa serve: engine output: {log_path}", highlight=False, soft_wrap=True)
+        # On Ctrl-C uvicorn stops accepting, lets in-flight requests finish for up to 30 s, then cancels them
+        # (which aborts their engine work); the lifespan then closes every engine.
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30,
+                    log_config=_uvicorn_logging())
+
+
+def _uvicorn_logging() -> dict:
+    """uvicorn's own logging, written to the terminal's stderr even while fd 2 points at the engine log."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = {**LOGGING_CONFIG, "handlers": {name: {**handler} for name, handler in LOGGING_CONFIG["handlers"].items()}}
+    for handler in config["handlers"].values():
+        if handler.get("stream") == "ext://sys.stderr":
+            handler["stream"] = "ext://serving.cli.common.err.file"
+    return config
 
 
 def _beside(reg, path: Path | None) -> Path | None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from types import TracebackType
 
 from moa.engine import Engine
@@ -64,15 +65,22 @@ class EnginePool:
     """Owns the engines for a set of models; an async context manager.
 
     `checks` holds each engine's known-answer result (models with a reference); `verify=False`
-    skips the check and the float32 fallback.
+    skips the check and the float32 fallback. `up` names the models whose engine has started and been
+    checked, in start order: a server answers those while the next engines start (`engines` also holds an
+    engine between its start and its verdict, and a replaced one briefly). `on_progress` hears one line per
+    engine starting and per engine up.
     """
 
     def __init__(self, registry: Registry, names: Iterable[str], *, verify: bool = True,
-                 gpus: list[Gpu] | None = None, ray_address: str | None = None) -> None:
+                 gpus: list[Gpu] | None = None, ray_address: str | None = None,
+                 on_progress: Callable[[str], None] | None = None) -> None:
         self.registry = registry
         self.specs: list[ModelSpec] = [registry.get(n) for n in dict.fromkeys(names)]
         self.engines: dict[str, Engine] = {}
         self.checks: dict[str, CheckResult] = {}
+        self.up: list[str] = []
+        self.starting: str | None = None  # the model whose engine is starting now
+        self.on_progress = on_progress or (lambda line: None)
         self.verify = verify
         self.gpus = gpus  # plan for this inventory instead of the machine's own (tests, dry runs)
         self.plan: Plan | None = None
@@ -84,15 +92,24 @@ class EnginePool:
         # The whole plan first: models that do not fit are refused before anything loads.
         self.plan = plan_engines(self.registry, [s.name for s in self.specs], gpus=self.gpus, ray=self.ray_address)
         try:
-            for spec in self.specs:
+            for index, spec in enumerate(self.specs, 1):
                 placement = self.plan.engines.get(spec.name, EnginePlacement())
+                self.starting, began = spec.name, time.monotonic()
+                self.on_progress(f"engine {index} of {len(self.specs)}: starting {spec.name}")
                 await self._start_one(spec, cpu_threads_bind=placement.cpu_threads_bind,
                                       gpu_memory_utilization=placement.gpu_memory_utilization,
                                       cuda_visible_devices=placement.cuda_visible_devices,
                                       ray_address=self.ray_address)
+                self.up.append(spec.name)
+                check = self.checks.get(spec.name)
+                verdict = "" if check is None else f", known-answer check {'passed' if check.ok else 'FAILED'}"
+                self.on_progress(f"engine {index} of {len(self.specs)}: {spec.name} up in "
+                                 f"{time.monotonic() - began:.0f} s{verdict}")
         except BaseException:
             await self.close()
             raise
+        finally:
+            self.starting = None
 
     async def _start_one(self, spec: ModelSpec, **placement) -> None:
         """Start `spec` in the dtype recorded as right on this CPU; check it; on a wrong 16-bit engine restart
@@ -148,6 +165,7 @@ class EnginePool:
             except Exception:  # keep closing the others: no orphan engine processes
                 log.exception("closing engine %s failed", name)
         self.engines.clear()
+        self.up.clear()
 
     def __getitem__(self, name: str) -> Engine:
         return self.engines[name]

@@ -122,10 +122,16 @@ function fillSelect(select, preferred) {
   const groups = { pipeline: el("optgroup", { label: "Pipelines" }), model: el("optgroup", { label: "Models" }) };
   for (const [id, entry] of targets) {
     const kind = entry.moa?.kind === "pipeline" ? "pipeline" : "model";
-    groups[kind].append(el("option", { value: id, textContent: id }));
+    // A target whose engines are still starting is greyed: the server answers it 503 until they are up.
+    const waiting = entry.moa?.ready === false;
+    const label = waiting ? `${id} (starting: ${(entry.moa.waiting_for || []).join(", ")})` : id;
+    groups[kind].append(el("option", { value: id, textContent: label, disabled: waiting,
+                                       title: waiting ? "its engines are starting; it answers once they are up" : "" }));
   }
   for (const group of Object.values(groups)) if (group.children.length) select.append(group);
-  const wanted = [previous, preferred].find((v) => v && targets.has(v));
+  const usable = (v) => v && targets.has(v) && targets.get(v).moa?.ready !== false;
+  const firstUsable = [...targets.keys()].find(usable);
+  const wanted = [previous, preferred].find(usable) || firstUsable || [previous, preferred].find((v) => v && targets.has(v));
   if (wanted) select.value = wanted;
 }
 
@@ -159,12 +165,15 @@ async function pollReady() {
   clearTimeout(readyTimer);
   try {
     const response = await fetch("/ready");
+    const starting = [...targets.values()].some((e) => e.moa?.ready === false);
     if (response.ok) {
       show($("#banner"), "");
+      if (starting) loadTargets(); // the last engines came up: un-grey their targets
       return;
     }
     const body = await response.json().catch(() => ({}));
-    show($("#banner"), `Not ready: ${body.error?.message || response.status}. Requests get 503 until the engines are up; checking again in 3 s.`);
+    if (targets.size) loadTargets(); // targets whose engines came up meanwhile become usable
+    show($("#banner"), `Not ready: ${body.error?.message || response.status}. Greyed targets answer 503 until their engines are up; checking again in 3 s.`);
   } catch {
     show($("#banner"), "The server does not answer; checking again in 3 s.");
   }
