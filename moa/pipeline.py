@@ -57,3 +57,9 @@ class Pipeline:
             raise ValueError(f"{', '.join(sampling)} cannot apply to pipeline {self.name!r}: its answer is "
                              f"picked by its last step ({last.kind}), not written by it")
         return replace(self, steps=(*self.steps[:-1], replace(last, **sampling)))
+
+
+def engines_needed(models: list[str], pipelines: Mapping[str, Pipeline]) -> list[str]:
+    """Every model that gets an engine when serving `models` and `pipelines`, in start order: the named models
+    first, then each pipeline's. A model a pipeline needs is served as a base model too."""
+    return list(dict.fromkeys([*models, *(m for p in pipelines.values() for m in p.models())]))

@@ -1,36 +1,47 @@
-"""Print pip's effective package sources as uv flags, one `flag value` per line (scripts/setup.sh reads them).
+"""Print pip's effective package sources as uv flags, one `flag [value]` per line (scripts/setup.sh reads them).
 
 uv reads no pip configuration; a machine whose pip finds wheels in a local folder, a mirror, or under a
-constraints file (this one: `pip config list`) must hand uv the same, or the two installers would install
-different files. pip's own precedence holds: its environment variables, then `install`, then `global`.
+constraints file must hand uv the same, or the two installers would install different files. The values come
+from pip's own option parser (`pip install`'s options as its configuration files and environment set them),
+not from parsing `pip config list`: that is the only way to get pip's precedence between its files and its
+environment, and its multi-line values, exactly. It is pip's internal API, so when it moves this exits 1 and
+setup.sh installs with pip.
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
-FLAGS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
-         "constraint": "--constraint", "cert": "cert"}
-RANK = {":env:": 0, "install": 1, "global": 2}
+
+def uv_flags(options) -> list[tuple[str, ...]]:
+    """pip's parsed install options → uv's flags for the same sources (and `cert`, which uv reads from
+    SSL_CERT_FILE)."""
+    flags: list[tuple[str, ...]] = []
+    if options.no_index:
+        flags.append(("--no-index",))
+    elif options.index_url:
+        flags.append(("--index-url", options.index_url))
+    flags += [("--extra-index-url", url) for url in options.extra_index_urls or []]
+    flags += [("--find-links", link) for link in options.find_links or []]
+    flags += [("--constraint", path) for path in options.constraints or []]
+    flags += [("--allow-insecure-host", host) for host in options.trusted_hosts or []]
+    if options.cert:
+        flags.append(("cert", options.cert))
+    return flags
 
 
-def sources(listing: str) -> list[tuple[str, str]]:
-    """`pip config list` output → (flag, value) pairs, each multi-valued setting split on whitespace."""
-    chosen: dict[str, tuple[int, str]] = {}
-    for line in listing.splitlines():
-        key, _, value = line.partition("=")
-        section, _, name = key.rpartition(".")
-        if name not in FLAGS or section not in RANK:
-            continue
-        rank = RANK[section]
-        if name not in chosen or rank < chosen[name][0]:
-            chosen[name] = (rank, value.strip().strip("'\""))
-    return [(FLAGS[name], item) for name, (_, value) in chosen.items() for item in value.split()]
+def pip_install_options():
+    from pip._internal.commands import create_command
+
+    options, _ = create_command("install").parse_args([])
+    return options
 
 
 if __name__ == "__main__":
-    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
-                            check=False).stdout
-    for flag, value in sources(listed):
-        print(flag, value)
+    try:
+        options = pip_install_options()
+    except Exception as exc:  # pip's internals moved: say so; setup.sh falls back to pip
+        print(f"pip_sources: cannot read pip's configuration ({exc})", file=sys.stderr)
+        sys.exit(1)
+    for flag in uv_flags(options):
+        print(*flag)

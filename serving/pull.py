@@ -14,8 +14,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from serving.float32_reference import REFERENCE_FILE, load_reference, make_reference
@@ -33,6 +35,52 @@ def _noop(stage: str, done: int, total: int | None) -> None:
     pass
 
 
+# Converting and making the float32 reference take the CPU (and several GB of memory each); downloading takes
+# the network. `pull_many` runs pulls at once and this lock runs their CPU stages one at a time, so one model's
+# download overlaps another's conversion without two conversions fighting over the cores.
+_CPU_STAGE = threading.Lock()
+
+
+def pull_many(specs: Sequence[ModelSpec], *, progress_for: Callable[[ModelSpec], Progress] = lambda spec: _noop,
+              force: bool = False) -> list[Path]:
+    """Pull several models at once (see `_CPU_STAGE`) and return their directories in `specs`' order.
+
+    Entries that share one converted copy (the same GGUF) are pulled once. Every pull runs to its end and
+    every failure is reported together (the models that did arrive stay pulled). Ctrl-C stops the others at
+    their next progress report, and each leaves nothing half-written (as `pull` never does).
+    """
+    unique: dict[Path, ModelSpec] = {}
+    for spec in specs:
+        unique.setdefault(converted_dir(spec), spec)
+    cancelled = threading.Event()
+
+    def pull_one(spec: ModelSpec) -> Path:
+        report = progress_for(spec)
+
+        def progress(stage: str, done: int, total: int | None) -> None:
+            if cancelled.is_set():
+                raise PullError(f"model {spec.name!r}: pull cancelled")
+            report(stage, done, total)
+
+        return pull(spec, progress=progress, force=force)
+
+    workers = ThreadPoolExecutor(max_workers=max(1, len(unique)), thread_name_prefix="pull")
+    futures = {key: workers.submit(pull_one, spec) for key, spec in unique.items()}
+    try:
+        wait(futures.values())
+    except BaseException:  # Ctrl-C in the waiting thread
+        cancelled.set()
+        workers.shutdown(wait=False, cancel_futures=True)
+        raise
+    workers.shutdown()
+    failures = [error for f in futures.values() if (error := f.exception()) is not None]
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        raise PullError("; ".join(str(error) for error in failures))
+    return [futures[converted_dir(spec)].result() for spec in specs]
+
+
 def pull(spec: ModelSpec, *, progress: Progress = _noop, force: bool = False) -> Path:
     """Make `spec` loadable from disk and return its directory; a no-op when already pulled."""
     source = spec.source
@@ -43,7 +91,8 @@ def pull(spec: ModelSpec, *, progress: Progress = _noop, force: bool = False) ->
     if is_pulled(spec) and not force:
         final = converted_dir(spec)
         if load_reference(LocalModel(spec.name, final)) is None:  # pulled before references (or this version)
-            _write_reference(spec.name, final, final, progress)
+            with _CPU_STAGE:
+                _write_reference(spec.name, final, final, progress)
         return final
     models_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".pull-{spec.name}-", dir=models_dir()) as tmp:
@@ -58,11 +107,12 @@ def pull(spec: ModelSpec, *, progress: Progress = _noop, force: bool = False) ->
                 _check_sha256(spec.name, _sha256_file(gguf, progress), source.sha256, gguf)
         digest = source.sha256 or _sha256_file(gguf, progress)
         staged = work / "model"
-        progress("convert", 0, None)
-        convert_gguf(gguf, staged, name=spec.name)
-        progress("convert", 1, 1)
         final = converted_dir(spec)
-        _write_reference(spec.name, staged, final, progress)
+        with _CPU_STAGE:
+            progress("convert", 0, None)
+            convert_gguf(gguf, staged, name=spec.name)
+            progress("convert", 1, 1)
+            _write_reference(spec.name, staged, final, progress)
         (staged / MARKER).write_text(json.dumps({"name": spec.name, "sha256": digest, "source": source.kind}))
         if final.exists():
             shutil.rmtree(final)

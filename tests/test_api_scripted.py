@@ -20,6 +20,14 @@ from tests.conftest import QWEN_SMALL, SMALL, uvicorn_serving
 Q = [{"role": "user", "content": "What is 2 + 2?"}]
 
 
+async def until(condition, timeout_s: float = 10.0) -> None:
+    """Wait for `condition()` to hold (the server's start task runs beside the test)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.02)
+
+
 def broken_aggregator_app(fail_after: int):
     """moa over one proposer; the aggregator's engine dies after `fail_after` words of its answer."""
     engines = {SMALL: ScriptedEngine(SMALL), QWEN_SMALL: ScriptedEngine(QWEN_SMALL, fail="connection lost",
@@ -230,6 +238,9 @@ async def test_a_model_that_failed_its_known_answer_check_is_not_served_unless_i
         assert ready.status_code == 503 and ready.json()["error"]["code"] == "known_answer_failed"
         assert SMALL in ready.json()["error"]["message"] and QWEN_SMALL not in ready.json()["error"]["message"]
         assert ready.json()["known_answer_checks"][SMALL]["ok"] is False
+        listed = {e["id"]: e["moa"] for e in (await http.get("/v1/models")).json()["data"]}
+        assert listed[SMALL]["ready"] is False and listed[SMALL]["blocked"] == "known_answer_failed"
+        assert listed["p"]["ready"] is False and listed[QWEN_SMALL]["ready"] is True
         calls = len(engines[SMALL].calls)
         for body in ({"model": SMALL}, {"model": "p"}, {"model": QWEN_SMALL, "stream": True,
                                                         "moa": {}}, {"model": "p", "stream": True}):
@@ -360,20 +371,26 @@ async def test_the_server_starts_its_own_engines_one_by_one_and_answers_each_mod
         async def close(self) -> None:
             closed.append(self.name)
 
-    async def no_check(spec, engine):  # scripted engines have no float32 reference to agree with
+    checked = asyncio.Event()
+
+    async def held_check(spec, engine):  # scripted engines have no float32 reference to agree with
+        if spec.name == SMALL:
+            await checked.wait()  # the known-answer check of an engine that has started
         return None
 
     monkeypatch.setattr(pool_module, "create_engine", lambda spec, **placement: Engine(spec.name))
-    monkeypatch.setattr(pool_module, "verify", no_check)
+    monkeypatch.setattr(pool_module, "verify", held_check)
     progress: list[str] = []
     pipeline = Pipeline("p", (Propose(models=(SMALL,)), Aggregate(model=QWEN_SMALL)))
     app = create_app(load_registry(), models=[SMALL], pipelines={"p": pipeline}, on_progress=progress.append)
     state = app.state.moa
     async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
-        for _ in range(200):
-            if state.up == [SMALL]:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: SMALL in state.engines)
+        checking = await http.post("/v1/chat/completions", json={"model": SMALL, "messages": Q})
+        assert checking.status_code == 503 and state.up == []  # started, but not served before its verdict
+        assert len(state.engines[SMALL].calls) == 0
+        checked.set()
+        await until(lambda: state.up == [SMALL])
         assert state.up == [SMALL] and state.pool.starting == QWEN_SMALL
         assert (await http.post("/v1/chat/completions", json={"model": SMALL, "messages": Q})).status_code == 200
         waits = await http.post("/v1/chat/completions", json={"model": "p", "messages": Q})
@@ -381,10 +398,7 @@ async def test_the_server_starts_its_own_engines_one_by_one_and_answers_each_mod
         assert f"{QWEN_SMALL} (starting, engine 2 of 2)" in waits.json()["error"]["message"]
         assert (await http.get("/ready")).json()["engines"] == {SMALL: "up", QWEN_SMALL: "starting"}
         gate.set()
-        for _ in range(200):
-            if state.ready:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: state.ready)
         assert (await http.get("/ready")).status_code == 200
         assert (await http.post("/v1/chat/completions", json={"model": "p", "messages": Q})).status_code == 200
     assert progress[0] == f"engine 1 of 2: starting {SMALL}" and progress[2] == f"engine 2 of 2: starting {QWEN_SMALL}"
@@ -404,10 +418,7 @@ async def test_an_engine_that_fails_to_start_stops_the_server_serving_and_every_
     app = create_app(load_registry(), models=[SMALL, QWEN_SMALL], pipelines={})
     state = app.state.moa
     async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
-        for _ in range(200):
-            if state.start_error:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: state.start_error)
         for model in (SMALL, QWEN_SMALL):  # the one that was up is closed too: a half-started server serves nothing
             r = await http.post("/v1/chat/completions", json={"model": model, "messages": Q})
             assert r.status_code == 503 and r.json()["error"]["code"] == "engines_failed", r.text

@@ -79,3 +79,55 @@ def test_pull_is_idempotent(local_model, monkeypatch):
     assert time.perf_counter() - started < 1.0
     assert (path / "config.json").is_file() and list(path.glob("*.safetensors"))
     assert "chat_template" in (path / "tokenizer_config.json").read_text() or (path / "chat_template.jinja").exists()
+
+
+def test_pulls_run_at_once_with_their_cpu_stages_one_at_a_time_and_a_failure_does_not_stop_the_others(
+        home, tmp_path, monkeypatch):
+    """`pull_many`: three local GGUF sources, conversion and reference replaced by timed stand-ins (the real
+    ones are what scripts/test.sh's `moa models pull` runs). One source's file is corrupt."""
+    import threading
+
+    from serving.pull import pull_many
+
+    path = tmp_path / "models.yaml"
+    entries = []
+    for name in ("a", "b", "bad"):
+        gguf = tmp_path / f"{name}.gguf"
+        gguf.write_bytes(b"GGUF" + name.encode() * 1000)
+        digest = hashlib.sha256(b"corrupt" if name == "bad" else gguf.read_bytes()).hexdigest()
+        entries.append(f"  {name}:\n    backend: vllm\n    source: {{kind: gguf, path: {gguf}, sha256: {digest}}}\n")
+    path.write_text("default_model: a\nmodels:\n" + "".join(entries))
+    registry = load_registry(path)
+    inside, overlaps, lock = [], [], threading.Lock()
+
+    def cpu_stage(name):
+        with lock:
+            if inside:
+                overlaps.append((inside[0], name))
+            inside.append(name)
+        time.sleep(0.3)
+        with lock:
+            inside.remove(name)
+
+    def convert(gguf, dest, *, name):
+        cpu_stage(name)
+        dest.mkdir(parents=True)
+        (dest / "config.json").write_text("{}")
+
+    monkeypatch.setattr(pull_module, "convert_gguf", convert)
+    monkeypatch.setattr(pull_module, "_write_reference", lambda name, *a: cpu_stage(name))
+    together = threading.Barrier(3, timeout=10)  # all three pulls must be under way at once to pass it
+
+    def progress_for(spec):
+        first = [True]
+
+        def report(stage, done, total):
+            if first.pop() if first else False:
+                together.wait()
+
+        return report
+
+    with pytest.raises(PullError, match="model 'bad'"):
+        pull_many([registry.get(n) for n in ("a", "bad", "b")], progress_for=progress_for)
+    assert overlaps == []  # never two conversions (or references) at once
+    assert is_pulled(registry.get("a")) and is_pulled(registry.get("b")) and not is_pulled(registry.get("bad"))

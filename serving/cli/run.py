@@ -73,8 +73,7 @@ def run(
             params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens or 256,
                                     seed=seed)
             names = [spec.name]
-        for name in names:
-            ensure_local(reg.get(name))
+        ensure_local(*(reg.get(name) for name in names))
         with quiet_engines(not os.environ.get("MOA_VERBOSE"), "-".join(names)[:100]) as log_path:
             try:
                 if pipeline:

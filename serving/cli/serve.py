@@ -60,7 +60,7 @@ def serve(
     import uvicorn
 
     from serving import planning
-    from serving.api.app import ServerSettings, create_app, served_models
+    from serving.api.app import ServerSettings, create_app
     from serving.store import moa_home
 
     reg = registry(config, compile=compile)
@@ -78,8 +78,7 @@ def serve(
                 raise ValueError(f"refusing to bind {host} without an API key: anyone who can reach this machine "
                                  "could use its models. Pass --api-key KEY or set MOA_API_KEYS (or --allow-no-key).")
             err.print(f"[bold red]WARNING: binding {host} with no API key (--allow-no-key).[/bold red]")
-        for name in needed:
-            ensure_local(reg.get(name))
+        ensure_local(*(reg.get(name) for name in needed))
         # The placement, checked now: models that do not fit fail before any weights load.
         planning.plan_engines(reg, needed, ray=planning.ray_address(ray_address))
     entries = options.cache_entries if cache_entries is None else cache_entries
@@ -101,16 +100,16 @@ def serve(
     )
     app = create_app(reg, models=models, pipelines=pipelines, settings=settings,
                      on_progress=lambda line: err.print(f"moa serve: {line}", highlight=False, soft_wrap=True))
-    engines = served_models(models, pipelines)
-    err.print(f"moa serve: http://{host}:{port}/v1 — models {', '.join(engines)}; pipelines "
+    err.print(f"moa serve: http://{host}:{port}/v1 — models {', '.join(needed)}; pipelines "
               f"{', '.join(pipelines) or 'none'}. Engines start one by one in that order; each model answers as "
               "soon as its engine is up, each pipeline once all its models are (GET /ready?target=NAME), GET "
               f"/ready once all are. Playground: http://{host}:{port}/playground", highlight=False, soft_wrap=True)
     if open_page:  # a wildcard address is reached through loopback
         _open_when_bound("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
-    # vLLM's start-up output (its warnings, weight-loading bars) goes to a log file unless --verbose; our own
-    # lines and warnings, and uvicorn's (a port in use), stay on the terminal.
-    with quiet_engines(not os.environ.get("MOA_VERBOSE"), "serve") as log_path:
+    # On a terminal, vLLM's start-up output (its warnings, weight-loading bars) goes to a log file unless
+    # --verbose; our own lines and warnings, and uvicorn's (a port in use), stay on the terminal. Off a terminal
+    # (a container's log, CI) everything stays on stderr, where the operator's log collector reads it.
+    with quiet_engines(not os.environ.get("MOA_VERBOSE") and err.is_terminal, "serve") as log_path:
         if log_path:
             err.print(f"moa serve: engine output: {log_path}", highlight=False, soft_wrap=True)
         # On Ctrl-C uvicorn stops accepting, lets in-flight requests finish for up to 30 s, then cancels them

@@ -159,13 +159,13 @@ class EnginePool:
         return result
 
     async def close(self) -> None:
+        self.up.clear()  # first: nothing new is sent to an engine that is closing
         for name, engine in reversed(list(self.engines.items())):
             try:
                 await engine.close()
             except Exception:  # keep closing the others: no orphan engine processes
                 log.exception("closing engine %s failed", name)
         self.engines.clear()
-        self.up.clear()
 
     def __getitem__(self, name: str) -> Engine:
         return self.engines[name]

@@ -122,18 +122,24 @@ function fillSelect(select, preferred) {
   const groups = { pipeline: el("optgroup", { label: "Pipelines" }), model: el("optgroup", { label: "Models" }) };
   for (const [id, entry] of targets) {
     const kind = entry.moa?.kind === "pipeline" ? "pipeline" : "model";
-    // A target whose engines are still starting is greyed: the server answers it 503 until they are up.
-    const waiting = entry.moa?.ready === false;
-    const label = waiting ? `${id} (starting: ${(entry.moa.waiting_for || []).join(", ")})` : id;
-    groups[kind].append(el("option", { value: id, textContent: label, disabled: waiting,
-                                       title: waiting ? "its engines are starting; it answers once they are up" : "" }));
+    // A target that cannot answer now is greyed (the server answers it 503), with why.
+    const why = entry.moa?.ready === false ? BLOCKED[entry.moa.blocked]?.(entry.moa) || "unavailable" : "";
+    groups[kind].append(el("option", { value: id, textContent: why ? `${id} (${why})` : id, disabled: Boolean(why),
+                                       title: why ? "the server answers it 503 until this changes" : "" }));
   }
   for (const group of Object.values(groups)) if (group.children.length) select.append(group);
   const usable = (v) => v && targets.has(v) && targets.get(v).moa?.ready !== false;
-  const firstUsable = [...targets.keys()].find(usable);
-  const wanted = [previous, preferred].find(usable) || firstUsable || [previous, preferred].find((v) => v && targets.has(v));
-  if (wanted) select.value = wanted;
+  // A choice the user made is kept; one the page made while the preferred target was greyed is not.
+  const kept = select.dataset.chosen ? previous : null;
+  const wanted = [kept, preferred].find(usable) || [...targets.keys()].find(usable) || preferred;
+  if (wanted && targets.has(wanted)) select.value = wanted;
 }
+
+const BLOCKED = {
+  model_loading: (moa) => `starting: ${(moa.waiting_for || []).join(", ")}`,
+  engines_failed: () => "the engines failed to start",
+  known_answer_failed: () => "refused: failed its known-answer check",
+};
 
 function showSteps() {
   const entry = targets.get($("#run-target").value);
@@ -161,18 +167,25 @@ async function loadTargets() {
 }
 
 let readyTimer = null;
+let lastEngines = null; // /ready's per-engine states at the last poll: the targets are listed again when they change
 async function pollReady() {
   clearTimeout(readyTimer);
   try {
     const response = await fetch("/ready");
-    const starting = [...targets.values()].some((e) => e.moa?.ready === false);
+    const greyed = [...targets.values()].some((e) => e.moa?.ready === false);
     if (response.ok) {
       show($("#banner"), "");
-      if (starting) loadTargets(); // the last engines came up: un-grey their targets
+      if (greyed) loadTargets(); // the last engines came up: un-grey their targets
       return;
     }
     const body = await response.json().catch(() => ({}));
-    if (targets.size) loadTargets(); // targets whose engines came up meanwhile become usable
+    const engines = JSON.stringify(body.engines || null);
+    if (targets.size && engines !== lastEngines) loadTargets(); // an engine came up: its targets become usable
+    lastEngines = engines;
+    if (body.error?.code === "engines_failed") { // for good: no point asking again
+      show($("#banner"), `Not serving: ${body.error.message}`);
+      return;
+    }
     show($("#banner"), `Not ready: ${body.error?.message || response.status}. Greyed targets answer 503 until their engines are up; checking again in 3 s.`);
   } catch {
     show($("#banner"), "The server does not answer; checking again in 3 s.");
@@ -538,6 +551,9 @@ function init() {
     }
   });
   $("#run-target").addEventListener("change", showSteps);
+  for (const id of ["#run-target", "#cmp-1", "#cmp-2"]) {
+    $(id).addEventListener("change", (event) => { event.target.dataset.chosen = "true"; });
+  }
   $("#run-form").addEventListener("submit", sendRun);
   sendOnCtrlEnter($("#run-prompt"), sendRun);
   $("#run-stop").addEventListener("click", () => running?.abort());
