@@ -402,7 +402,8 @@ async def test_the_server_starts_its_own_engines_one_by_one_and_answers_each_mod
         assert (await http.get("/ready")).status_code == 200
         assert (await http.post("/v1/chat/completions", json={"model": "p", "messages": Q})).status_code == 200
     assert progress[0] == f"engine 1 of 2: starting {SMALL}" and progress[2] == f"engine 2 of 2: starting {QWEN_SMALL}"
-    assert progress[1].startswith(f"engine 1 of 2: {SMALL} up in ") and len(progress) == 4
+    assert progress[1].startswith(f"engine 1 of 2: {SMALL} up in ") and len(progress) == 5
+    assert progress[4].startswith("all 2 engines up")
     assert sorted(closed) == sorted([SMALL, QWEN_SMALL]) and state.up == []  # shut down: every engine closed
 
 

@@ -69,7 +69,7 @@ async def test_the_server_answers_the_model_that_is_up_while_the_next_engine_sta
     assert seen["ready"].status_code == 503 and seen["ready"].json()["engines"] == {SMALL: "up", QWEN_SMALL: "starting"}
     assert seen["pipeline_once_up"].status_code == 200, seen["pipeline_once_up"].text
     assert [line.split(":")[0] for line in seen["progress"]] == ["engine 1 of 2", "engine 1 of 2", "engine 2 of 2",
-                                                                 "engine 2 of 2"]
+                                                                 "engine 2 of 2", "all 2 engines up"]
     assert f"{SMALL} up in" in seen["progress"][1] and f"{QWEN_SMALL} up in" in seen["progress"][3]
 ESSAY = [{"role": "user", "content": "Write a long, detailed essay about the history of Paris."}]
 

@@ -216,6 +216,7 @@ async def _start(pool, state: ServerState) -> None:
     try:
         await pool.start()  # checks each engine's answers against its float32 reference as it starts
         state.ready = True
+        pool.on_progress(f"all {len(state.models)} engines up: every model and pipeline answers, GET /ready is 200")
         log.info("ready: models %s, pipelines %s", state.models, list(state.pipelines))
     except Exception as exc:
         # The pool closed every engine it had started: nothing is served, and requests say why.
