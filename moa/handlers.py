@@ -122,6 +122,10 @@ async def gather_layer(ctx: StepContext, tasks: list[asyncio.Task], *, quorum: i
     return responses
 
 
+REFERENCE_LABELS = {"propose": "a proposed answer", "synthesize": "a revised answer",
+                    "critique": "a critique of the answers"}
+
+
 def references(ctx: StepContext, step: Synthesis, model: str, responses: Sequence[Response]) -> list[str]:
     fitted, notes = fit_references([reference_text(r) for r in responses], step.budget,
                                    lambda text: ctx.calls.count_tokens(model, text))
@@ -133,8 +137,10 @@ async def synthesize_one(ctx: StepContext, step: Synthesis, model: str, response
                          writes_answer: bool) -> Response:
     """One model writes from the references; `writes_answer`: this call's text is the final answer."""
     strat = strategy(step.strategy)
+    kinds = [r.step for r in responses]  # references from several kinds of step (`inputs`) say which is which
+    labels = [REFERENCE_LABELS.get(k, f"from the {k} step") for k in kinds] if len(set(kinds)) > 1 else None
     messages = build_messages(ctx.conversation, step.prompt or strat.instruction,
-                              references(ctx, step, model, responses), step.layout or strat.layout)
+                              references(ctx, step, model, responses), step.layout or strat.layout, labels)
     structured = strat.json_schema is not None
     params = ctx.params(step, seed=ctx.base_seed(step), json_schema=strat.json_schema)
     texts = await ctx.call(step, model, messages, params, stream_answer=writes_answer and not structured)

@@ -15,6 +15,26 @@ class Pipeline:
     steps: tuple[Step, ...]
     description: str = ""
 
+    def __post_init__(self) -> None:
+        # Steps name their `inputs` by number or by kind; the pipeline holds numbers, each of an earlier step.
+        steps = tuple(replace(step, inputs=tuple(self._step_number(at, ref) for ref in step.inputs))
+                      if step.inputs else step for at, step in enumerate(self.steps, 1))
+        object.__setattr__(self, "steps", steps)
+
+    def _step_number(self, at: int, ref: int | str) -> int:
+        earlier = self.steps[:at - 1]
+        listing = ", ".join(f"{i} {s.kind}" for i, s in enumerate(earlier, 1)) or "none"
+        where = f"pipeline {self.name!r}, step {at} ({self.steps[at - 1].kind})"
+        if isinstance(ref, int):
+            if not 1 <= ref < at:
+                raise ValueError(f"{where}: inputs names step {ref}, but a step reads only earlier steps "
+                                 f"(earlier: {listing})")
+            return ref
+        numbers = [i for i, s in enumerate(earlier, 1) if s.kind == ref]
+        if not numbers:
+            raise ValueError(f"{where}: inputs names {ref!r}, but no earlier step is one (earlier: {listing})")
+        return numbers[-1]
+
     def models(self) -> tuple[str, ...]:
         """Every model the pipeline calls, in first-use order (the order engines start in)."""
         seen: dict[str, None] = {}

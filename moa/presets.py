@@ -89,7 +89,10 @@ def parse_pipeline(name: str, data: Any, models: Collection[str] | None = None,
         firsts = ", ".join(f"`{kind}`" for kind, cls in STEP_TYPES.items() if cls.from_conversation)
         raise PresetError(f"pipeline {name!r}: the first step must be one of {firsts} (it makes the first "
                           "responses from the conversation)")
-    return Pipeline(name, tuple(steps), str(data.get("description", "")))
+    try:
+        return Pipeline(name, tuple(steps), str(data.get("description", "")))
+    except ValueError as exc:  # a step's inputs name no earlier step
+        raise PresetError(str(exc)) from None
 
 
 def parse_pipelines(data: Mapping[str, Any], models: Collection[str] | None = None,

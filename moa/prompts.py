@@ -18,7 +18,7 @@ from moa.engine import ChatMessage
 
 Layout = Literal["before", "after"]
 # The strategy names, once: steps, the HTTP schema and STRATEGIES below all use this.
-StrategyName = Literal["moa", "consensus", "council", "best-of", "chain", "self-moa"]
+StrategyName = Literal["moa", "consensus", "council", "best-of", "chain", "self-moa", "critique"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +95,12 @@ STRATEGIES: dict[str, Strategy] = {
         "parts into one answer. Where the drafts disagree, work out which is right instead of averaging. "
         "Reply with the final answer only.",
     ),
+    "critique": Strategy(
+        "critique",
+        "Candidate answers to the user's latest message are below. Critique each one in detail: what it gets "
+        "right, its errors and omissions, and what a correct, complete answer needs. Do not write the final "
+        "answer yourself.",
+    ),
 }
 
 REFINE_INSTRUCTION = (
@@ -122,16 +128,19 @@ def strategy(name: StrategyName | str) -> Strategy:
         raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}") from None
 
 
-def format_references(texts: Sequence[str]) -> str:
-    if len(texts) == 1:
+def format_references(texts: Sequence[str], labels: Sequence[str] | None = None) -> str:
+    """Numbered references; `labels` say where each came from when they come from several kinds of step (the
+    answers, and a critique of them)."""
+    if len(texts) == 1 and not labels:
         return f"### Reference\n{texts[0]}"
-    return "\n\n".join(f"### Reference {i}\n{t}" for i, t in enumerate(texts, 1))
+    tags = [f" ({label})" for label in labels] if labels else [""] * len(texts)
+    return "\n\n".join(f"### Reference {i}{tag}\n{t}" for i, (t, tag) in enumerate(zip(texts, tags, strict=True), 1))
 
 
 def build_messages(conversation: Sequence[ChatMessage], instruction: str, references: Sequence[str],
-                   layout: Layout) -> list[ChatMessage]:
+                   layout: Layout, labels: Sequence[str] | None = None) -> list[ChatMessage]:
     """Place the instruction and references before the conversation (system) or after it (last user turn)."""
-    block = f"{instruction}\n\n{format_references(references)}" if references else instruction
+    block = f"{instruction}\n\n{format_references(references, labels)}" if references else instruction
     messages = [dict(m) for m in conversation]
     if layout == "before":
         if messages and messages[0]["role"] == "system":

@@ -69,20 +69,23 @@ class PipelineRun:
                                  ceiling or Ceiling(), stream_calls=stream_calls)
         self.scorers = scorers or {}
         self.failures: list[str] = []
+        self.produced: list[list[Response]] = []  # what each step itself produced, for later steps' `inputs`
 
     async def events(self) -> AsyncIterator[Event | RunResult]:
         current: list[Response] = []
-        history: list[list[Response]] = []
+        history: list[list[Response]] = []  # after each step: what went on to the next one
         layer = 0
         last = len(self.pipeline.steps) - 1
         for index, step in enumerate(self.pipeline.steps):
             layer += isinstance(step, LLMStep)
-            record = StepRecord(step.kind, layer, self.trace.now(), inputs=len(current))
+            # A step works on the previous step's responses, or on those of the earlier steps it names.
+            given = [r for n in step.inputs for r in self.produced[n - 1]] if step.inputs else current
+            record = StepRecord(step.kind, layer, self.trace.now(), inputs=len(given))
             self.trace.steps.append(record)
             yield StepStarted(step.kind, layer)
             ctx = StepContext(self.conversation, self.calls, index, layer, record, self.failures, self.seed,
                               writes_answer=index == last, scorers=self.scorers, code_runner=self.code_runner)
-            task = asyncio.create_task(self._step(ctx, step, current))
+            task = asyncio.create_task(self._step(ctx, step, given, current))
             task.add_done_callback(lambda _: self.queue.put_nowait(_STEP_DONE))
             try:
                 while (item := await self.queue.get()) is not _STEP_DONE:
@@ -91,9 +94,10 @@ class PipelineRun:
                 if not task.done():  # the consumer left: cancelling the step aborts its engine calls
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
-            current = task.result()
+            current, own = task.result()
             record.end_s, record.outputs = self.trace.now(), len(current)
             history.append(list(current))
+            self.produced.append(own)  # [] when the step failed
             yield StepFinished(step.kind, layer, len(current), record.end_s - record.start_s)
         self.trace.total_s = self.trace.now()
         if not current:
@@ -107,12 +111,16 @@ class PipelineRun:
             yield AnswerDelta(answer)
         yield RunResult(answer, history, self.trace, current[0].data)
 
-    async def _step(self, ctx: StepContext, step: Step, current: list[Response]) -> list[Response]:
-        """The step's responses; on LayerFailed the previous ones, unless there are none to fall back on."""
+    async def _step(self, ctx: StepContext, step: Step, given: list[Response],
+                    current: list[Response]) -> tuple[list[Response], list[Response]]:
+        """(what goes on to the next step, what the step itself produced): its responses from `given`, twice;
+        on LayerFailed, the answers it was to work on (its first input's, or the previous step's) and nothing,
+        unless there are none to fall back on."""
         try:
-            if not current and not step.from_conversation:
+            if not given and not step.from_conversation:
                 raise LayerFailed("no responses to work on (a step before this one produced none)", [])
-            return await handler_for(step)(ctx, step, current)
+            responses = await handler_for(step)(ctx, step, given)
+            return responses, list(responses)
         except LayerFailed as exc:
             self.failures.extend(exc.failures)
             ctx.note(f"layer failed ({exc}); previous responses kept")
@@ -121,7 +129,7 @@ class PipelineRun:
                 causes = "; ".join(self.failures) or str(exc)
                 raise PipelineError(f"pipeline {self.pipeline.name!r} failed at step {ctx.index + 1} ({step.kind}): "
                                     f"{exc}. Causes: {causes}") from None
-            return current
+            return (self.produced[step.inputs[0] - 1] or current) if step.inputs else current, []
 
 
 def _check_conversation(messages: Sequence[ChatMessage]) -> list[ChatMessage]:

@@ -46,11 +46,18 @@ class Step:
 
     kind: ClassVar[str] = ""
     from_conversation: ClassVar[bool] = False  # makes responses from the conversation alone (a first step)
+    # The earlier steps whose responses this step works on, in order (their numbers from 1, or their kinds: the
+    # latest earlier step of that kind); empty: the previous step's. E.g. an aggregate reading the proposals
+    # and a critique of them (`inputs: [propose, critique]`). The pipeline resolves kinds to numbers.
+    inputs: tuple[int | str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, minimum in _MINIMUMS.items():
             value = getattr(self, name, None)
             _require(value is None or value >= minimum, f"{name} must be >= {minimum}, got {value}")
+        _require(not (self.inputs and self.from_conversation),
+                 f"`inputs` applies to steps that work on earlier responses; {self.kind} answers the conversation")
+        _require(all(not isinstance(i, int) or i >= 1 for i in self.inputs), "`inputs` step numbers start at 1")
 
 
 _MINIMUMS = {"max_tokens": 1, "samples": 1, "k": 1, "window": 1, "min_chars": 0}
@@ -164,6 +171,16 @@ class Synthesize(Synthesis):
                  f"quorum {self.quorum} must be between 1 and the {len(self.models)} models")
         _require(1 <= self.min_success <= len(self.models),
                  f"min_success {self.min_success} must be between 1 and the {len(self.models)} models")
+
+
+@step_kind("critique")
+@dataclass(frozen=True, slots=True)
+class Critique(Synthesize):
+    """Each model critiques the references (what each gets right, its errors, what a right answer needs)
+    instead of answering; a later step reads the critique beside the answers it judged (`inputs`), as
+    optillm's mixture of agents does."""
+
+    strategy: StrategyName = "critique"
 
 
 @step_kind("aggregate")

@@ -113,3 +113,76 @@ async def test_unseeded_transforms_draw_fresh_randomness():
     assert len(kept) > 1  # not the same proposers dropped on every request
     seeded = {tuple(r.text for r in (await run(pipeline, Q, es, seed=3)).responses[1]) for _ in range(5)}
     assert len(seeded) == 1
+
+
+def _optillm_like(model: str = "m") -> Pipeline:
+    return parse_pipeline("o", {"steps": [
+        {"propose": {"models": [model], "samples": 3, "temperature": 1.0}},
+        {"critique": {"models": [model], "temperature": 0.1}},
+        {"aggregate": {"model": model, "inputs": ["propose", "critique"], "temperature": 0.1}},
+    ]})
+
+
+async def test_a_step_reads_the_earlier_steps_it_names_with_each_reference_labelled_by_where_it_came_from():
+    """optillm's recipe: the final call sees the three proposals and the critique of them; the critique saw the
+    proposals only. Before `inputs`, a step saw only the previous step's responses (the critique alone)."""
+    def reply(messages, params, i):
+        system = messages[0]["content"]
+        if "Critique each one" in system:
+            return "critique: answer 1 is wrong"
+        if "### Reference" in system:
+            return "final"
+        return f"proposal {i}"
+
+    engine = ScriptedEngine("m", reply=reply)
+    pipeline = _optillm_like()
+    assert [s.inputs for s in pipeline.steps] == [(), (), (1, 2)]
+    result = await run(pipeline, [{"role": "user", "content": "q"}], {"m": engine})
+    assert result.answer == "final"
+    critique_prompt, final_prompt = engine.calls[1].messages[0]["content"], engine.calls[2].messages[0]["content"]
+    assert critique_prompt.count("### Reference") == 3 and "critique: answer 1" not in critique_prompt
+    assert final_prompt.count("### Reference") == 4
+    assert "### Reference 1 (a proposed answer)\nproposal 0" in final_prompt
+    assert "### Reference 4 (a critique of the answers)\ncritique: answer 1 is wrong" in final_prompt
+    assert [s.inputs for s in result.trace.steps] == [0, 3, 4]
+
+
+async def test_when_a_step_with_inputs_fails_the_answers_it_was_to_work_on_go_on_not_the_critique():
+    def reply(messages, params, i):
+        return "critique" if "### Reference" in messages[0]["content"] else f"proposal {i}"
+
+    engines = {"m": ScriptedEngine("m", reply=reply), "bad": ScriptedEngine("bad", fail="out of memory")}
+    pipeline = parse_pipeline("o", {"steps": [
+        {"propose": {"models": ["m"], "samples": 2, "temperature": 1.0}},
+        {"critique": {"models": ["m"]}},
+        {"aggregate": {"model": "bad", "inputs": [1, 2]}},
+    ]})
+    result = await run(pipeline, [{"role": "user", "content": "q"}], engines)
+    assert result.answer == "proposal 0"  # the first input's answers, not the critique
+    assert [len(r) for r in result.responses] == [2, 1, 2]
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    ([3], "inputs names step 3, but a step reads only earlier steps (earlier: 1 propose, 2 critique)"),
+    (["synthesize"], "inputs names 'synthesize', but no earlier step is one"),
+    ([0], "step numbers start at 1"),
+])
+def test_inputs_that_name_no_earlier_step_are_refused_at_load_naming_the_pipeline_and_step(inputs, message):
+    steps = [{"propose": {"models": ["m"], "samples": 2, "temperature": 1.0}}, {"critique": {"models": ["m"]}},
+             {"aggregate": {"model": "m", "inputs": inputs}}]
+    with pytest.raises(PresetError, match="pipeline 'o', step 3") as err:
+        parse_pipeline("o", {"steps": steps})
+    assert message in str(err.value)
+    with pytest.raises(PresetError, match="answers the conversation"):
+        parse_pipeline("o", {"steps": [{"propose": {"models": ["m"], "inputs": [1]}}]})
+
+
+def test_a_request_cannot_add_or_drop_layers_of_a_pipeline_whose_steps_read_earlier_steps_by_number():
+    from serving.api.errors import APIError
+    from serving.api.schemas import MoAOptions
+    from serving.api.targets import apply_overrides
+
+    with pytest.raises(APIError, match="moa.layers cannot change pipeline 'o'") as err:
+        apply_overrides(_optillm_like(), MoAOptions(layers=4), {"m"})
+    assert err.value.status == 400
+    assert apply_overrides(_optillm_like(), MoAOptions(aggregator="m"), {"m"}).steps[2].inputs == (1, 2)

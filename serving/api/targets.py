@@ -43,6 +43,9 @@ def _apply(pipeline: Pipeline, options: MoAOptions, served: set[str]) -> Pipelin
         else:
             steps.append(Aggregate(model=options.aggregator))
     if options.layers is not None:
+        if any(s.inputs for s in steps):  # adding or dropping layers would renumber the steps they read
+            raise APIError(400, f"moa.layers cannot change pipeline {pipeline.name!r}: its steps read earlier "
+                                "steps by number (inputs)", param="moa.layers")
         steps = _with_layers(steps, options.layers, propose_at)
     if options.strategy:
         steps = [replace(s, strategy=options.strategy) if isinstance(s, Synthesis) else s for s in steps]
