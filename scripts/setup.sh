@@ -28,7 +28,7 @@ echo "moa-stack: setting up .venv for $device (first run takes a few minutes)…
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 torch_cpu="torch==2.13.0+cpu" torch_index="${MOA_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
-extras="$([ "$device" = cpu ] && echo cpu || echo gpu),hf,convert,test,bench,ray,route"
+extras="$([ "$device" = cpu ] && echo cpu || echo gpu),hf,convert,test,bench,ray,route,lora"
 
 # install_all INSTALLER: the whole install with one installer. `install` takes pip's configured sources;
 # `local_only` only its local wheel folders (find-links), `torch_from` PyTorch's index alone.

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export HF_HUB_OFFLINE=1 VLLM_HOST_IP=127.0.0.1
 .venv/bin/moa models pull smollm2-135m qwen2.5-coder-0.5b  # the models the tests' engines run (the 1.5B: none)
+.venv/bin/python scripts/train_adapters.py  # the LoRA adapters the adapter tests serve (kept when up to date)
 # The playground's browser tests drive the system's Chromium (Debian's package; Playwright downloads nothing).
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

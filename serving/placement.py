@@ -79,6 +79,7 @@ class Demand:
     max_num_seqs: int | None = None
     devices: tuple[str, ...] | None = None  # explicit placement
     gpu_memory_utilization: float | None = None  # explicit fraction of each of its devices
+    lora_bytes: float = 0.0  # the LoRA slots vLLM preallocates for the entry's adapters (serving/adapters.py)
 
     @property
     def world(self) -> int:
@@ -101,7 +102,8 @@ class Demand:
     @property
     def need_per_device(self) -> float:
         weights = self.weight_bytes
-        return (weights * (1 + HEADROOM_SHARE_OF_WEIGHTS) + self.kv_bytes) / self.world + HEADROOM_PER_DEVICE
+        return ((weights * (1 + HEADROOM_SHARE_OF_WEIGHTS) + self.kv_bytes + self.lora_bytes) / self.world
+                + HEADROOM_PER_DEVICE)
 
 
 @dataclass(slots=True)

@@ -48,7 +48,27 @@ def demand_for(spec: ModelSpec) -> Demand:
         max_num_seqs=e.max_num_seqs,
         devices=tuple(str(d) for d in e.devices) if e.devices is not None else None,
         gpu_memory_utilization=e.gpu_memory_utilization,
+        lora_bytes=lora_bytes(spec),
     )
+
+
+def lora_bytes(spec: ModelSpec) -> float:
+    """The LoRA slots of the entry's adapters (one each, plus the zero adapter) at the largest rank, in 16 bit;
+    0 where the base or an adapter config is not on this machine yet (the engine start then says so)."""
+    if not spec.adapters or spec.source is None:
+        return 0.0
+    import json
+
+    from serving.adapters import VLLM_RANKS, adapter_dir, lora_memory_bytes
+
+    try:
+        base = resolve(spec).path
+        ranks = [int(json.loads((adapter_dir(spec.name, name, source) / "adapter_config.json").read_text())["r"])
+                 for name, source in spec.adapters.items()]
+    except (ModelNotAvailable, OSError, ValueError, KeyError):
+        return 0.0
+    rank = next((r for r in VLLM_RANKS if r >= max(ranks)), VLLM_RANKS[-1])
+    return float(lora_memory_bytes(base, len(ranks) + 1, rank, 2))
 
 
 @dataclass(slots=True)
@@ -89,7 +109,7 @@ def plan_engines(registry: Registry, names: list[str], *, gpus: list[Gpu] | None
     placed on GPUs by Ray's scheduler, so the GPU plan leaves them out; on a CPU they get their
     share of cores like the rest (applied on whichever node the actor lands).
     """
-    local = [registry.get(n) for n in dict.fromkeys(names) if registry.get(n).backend == "vllm"]
+    local = [registry.get(n) for n in registry.engine_names(names) if registry.get(n).backend == "vllm"]
     plan = Plan()
     if not local:  # remote engines only: nothing to place (and vLLM need not be installed)
         return plan

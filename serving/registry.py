@@ -78,6 +78,10 @@ def _parse_requirement(spec: str) -> dict[str, str | None]:
 
 
 Source = Annotated[HFDirSource | HubSource | GGUFSource | PyPIGGUFSource, Field(discriminator="kind")]
+# A LoRA adapter (a PEFT directory): on disk, or a hub repo in the local cache. A plain string is a path; `~` and
+# $MOA_HOME expand (scripts/train_adapters.py writes under $MOA_HOME/adapters).
+AdapterSource = Annotated[HFDirSource | HubSource, Field(discriminator="kind")]
+ADAPTER_SEPARATOR = ":"  # a request names an adapter as BASE:ADAPTER
 
 
 class Endpoint(_Strict):
@@ -188,6 +192,16 @@ class ModelSpec(_Strict):
     # A failed known-answer check (serving/known_answer.py): "require" keeps the server from serving the model
     # (/ready and its requests answer 503); "warn" serves it anyway, knowingly, with the failure in /ready.
     known_answer: Literal["require", "warn"] = "require"
+    # LoRA adapters served by this model's one engine, in one batch (vLLM multi-LoRA); addressed BASE:ADAPTER.
+    adapters: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")], AdapterSource] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adapter_paths_as_strings(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("adapters"), dict):
+            data = {**data, "adapters": {name: {"kind": "hf-dir", "path": source} if isinstance(source, str) else source
+                                         for name, source in data["adapters"].items()}}
+        return data
 
     @model_validator(mode="after")
     def _source_matches_backend(self) -> ModelSpec:
@@ -198,6 +212,9 @@ class ModelSpec(_Strict):
             raise ValueError(f"backend {self.backend!r} needs a `source` (hf-dir, hub, gguf or pypi-gguf)")
         if self.placement == "ray" and self.backend != "vllm":
             raise ValueError(f"placement: ray runs vLLM engines in Ray actors; backend {self.backend!r} cannot")
+        if self.adapters and (self.backend != "vllm" or self.placement != "local"):
+            raise ValueError("adapters are served by a local vLLM engine (multi-LoRA); backend "
+                             f"{self.backend!r}, placement {self.placement!r} cannot")
         return self
 
 
@@ -301,7 +318,36 @@ class Registry(_Strict):
         return {name: (m.price.prompt, m.price.completion) for name, m in self.models.items()}
 
     def get(self, name: str) -> ModelSpec:
+        """A model's entry; for an adapter target (BASE:ADAPTER) its base's, whose engine serves it."""
+        if name not in self.models and (base := self.adapter_of(name)) is not None:
+            return self.models[base[0]]
         return self._lookup("model", self.models, name)
+
+    def adapter_of(self, name: str) -> tuple[str, str] | None:
+        """(base, adapter) where `name` is an adapter target of a model here (BASE:ADAPTER), else None."""
+        base, sep, adapter = name.rpartition(ADAPTER_SEPARATOR)
+        if sep and base in self.models and adapter in self.models[base].adapters and name not in self.models:
+            return base, adapter
+        return None
+
+    def targets(self) -> list[str]:
+        """Everything a step or a request may name as a model: each model, and each adapter as BASE:ADAPTER."""
+        return [t for name, spec in self.models.items()
+                for t in (name, *(f"{name}{ADAPTER_SEPARATOR}{a}" for a in spec.adapters))]
+
+    def with_adapters(self, names: list[str]) -> list[str]:
+        """`names` with every adapter of each base model among them after it: an engine serves all of its
+        adapters, so a server lists them all."""
+        out: list[str] = []
+        for name in names:
+            out.append(name)
+            if name in self.models:
+                out += [f"{name}{ADAPTER_SEPARATOR}{a}" for a in self.models[name].adapters]
+        return list(dict.fromkeys(out))
+
+    def engine_names(self, names: list[str]) -> list[str]:
+        """The models whose engines serve `names` (an adapter target: its base), in order, once each."""
+        return list(dict.fromkeys(self.get(n).name for n in names))
 
 
 @cache
@@ -345,7 +391,7 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
         raise RegistryError(_format_errors(file, exc)) from None
     registry = registry.model_copy(update={"path": file})
     try:
-        pipelines = parse_pipelines(raw_pipelines, registry.models, registry.routers)
+        pipelines = parse_pipelines(raw_pipelines, registry.targets(), registry.routers)
         _check_routers(registry, pipelines)
     except (PresetError, ValueError) as exc:
         raise RegistryError(f"{file}: {exc}") from None

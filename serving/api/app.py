@@ -51,7 +51,7 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
     the order of `engines_needed` (the named models first), and answers each model as soon as its engine
     is up, each pipeline as soon as all of its models are. `on_progress` hears a line per engine start."""
     settings = settings or ServerSettings()
-    needed = engines_needed(models, pipelines)
+    needed = registry.with_adapters(engines_needed(models, pipelines))  # an engine serves all of its adapters
     state = ServerState(registry, needed, dict(pipelines), settings)
 
     @asynccontextmanager
@@ -148,9 +148,7 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
     async def list_models() -> dict:
         created = int(time.time())
         # `ready`: the target answers now; `waiting_for`: the models whose engines it still waits for.
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "moa-stack",
-                 "moa": {"kind": "model", "backend": registry.get(name).backend, **_readiness(state, name, [name])}}
-                for name in state.models]
+        data = [_model_entry(registry, state, name, created) for name in state.models]
         data += [{"id": name, "object": "model", "created": created, "owned_by": "moa-stack",
                   "moa": {**describe(p), **_readiness(state, name, p.models())}} for name, p in state.pipelines.items()]
         return {"object": "list", "data": data}
@@ -193,6 +191,16 @@ POST_ERRORS = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
                **documented_errors(400, 401, 404, 413, 429, 500, 503, 504)}
 
 
+def _model_entry(registry: Registry, state: ServerState, name: str, created: int) -> dict:
+    """A base model, or an adapter (with `parent`, as vLLM's own server lists LoRA modules)."""
+    entry = {"id": name, "object": "model", "created": created, "owned_by": "moa-stack"}
+    moa = {"kind": "model", "backend": registry.get(name).backend, **_readiness(state, name, [name])}
+    if (adapter := registry.adapter_of(name)) is not None:
+        entry["parent"] = adapter[0]
+        moa = {**moa, "kind": "adapter", "base": adapter[0], "adapter": adapter[1]}
+    return {**entry, "moa": moa}
+
+
 def _readiness(state: ServerState, target: str, models) -> dict:
     """`ready`: the target answers now (the same rule as a request's); `blocked`: else the 503's code;
     `waiting_for`: the models whose engines it still waits for."""
@@ -216,7 +224,7 @@ async def _start(pool, state: ServerState) -> None:
     try:
         await pool.start()  # checks each engine's answers against its float32 reference as it starts
         state.ready = True
-        pool.on_progress(f"all {len(state.models)} engines up: every model and pipeline answers, GET /ready is 200")
+        pool.on_progress(f"all {len(pool.specs)} engines up: every model and pipeline answers, GET /ready is 200")
         log.info("ready: models %s, pipelines %s", state.models, list(state.pipelines))
     except Exception as exc:
         # The pool closed every engine it had started: nothing is served, and requests say why.

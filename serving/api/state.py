@@ -103,8 +103,12 @@ class ServerState:
     def engine_states(self) -> dict[str, str]:
         """Per served model: up, starting, queued, or failed (the start stopped before it was up)."""
         starting = self.pool.starting if self.pool is not None else None
-        return {m: "up" if m in self.up else "failed" if self.start_error else "starting" if m == starting
+        return {m: "up" if m in self.up else "failed" if self.start_error else "starting" if self._engine_of(m) == starting
                 else "queued" for m in self.models}
+
+    def _engine_of(self, model: str) -> str:
+        """The model whose engine serves `model` (an adapter: its base)."""
+        return (self.registry.adapter_of(model) or (model,))[0]
 
     def blocker(self, models: Iterable[str], target: str) -> APIError | None:
         """Why `target` cannot answer now with `models` — the engines failed to start, one is still starting
@@ -125,7 +129,7 @@ class ServerState:
                                  f"{RETRY_AFTER_S} s, or poll GET /ready?target={target}",
                             code="model_loading", headers={"Retry-After": str(RETRY_AFTER_S)})
         refused = self.refused_models()
-        if reasons := [refused[m] for m in models if m in refused]:
+        if reasons := list(dict.fromkeys(refused[e] for m in models if (e := self._engine_of(m)) in refused)):
             return APIError(503, "; ".join(reasons), code="known_answer_failed")
         return None
 

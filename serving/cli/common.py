@@ -121,12 +121,28 @@ def served_targets(reg: Registry, models: list[str], pipelines: list[str], swap:
     mapping = dict(parse_swap(s) for s in swap)
     for name in mapping.values():
         reg.get(name)
-    names = pipelines or ([] if models else reg.pipeline_names)
+    names = pipelines or ([] if models else [n for n in reg.pipeline_names if not _adapters_missing(reg, n)])
     served = {name: reg.pipeline(name).with_models(mapping) for name in names}
     base = list(dict.fromkeys(models or [reg.default_model]))
     for name in base:
         reg.get(name)
     return engines_needed(base, served), served
+
+
+def _adapters_missing(reg: Registry, pipeline: str) -> bool:
+    """A pipeline that proposes with LoRA adapters not on this machine is left out of "every pipeline", saying
+    why (named on its own, its engine start fails naming the adapter)."""
+    from serving.adapters import adapter_dir
+
+    for model in reg.pipeline(pipeline).models():
+        if (adapter := reg.adapter_of(model)) is None:
+            continue
+        path = adapter_dir(*adapter, reg.get(model).adapters[adapter[1]])
+        if not (path / "adapter_config.json").is_file():
+            err.print(f"pipeline {pipeline} is not served: its adapter {model} is not at {path} (python "
+                      "scripts/train_adapters.py makes the embedded ones)", highlight=False, soft_wrap=True)
+            return True
+    return False
 
 
 def parse_swap(text: str) -> tuple[str, str]:

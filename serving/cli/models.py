@@ -157,3 +157,58 @@ def check_models(
     # served correctly (the engine pool falls back by itself), and the warning says how to skip the retry.
     if any(not tries[-1].ok for tries in results):
         raise typer.Exit(1)
+
+
+@app.command("adapters")
+def list_adapters(
+    names: list[str] = typer.Argument(None, help="Base models (default: every model with adapters)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON list instead of the table."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Show each model's LoRA adapters (models.yaml `adapters:`): target, rank, adapted modules, size, and
+    whether each fits its base (checked against the base weights, as an engine start checks it)."""
+    import json
+
+    from serving.adapters import AdapterError, adapter_dir, read_adapter, target
+    from serving.adapters import _base_shapes as base_shapes
+    from serving.planning import lora_bytes
+    from serving.store import ModelNotAvailable, resolve
+
+    reg = registry(config)
+    with user_errors():
+        specs = [reg.get(n) for n in names] if names else [s for s in reg.models.values() if s.adapters]
+    rows = []
+    for spec in specs:
+        try:
+            shapes = base_shapes(resolve(spec).path)
+        except ModelNotAvailable as exc:
+            shapes, base_problem = None, str(exc)
+        slots = lora_bytes(spec)  # what the engine preallocates for all of them (the planner's figure)
+        for name, source in spec.adapters.items():
+            row = {"target": target(spec.name, name), "base": spec.name, "engine_lora_bytes": slots}
+            try:
+                path = adapter_dir(spec.name, name, source)
+                row["path"] = str(path)
+                if shapes is None:
+                    raise AdapterError(base_problem)
+                row.update(read_adapter(spec.name, name, path, shapes).describe(), ok=True)
+            except AdapterError as exc:
+                row.update(ok=False, problem=str(exc))
+            rows.append(row)
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    slots = {r["base"]: r["engine_lora_bytes"] for r in rows}
+    table = Table(title="LoRA adapters (a request names one as BASE:ADAPTER)", title_justify="left",
+                  caption="LoRA slots an engine preallocates: " + ", ".join(
+                      f"{base} {b / 1e6:.0f} MB" if b else f"{base} unknown (base or adapters not on disk)"
+                      for base, b in slots.items()), caption_justify="left")
+    for column in ("target", "rank", "modules", "size", "fits"):
+        table.add_column(column, no_wrap=column == "target")
+    for row in rows:
+        fits = "[green]yes[/green]" if row["ok"] else f"[red]no[/red]: {row['problem']}"
+        table.add_row(row["target"], str(row.get("rank", "-")), ", ".join(row.get("targets", [])),
+                      f"{row['bytes'] / 1e6:.1f} MB" if "bytes" in row else "-", fits)
+    if not rows:
+        err.print("no model in models.yaml lists `adapters:`")
+    show(table)

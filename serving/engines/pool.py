@@ -25,6 +25,7 @@ from moa.engine import Engine
 from serving import planning
 from serving.checked_dtype import checked_spec, record
 from serving.engines import create_engine
+from serving.engines.adapter_engine import AdapterEngine
 from serving.known_answer import CheckResult, verify
 from serving.placement import Gpu, plan_cores
 from serving.planning import EnginePlacement, Plan, plan_engines
@@ -78,7 +79,7 @@ class EnginePool:
                  gpus: list[Gpu] | None = None, ray_address: str | None = None,
                  on_progress: Callable[[str], None] | None = None) -> None:
         self.registry = registry
-        self.specs: list[ModelSpec] = [registry.get(n) for n in dict.fromkeys(names)]
+        self.specs: list[ModelSpec] = [registry.get(n) for n in registry.engine_names(list(names))]
         self.engines: dict[str, Engine] = {}
         self.checks: dict[str, CheckResult] = {}
         self.up: list[str] = []
@@ -104,6 +105,7 @@ class EnginePool:
                                       cuda_visible_devices=placement.cuda_visible_devices,
                                       ray_address=self.ray_address)
                 self.up.append(spec.name)
+                self._serve_adapters(spec.name)
                 check = self.checks.get(spec.name)
                 verdict = "" if check is None else f", known-answer check {'passed' if check.ok else 'FAILED'}"
                 self.on_progress(f"engine {index} of {len(self.specs)}: {spec.name} up in "
@@ -148,6 +150,14 @@ class EnginePool:
         retry.replaced = check
         record(spec, fallback.engine.dtype if retry.ok else None, [check, retry])
         log.warning("%s", retry.warning())
+
+    def _serve_adapters(self, name: str) -> None:
+        """Each LoRA adapter of the engine becomes a model of its own (BASE:ADAPTER), up with its base."""
+        engine = self.engines[name]
+        for adapter in getattr(engine, "adapters", {}):
+            view = AdapterEngine(engine, adapter)
+            self.engines[view.name] = view
+            self.up.append(view.name)
 
     async def _check(self, spec: ModelSpec, engine: Engine) -> CheckResult | None:
         try:

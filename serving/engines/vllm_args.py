@@ -29,7 +29,8 @@ class EngineConfigError(ValueError):
 
 
 def build_engine_args(spec: ModelSpec, model_path: Path, *, gpu_memory_utilization: float | None = None,
-                      cpu: bool | None = None) -> dict[str, Any]:
+                      cpu: bool | None = None, lora: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`lora`: the multi-LoRA arguments for the entry's adapters (serving/adapters.py, lora_engine_args)."""
     cpu = on_cpu() if cpu is None else cpu
     e = spec.engine
     if e.device == "cuda" and cpu:
@@ -78,6 +79,7 @@ def build_engine_args(spec: ModelSpec, model_path: Path, *, gpu_memory_utilizati
         if e.enforce_eager is not None:
             args["enforce_eager"] = e.enforce_eager
     args = {k: v for k, v in args.items() if v is not None}
+    args.update(lora or {})
     args.update(e.extra)
     return args
 

@@ -34,6 +34,7 @@ from moa.engine import (
     finish_reason,
     validate_messages,
 )
+from serving.adapters import ZERO, Adapter, AdapterError, lora_engine_args, read_adapters, target, zero_adapter
 from serving.engines.vllm_args import build_engine_args, on_cpu
 from serving.registry import ModelSpec
 from serving.store import LocalModel
@@ -114,6 +115,13 @@ class VLLMEngine(StreamingEngine):
         self.start_seconds: float | None = None
         self.max_model_len: int | None = None
         self.dtype: str | None = None
+        self.adapters: dict[str, Adapter] = {}  # models.yaml `adapters:`, checked against the base at start
+        self._loras: dict[str, Any] = {}  # adapter name -> vLLM LoRARequest
+        self._base_lora: Any = None  # the zero adapter base-model requests carry on an engine with adapters
+
+    # On an engine with adapters, base-model requests carry the zero adapter (serving/adapters.py): off, they run
+    # without LoRA beside adapter requests in one batch, which decoded garbage on an Intel AMX CPU (issue 26).
+    base_requests_carry_zero_adapter: bool = True
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -123,6 +131,7 @@ class VLLMEngine(StreamingEngine):
         # Building the engine blocks for tens of seconds (weights, KV cache, warm-up):
         # do it off the event loop so a server stays responsive (health checks) meanwhile.
         await asyncio.to_thread(self.start_blocking)
+        await self._load_adapters()
 
     def start_blocking(self) -> None:
         """Build the engine in the calling thread (a Ray actor's __init__ does, so restarts rebuild it).
@@ -131,6 +140,7 @@ class VLLMEngine(StreamingEngine):
         after close().
         """
         started = time.perf_counter()
+        self._read_adapters()
         # Under the spawn lock from before to after: the processes this build spawned are the new children
         # only while no other engine builds (two restarting together would each claim the other's).
         with _SPAWN_LOCK:
@@ -145,11 +155,49 @@ class VLLMEngine(StreamingEngine):
         self.start_seconds = time.perf_counter() - started
         log.info("engine %s ready in %.1f s", self.name, self.start_seconds)
 
+    def _read_adapters(self) -> None:
+        """Check every adapter against the base before vLLM starts: a misfit names itself here, not at a request."""
+        try:
+            adapters = read_adapters(self.spec, self.model.path)
+        except AdapterError as exc:
+            raise EngineError(str(exc)) from exc
+        self.adapters = {a.name: a for a in adapters}
+        if not adapters:
+            return
+        from vllm.lora.request import LoRARequest
+
+        from serving.store import moa_home
+
+        self._loras = {a.name: LoRARequest(target(self.name, a.name), i, str(a.path))
+                       for i, a in enumerate(adapters, 1)}
+        self._base_lora = (LoRARequest(target(self.name, ZERO), len(adapters) + 1,
+                                       str(zero_adapter(adapters, moa_home())))
+                           if self.base_requests_carry_zero_adapter else None)
+
+    async def _load_adapters(self) -> None:
+        """Load every adapter into the engine now, so vLLM's own checks run at start and no request waits."""
+        for name, request in [*self._loras.items(), *([(ZERO, self._base_lora)] if self._base_lora else [])]:
+            try:
+                await self._llm.add_lora(request)
+            except Exception as exc:
+                raise EngineError(f"model {self.name!r}, adapter {name!r} ({request.lora_path}): vLLM could not "
+                                  f"load it: {exc}") from exc
+
+    def lora_request(self, adapter: str | None) -> Any:
+        """What a request for the base model (None) or one of its adapters carries into vLLM."""
+        if adapter is None:
+            return self._base_lora
+        if adapter not in self._loras:
+            known = ", ".join(self._loras) or "none"
+            raise InvalidRequest(f"model {self.name!r} has no adapter {adapter!r}; its adapters: {known}")
+        return self._loras[adapter]
+
     def _build(self) -> Any:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = build_engine_args(self.spec, self.model.path, gpu_memory_utilization=self._gpu_memory_utilization)
+        kwargs = build_engine_args(self.spec, self.model.path, gpu_memory_utilization=self._gpu_memory_utilization,
+                                   lora=lora_engine_args(list(self.adapters.values())))
         kwargs.setdefault("disable_log_stats", True)  # moa keeps its own metrics; vLLM's periodic log is noise
         # MOA_ENGINE names the model in its processes' environment (/proc/PID/environ): scripts/gpu_smoke.sh
         # maps each GPU process to its engine through it.
@@ -270,7 +318,8 @@ class VLLMEngine(StreamingEngine):
                                  output_kind=RequestOutputKind.FINAL_ONLY)
         engine_input = self._llm.renderer.render_cmpl([{"prompt_token_ids": list(token_ids)}])[0]
         final = None
-        async for out in self._llm.generate(engine_input, params, f"{self.name}-check-{next(_ids)}"):
+        async for out in self._llm.generate(engine_input, params, f"{self.name}-check-{next(_ids)}",
+                                            lora_request=self._base_lora):
             final = out
         if final is None or final.prompt_logprobs is None:
             raise EngineError(f"model {self.name!r}: vLLM returned no prompt logprobs")
@@ -291,7 +340,8 @@ class VLLMEngine(StreamingEngine):
                                  output_kind=RequestOutputKind.FINAL_ONLY)
         engine_input = self._llm.renderer.render_cmpl([{"prompt_token_ids": list(token_ids)}])[0]
         final = None
-        async for out in self._llm.generate(engine_input, params, f"{self.name}-decode-{next(_ids)}"):
+        async for out in self._llm.generate(engine_input, params, f"{self.name}-decode-{next(_ids)}",
+                                            lora_request=self._base_lora):
             final = out
         if final is None:
             raise EngineError(f"model {self.name!r}: vLLM returned no output")
@@ -320,7 +370,9 @@ class VLLMEngine(StreamingEngine):
         return prompt_ids
 
     async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
-                     request_id: str | None = None) -> AsyncIterator[StreamEvent]:
+                     request_id: str | None = None, adapter: str | None = None) -> AsyncIterator[StreamEvent]:
+        """`adapter`: one of this engine's LoRA adapters answers (serving/engines/adapter_engine.py)."""
+        lora = self.lora_request(adapter)
         await self._ensure_alive()
         prompt_ids = self.validate_request(messages, params)
         rid = request_id or f"{self.name}-{next(_ids)}"
@@ -339,7 +391,7 @@ class VLLMEngine(StreamingEngine):
             # aclosing: when this stream is closed (a quorum, a client that left), AsyncLLM.generate is closed
             # too, and aborts the request in the engine before aclose() returns - not whenever it is collected.
             async with aclosing(self._llm.generate(engine_input, self._sampling_params(params), rid,
-                                                  priority=params.priority)) as outputs:
+                                                  priority=params.priority, lora_request=lora)) as outputs:
                 async for out in outputs:
                     cached = out.num_cached_tokens or cached
                     for piece in out.outputs:
