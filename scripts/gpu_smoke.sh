@@ -11,6 +11,7 @@
 # 4. One request per served model and per pipeline through the OpenAI API.
 # 5. A short `moa bench --url` on the first pipeline.
 # 6. The same pipeline in process under vLLM's fcfs and priority scheduling (issue: later layers first).
+# 7. LoRA: the adapter tests and scripts/bench_lora.py on the GPU (three adapters, the base unchanged beside them).
 # Exit status: non-zero if any step failed; the report says which.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -111,6 +112,13 @@ if grep -q "^pipelines:" "$config" && "$moa" plan -c "$config" -p "$first" >/dev
   done
   echo "compare $out/scheduling-fcfs/summary.md with $out/scheduling-priority/summary.md (p90, efficiency)" >> "$report"
 fi
+
+step "7. LoRA: three adapters and the base in one batch on one GPU engine"
+# Trains the three small adapters if needed (seconds on a GPU machine's CPU), then the adapter tests on the GPU
+# engine: each adapter's trained reply, the base answer unchanged beside them, vLLM holding all four at once.
+.venv/bin/python scripts/train_adapters.py >> "$report" 2>&1 || fail "train adapters"
+.venv/bin/python -m pytest -q tests/test_adapters.py >> "$report" 2>&1 || fail "LoRA adapters on the GPU"
+.venv/bin/python scripts/bench_lora.py --clients 1 8 --json "$out/lora.json" >> "$report" 2>&1 || fail "bench_lora"
 
 echo >> "$report"
 [ $failed -eq 0 ] && echo "RESULT: all steps passed" | tee -a "$report" || echo "RESULT: some steps failed" | tee -a "$report"

@@ -152,8 +152,10 @@ def zero_adapter(adapters: list[Adapter], home: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     tensors = {k: torch.zeros_like(v) for k, v in load_file(str(first.path / WEIGHTS)).items()}
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
     (tmp / "adapter_config.json").write_text((first.path / "adapter_config.json").read_text())
     save_file(tensors, str(tmp / WEIGHTS))
     try:

@@ -68,7 +68,7 @@ def lora_bytes(spec: ModelSpec) -> float:
     except (ModelNotAvailable, OSError, ValueError, KeyError):
         return 0.0
     rank = next((r for r in VLLM_RANKS if r >= max(ranks)), VLLM_RANKS[-1])
-    return float(lora_memory_bytes(base, len(ranks) + 1, rank, 2))
+    return float(lora_memory_bytes(base, len(ranks) + 1, rank, 4 if spec.engine.dtype == "float32" else 2))
 
 
 @dataclass(slots=True)
@@ -94,8 +94,10 @@ def ray_address(explicit: str | None = None) -> str | None:
 
 
 def in_ray(spec: ModelSpec, address: str | None) -> bool:
-    """Whether this model's engine runs in a Ray actor: the one rule the pool, serve and plan share."""
-    return spec.backend == "vllm" and (spec.placement == "ray" or address is not None)
+    """Whether this model's engine runs in a Ray actor: the one rule the pool, serve and plan share. A model with
+    LoRA adapters stays in-process (its adapters are served by the engine object itself), even under a Ray
+    address."""
+    return spec.backend == "vllm" and not spec.adapters and (spec.placement == "ray" or address is not None)
 
 
 def plan_engines(registry: Registry, names: list[str], *, gpus: list[Gpu] | None = None,

@@ -315,7 +315,8 @@ class Registry(_Strict):
         return {name: self.scorer(name) for name in self.routers}
 
     def prices(self) -> dict[str, tuple[float, float]]:
-        return {name: (m.price.prompt, m.price.completion) for name, m in self.models.items()}
+        """Per target (an adapter costs what its base does)."""
+        return {name: (self.get(name).price.prompt, self.get(name).price.completion) for name in self.targets()}
 
     def get(self, name: str) -> ModelSpec:
         """A model's entry; for an adapter target (BASE:ADAPTER) its base's, whose engine serves it."""

@@ -41,8 +41,9 @@ def write_registry(tmp_path: Path, adapters: str, base: str = "/models/tiny", pi
 
 def test_adapters_are_targets_named_base_colon_adapter(tmp_path, monkeypatch):
     monkeypatch.setenv("MOA_HOME", str(tmp_path / "home"))
+    pipelines = "pipelines:\n  p:\n    steps:\n      - propose: {models: [tiny:fr]}\n"
     reg = load_registry(write_registry(tmp_path, "{fr: $MOA_HOME/adapters/fr, hub: {kind: hub, repo_id: a/b}}",
-                                       pipelines="pipelines:\n  p:\n    steps:\n      - propose: {models: [tiny:fr]}\n"))
+                                       pipelines=pipelines))
     assert reg.targets() == ["tiny", "tiny:fr", "tiny:hub"]
     assert reg.adapter_of("tiny:fr") == ("tiny", "fr") and reg.adapter_of("tiny") is None
     assert reg.get("tiny:fr") is reg.get("tiny")  # the base's engine serves it
@@ -93,7 +94,8 @@ def test_an_adapter_that_does_not_fit_its_base_is_refused_naming_it_and_why(tmp_
         (adapter("tall", {f"{q}.lora_A.weight": (8, 32), f"{q}.lora_B.weight": (96, 8)}), "64 outputs in the base"),
         (adapter("other", {"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": (8, 32)}),
          "adapts model.layers.0.mlp.up_proj, which the base model has no weight for"),
-        (adapter("rank", {f"{q}.lora_A.weight": (4, 32), f"{q}.lora_B.weight": (64, 4)}), "rank 4, its config says r=8"),
+        (adapter("rank", {f"{q}.lora_A.weight": (4, 32), f"{q}.lora_B.weight": (64, 4)}),
+         "rank 4, its config says r=8"),
         (adapter("ia3", {}, peft_type="IA3"), "a IA3 adapter"),
         (tmp_path / "missing", "no adapter_config.json"),
     ]

@@ -193,9 +193,23 @@ def cache_key(state: ServerState, job: Job) -> str | None:
                   "json_schema": job.params.json_schema}
         conversation = job.prompt
     identity = {name: [state.registry.get(name).model_dump(mode="json"),
-                       getattr(state.checks.get(name), "dtype", None)] for name in job.models()}
+                       getattr(state.checks.get(state.registry.get(name).name), "dtype", None),
+                       _adapter_stamp(state.registry, name)] for name in job.models()}
     text = json.dumps([conversation, target, identity], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _adapter_stamp(registry, name: str) -> list | None:
+    """An adapter's weights file (size, mtime): retraining it in place must not replay its old answers."""
+    if (adapter := registry.adapter_of(name)) is None:
+        return None
+    from serving.adapters import WEIGHTS, AdapterError, adapter_dir
+
+    try:
+        stat = (adapter_dir(*adapter, registry.get(name).adapters[adapter[1]]) / WEIGHTS).stat()
+    except (OSError, AdapterError):
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def replayed(body: dict, job: Job) -> dict:

@@ -103,8 +103,8 @@ class ServerState:
     def engine_states(self) -> dict[str, str]:
         """Per served model: up, starting, queued, or failed (the start stopped before it was up)."""
         starting = self.pool.starting if self.pool is not None else None
-        return {m: "up" if m in self.up else "failed" if self.start_error else "starting" if self._engine_of(m) == starting
-                else "queued" for m in self.models}
+        return {m: "up" if m in self.up else "failed" if self.start_error
+                else "starting" if self._engine_of(m) == starting else "queued" for m in self.models}
 
     def _engine_of(self, model: str) -> str:
         """The model whose engine serves `model` (an adapter: its base)."""

@@ -90,7 +90,7 @@ def resolve_system(registry: Registry, text: str, mapping: Mapping[str, str], ma
     name, _, layout = text.partition("@")
     if layout and layout not in ("before", "after"):
         raise ValueError(f"system {text!r}: the layout after @ must be before or after")
-    if name in registry.models:
+    if name in registry.models or registry.adapter_of(name) is not None:
         if layout:
             raise ValueError(f"system {text!r}: a layout applies to pipelines, not to a single model")
         return single_model(name, max_tokens=max_tokens, samples=samples, temperature=temperature)
@@ -105,13 +105,17 @@ def resolve_system(registry: Registry, text: str, mapping: Mapping[str, str], ma
 async def answer_tasks(system: System, tasks: Sequence[Item], engines: Mapping[str, Engine], *, concurrency: int,
                        seed: int | None, on_done: Callable[[RequestSample], None] | None = None,
                        prices: Prices | None = None, scorers: Mapping[str, Scorer] | None = None,
-                       suite: Suite | None = None, code_runner: CodeRunner | None = None) -> SystemResult:
+                       suite: Suite | None = None, code_runner: CodeRunner | None = None,
+                       positions: Sequence[int] | None = None) -> SystemResult:
     """Every item answered in-process (closed loop, `concurrency` in flight), then scored by `suite`.
+
+    Item i is seeded seed + 1000 * i, or seed + 1000 * positions[i]: a rerun of some items (`moa eval --ids`)
+    seeds each as the whole run did.
 
     `code_runner`: the sandbox a pipeline's `check` steps run responses in (the conversation's own examples,
     never the suite's tests: those reach only the scorer)."""
     async def request(i: int, t0: float) -> RequestSample:
-        item_seed = None if seed is None else seed + 1000 * i
+        item_seed = None if seed is None else seed + 1000 * (positions[i] if positions is not None else i)
         if system.samples > 1:
             step = system.pipeline.steps[0]
             params = SamplingParams(n=system.samples, temperature=step.temperature, max_tokens=step.max_tokens,

@@ -143,10 +143,13 @@ class Bench:
         from serving.engines.pool import split_cores
         from serving.engines.vllm_server import VLLMServer
 
-        specs = [self.registry.get(n) for n in pipeline.models()]
+        specs = [self.registry.get(n) for n in self.registry.engine_names(list(pipeline.models()))]
         not_local = [s.name for s in specs if s.backend != "vllm"]
         if not_local:
             out.skipped["http"] = f"needs local vLLM models; {', '.join(not_local)} are not"
+            return
+        if with_adapters := [s.name for s in specs if s.adapters]:
+            out.skipped["http"] = f"LoRA adapters are served in-process only; {', '.join(with_adapters)} has them"
             return
         servers = [VLLMServer(spec, self.plan.log_dir / f"vllm-server-{spec.name}.log", cpu_threads_bind=bind)
                    for spec, bind in zip(specs, split_cores(len(specs)), strict=True)]

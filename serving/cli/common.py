@@ -130,19 +130,36 @@ def served_targets(reg: Registry, models: list[str], pipelines: list[str], swap:
 
 
 def _adapters_missing(reg: Registry, pipeline: str) -> bool:
-    """A pipeline that proposes with LoRA adapters not on this machine is left out of "every pipeline", saying
-    why (named on its own, its engine start fails naming the adapter)."""
-    from serving.adapters import adapter_dir
+    """A pipeline whose engines load LoRA adapters not on this machine is left out of "every pipeline", saying
+    why (named on its own, it fails before the server binds: `check_adapters`)."""
+    from serving.adapters import AdapterError
 
-    for model in reg.pipeline(pipeline).models():
-        if (adapter := reg.adapter_of(model)) is None:
-            continue
-        path = adapter_dir(*adapter, reg.get(model).adapters[adapter[1]])
-        if not (path / "adapter_config.json").is_file():
-            err.print(f"pipeline {pipeline} is not served: its adapter {model} is not at {path} (python "
-                      "scripts/train_adapters.py makes the embedded ones)", highlight=False, soft_wrap=True)
-            return True
+    try:
+        check_adapters(reg, list(reg.pipeline(pipeline).models()))
+    except AdapterError as exc:
+        err.print(f"pipeline {pipeline} is not served: {exc}", highlight=False, soft_wrap=True)
+        return True
     return False
+
+
+def check_adapters(reg: Registry, names: list[str]) -> None:
+    """Every adapter the engines for `names` will load is on disk and fits its base (AdapterError naming it), so a
+    command fails before it binds a port or starts an engine. An engine loads all of its base's adapters."""
+    from serving.adapters import AdapterError, read_adapters
+    from serving.store import resolve
+
+    for name in reg.engine_names(names):
+        spec = reg.get(name)
+        if not spec.adapters:
+            continue
+        try:
+            base = resolve(spec).path
+        except ModelNotAvailable:
+            continue  # pulled next (ensure_local); the engine start checks the adapters then
+        try:
+            read_adapters(spec, base)
+        except AdapterError as exc:
+            raise AdapterError(f"{exc} (python scripts/train_adapters.py makes the embedded ones)") from None
 
 
 def parse_swap(text: str) -> tuple[str, str]:

@@ -56,6 +56,8 @@ def eval_(
     concurrency: int = typer.Option(8, "--concurrency", min=1, help="Items (requests) in flight per system."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N items."),
     sample: int | None = typer.Option(None, "--sample", min=1, help="Only N items drawn at random with --seed."),
+    ids: list[str] | None = typer.Option(None, "--ids", help="Only these items (e.g. HumanEval/17; repeatable), "
+                                         "each seeded as in a run over the whole suite: rerun what a run lost."),
     seed: int = typer.Option(0, "--seed", help="Item i uses seed + 1000*i; --sample draws with it."),
     pairwise: str | None = typer.Option(None, "--pairwise", help="Judge every other system against this one "
                                         "(a --system label), in both orders."),
@@ -90,7 +92,17 @@ def eval_(
         if votes is not None and not human:
             raise ValueError(f"--votes {votes}: the file has no votes yet")
         suite = get_suite(suite_name, tasks_file)
-        tasks, chosen = subset(suite.load(), limit=limit, sample=sample, seed=seed)
+        everything = suite.load()
+        tasks, chosen = subset(everything, limit=limit, sample=sample, seed=seed)
+        positions = None
+        if ids:
+            if limit or sample or url:
+                raise ValueError("--ids reruns items on local engines: not with --limit, --sample or --url")
+            where = {t.id: i for i, t in enumerate(everything)}
+            if unknown := [i for i in ids if i not in where]:
+                raise ValueError(f"--ids: no item {unknown[0]!r} in {suite.name} (ids look like {everything[0].id})")
+            positions = sorted(where[i] for i in dict.fromkeys(ids))
+            tasks, chosen = [everything[i] for i in positions], f"{len(positions)} of {len(everything)} by id"
         max_tokens = max_tokens or suite.max_tokens
         used_temperature = temperature if temperature is not None else (0.8 if samples > 1 else 0.0)
         if samples > 1 and used_temperature <= 0:
@@ -117,7 +129,8 @@ def eval_(
                 "command": "moa eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:]),
                 "machine": machine(), "engine": f"endpoint {url}" if url else engine_version(),
                 "suite": suite.name, "metric": suite.metric, "tasks": suite.describe(), "subset": chosen,
-                "items": len(tasks), "samples": samples, "temperature": used_temperature, "max_tokens": max_tokens,
+                "items": len(tasks), "ids": [t.id for t in tasks] if ids else None, "samples": samples,
+                "temperature": used_temperature, "max_tokens": max_tokens,
                 "concurrency": concurrency, "seed": seed, "votes": str(votes) if votes else None, "url": url,
                 **scoring}
         quiet = quiet_engines(not os.environ.get("MOA_VERBOSE") and url is None, "eval")
@@ -125,7 +138,7 @@ def eval_(
             try:
                 if url is None:
                     data = asyncio.run(_evaluate(reg, suite, systems, tasks, concurrency, seed, pairwise, judge,
-                                                 progress, human))
+                                                 progress, human, positions))
                 else:
                     data = asyncio.run(_evaluate_url(url, api_key, suite, list(dict.fromkeys(system)), tasks,
                                                      concurrency, seed, max_tokens, samples, temperature, progress))
@@ -160,7 +173,8 @@ def _details(tasks, results) -> dict:
                     for t, sample in zip(tasks, r.samples, strict=True)] for label, r in results.items()}
 
 
-async def _evaluate(reg, suite, systems, tasks, concurrency, seed, pairwise, judge, progress, human) -> dict:
+async def _evaluate(reg, suite, systems, tasks, concurrency, seed, pairwise, judge, progress, human,
+                    positions=None) -> dict:
     from serving.bench.evaluate import accuracy_row, answer_tasks, group_by_models, judge_pairs, routing_rows
     from serving.bench.human_votes import judge_votes
     from serving.engines.pool import EnginePool
@@ -173,7 +187,7 @@ async def _evaluate(reg, suite, systems, tasks, concurrency, seed, pairwise, jud
             for system in group:
                 results[system.label] = await answer_tasks(
                     system, tasks, pool.engines, concurrency=concurrency, seed=seed, prices=reg.prices(),
-                    scorers=reg.scorers(), suite=suite, code_runner=checks_sandbox,
+                    scorers=reg.scorers(), suite=suite, code_runner=checks_sandbox, positions=positions,
                     on_done=progress(f"{system.label} · {len(tasks)} {suite.name}", len(tasks)))
     rows = [accuracy_row(results[s.label], tasks, _published(suite, s)) for s in systems]
     pairs, voted = [], []

@@ -116,9 +116,10 @@ def check_models(
     reg = registry(config)
     with user_errors():
         if names:
-            specs = [reg.get(n) for n in names]
-        else:
-            specs = [s for s in reg.models.values() if s.backend in ("vllm", "transformers") and is_pulled(s)]
+            specs = [reg.get(n) for n in reg.engine_names(names)]
+        else:  # a model with LoRA adapters shares its base weights with another entry: named, it is checked too
+            specs = [s for s in reg.models.values()
+                     if s.backend in ("vllm", "transformers") and is_pulled(s) and not s.adapters]
         ensure_local(*specs)
     results = []  # per model: the configured dtype, then float32 where that is the fallback
     for spec in specs:

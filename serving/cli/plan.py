@@ -37,7 +37,7 @@ def plan(
         names, _ = served_targets(reg, model, pipeline, swap)
         address = planning.ray_address(ray_address)
         result = plan_engines(reg, names, gpus=parse_gpus(gpus) if gpus else None, ray=address)
-        placed = sorted(n for n in names if planning.in_ray(reg.get(n), address))
+        placed = sorted(n for n in reg.engine_names(names) if planning.in_ray(reg.get(n), address))
         nodes = _ray_nodes(reg, placed, address) if placed and address else {}
     if as_json:
         print(json.dumps({"gpu": result.gpu.to_dict() if result.gpu else None, "cores": result.cores,

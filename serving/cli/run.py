@@ -69,10 +69,11 @@ def run(
         else:
             from moa.engine import SamplingParams
 
-            spec = reg.get(model or reg.default_model)
+            target = model or reg.default_model  # a model, or an adapter (BASE:ADAPTER) its base engine serves
+            reg.get(target)
             params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens or 256,
                                     seed=seed)
-            names = [spec.name]
+            names = [target]
         ensure_local(*(reg.get(name) for name in names))
         with quiet_engines(not os.environ.get("MOA_VERBOSE"), "-".join(names)[:100]) as log_path:
             try:
@@ -80,7 +81,7 @@ def run(
                     result = asyncio.run(_run_pipeline(reg, pipe, messages, seed=seed, timeout=timeout,
                                                        stream=not as_json, code=allow_code_execution))
                 else:
-                    result = asyncio.run(_answer(reg, spec.name, messages, params, stream=not as_json))
+                    result = asyncio.run(_answer(reg, target, messages, params, stream=not as_json))
             except Exception:
                 if log_path:
                     err.print(f"engine log: {log_path}", highlight=False, soft_wrap=True)
@@ -91,7 +92,7 @@ def run(
         print(json.dumps(asdict(result), indent=2))
     else:
         err.print(
-            f"[dim]{spec.name}: {result.prompt_tokens} prompt tokens ({result.cached_prompt_tokens} cached), "
+            f"[dim]{target}: {result.prompt_tokens} prompt tokens ({result.cached_prompt_tokens} cached), "
             f"{result.completion_tokens} completion tokens, TTFT {result.ttft_s or 0:.2f} s, "
             f"total {result.total_s:.2f} s[/dim]",
             highlight=False,
@@ -105,7 +106,8 @@ async def _run_pipeline(reg, pipe, messages, *, seed, timeout, stream: bool, cod
     from serving.engines.pool import EnginePool
     from serving.sandbox import check_sandbox
 
-    with err.status(f"starting {len(pipe.models())} engine(s): {', '.join(pipe.models())}…"):
+    engines = reg.engine_names(list(pipe.models()))
+    with err.status(f"starting {len(engines)} engine(s): {', '.join(engines)}…"):
         pool = EnginePool(reg, pipe.models())
         await pool.start()
     try:

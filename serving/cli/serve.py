@@ -10,6 +10,7 @@ import typer
 from serving.cli.common import (
     CompileOption,
     ConfigOption,
+    check_adapters,
     ensure_local,
     err,
     quiet_engines,
@@ -79,6 +80,7 @@ def serve(
                                  "could use its models. Pass --api-key KEY or set MOA_API_KEYS (or --allow-no-key).")
             err.print(f"[bold red]WARNING: binding {host} with no API key (--allow-no-key).[/bold red]")
         ensure_local(*(reg.get(name) for name in needed))
+        check_adapters(reg, needed)
         # The placement, checked now: models that do not fit fail before any weights load.
         planning.plan_engines(reg, needed, ray=planning.ray_address(ray_address))
     entries = options.cache_entries if cache_entries is None else cache_entries

@@ -60,7 +60,8 @@ def fallback_spec(spec: ModelSpec) -> ModelSpec | None:
 
     if not on_cpu():
         return None
-    if spec.engine.dtype == "auto" and spec.source is not None and auto_dtype_on_cpu(resolve(spec).path) == "float32":
+    if spec.engine.dtype == "auto" and spec.source is not None and \
+            auto_dtype_on_cpu(resolve(spec).path, spec.engine.quantization) == "float32":
         return None  # `auto` already runs float32 on this CPU
     return spec.model_copy(update={"engine": spec.engine.model_copy(update={"dtype": "float32"})})
 

@@ -42,7 +42,7 @@ def build_engine_args(spec: ModelSpec, model_path: Path, *, gpu_memory_utilizati
         "model": str(model_path),
         "tokenizer": str(model_path),
         "served_model_name": spec.name,
-        "dtype": auto_dtype_on_cpu(model_path) if cpu and e.dtype == "auto" else e.dtype,
+        "dtype": auto_dtype_on_cpu(model_path, e.quantization) if cpu and e.dtype == "auto" else e.dtype,
         "max_model_len": e.max_model_len or default_max_model_len(model_path),
         "enable_prefix_caching": e.enable_prefix_caching,
         "tensor_parallel_size": e.tensor_parallel_size,
@@ -88,9 +88,10 @@ def build_engine_args(spec: ModelSpec, model_path: Path, *, gpu_memory_utilizati
 FLOAT32_MEMORY_SHARE = 1 / 3
 
 
-def auto_dtype_on_cpu(model_path: Path) -> str:
+def auto_dtype_on_cpu(model_path: Path, quantization: str | None = None) -> str:
     """What `dtype: auto` runs on a CPU: "auto" (vLLM then takes the checkpoint's 16-bit dtype) where the CPU
-    computes bf16 in hardware, else float32 where float32 weights take at most a third of the memory.
+    computes bf16 in hardware, else float32 where float32 weights take at most a third of the memory (a
+    quantized checkpoint, or one whose size is unknown, stays "auto": AWQ/GPTQ kernels take 16 bit only).
 
     Why: vLLM-CPU's own `auto` is bf16 on every x86 CPU, but without AVX512-BF16 or AMX it converts bf16 for
     each matmul; on an AVX2-only EPYC the 1.5B decodes 3.5 tok/s in bf16 and 10.8 in float32 at n=8
@@ -98,14 +99,16 @@ def auto_dtype_on_cpu(model_path: Path) -> str:
     """
     from serving.cpu import native_bf16, physical_memory_bytes
 
-    if native_bf16():
+    if native_bf16() or quantization is not None:
         return "auto"
     memory = physical_memory_bytes()
-    return "float32" if memory and float32_weight_bytes(model_path) <= FLOAT32_MEMORY_SHARE * memory else "auto"
+    weights = float32_weight_bytes(model_path)
+    return "float32" if memory and weights and weights <= FLOAT32_MEMORY_SHARE * memory else "auto"
 
 
 def float32_weight_bytes(model_path: Path) -> float:
-    """The checkpoint's safetensors bytes, rescaled to 4 bytes per parameter from the dtype its config names."""
+    """The checkpoint's safetensors bytes, rescaled to 4 bytes per parameter from the dtype its config names;
+    0 when unknown (no safetensors) or quantized (its config carries a quantization_config)."""
     import json
 
     size = sum(f.stat().st_size for f in model_path.glob("*.safetensors"))
@@ -113,6 +116,8 @@ def float32_weight_bytes(model_path: Path) -> float:
         config = json.loads((model_path / "config.json").read_text())
     except (OSError, ValueError):
         config = {}
+    if config.get("quantization_config") or config.get("text_config", {}).get("quantization_config"):
+        return 0.0
     stored = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     return size * (1 if stored == "float32" else 2)
 

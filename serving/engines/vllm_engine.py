@@ -131,7 +131,11 @@ class VLLMEngine(StreamingEngine):
         # Building the engine blocks for tens of seconds (weights, KV cache, warm-up):
         # do it off the event loop so a server stays responsive (health checks) meanwhile.
         await asyncio.to_thread(self.start_blocking)
-        await self._load_adapters()
+        try:
+            await self._load_adapters()
+        except BaseException:
+            await self._shut_down()  # no engine process left behind by a start that failed
+            raise
 
     def start_blocking(self) -> None:
         """Build the engine in the calling thread (a Ray actor's __init__ does, so restarts rebuild it).
@@ -170,9 +174,12 @@ class VLLMEngine(StreamingEngine):
 
         self._loras = {a.name: LoRARequest(target(self.name, a.name), i, str(a.path))
                        for i, a in enumerate(adapters, 1)}
-        self._base_lora = (LoRARequest(target(self.name, ZERO), len(adapters) + 1,
-                                       str(zero_adapter(adapters, moa_home())))
-                           if self.base_requests_carry_zero_adapter else None)
+        try:
+            zero = zero_adapter(adapters, moa_home()) if self.base_requests_carry_zero_adapter else None
+        except (OSError, ImportError) as exc:
+            raise EngineError(f"model {self.name!r}: could not make the zero adapter its base requests carry "
+                              f"(under {moa_home()}): {exc}") from exc
+        self._base_lora = LoRARequest(target(self.name, ZERO), len(adapters) + 1, str(zero)) if zero else None
 
     async def _load_adapters(self) -> None:
         """Load every adapter into the engine now, so vLLM's own checks run at start and no request waits."""
