@@ -244,6 +244,21 @@ async def test_accuracy_and_pairwise_with_a_position_biased_judge(tmp_path):
     assert row["first_position_rate"] == 0.5
 
 
+async def test_a_rerun_of_some_items_seeds_each_as_the_whole_run_did(tmp_path):
+    """`moa eval --ids`: item k of the suite is seeded seed + 1000 * k in a rerun of a few items too."""
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(f'{{"id": "{k}", "prompt": "q{k}", "answer": "1", "scorer": "numeric"}}\n'
+                            for k in range(4)))
+    tasks = load_tasks(path)
+    system = System("e", Pipeline("e", (Propose(models=("e",), temperature=0.7),)))
+    whole, some = ScriptedEngine("e"), ScriptedEngine("e")
+    await answer_tasks(system, tasks, {"e": whole}, concurrency=1, seed=5)
+    await answer_tasks(system, [tasks[1], tasks[3]], {"e": some}, concurrency=1, seed=5, positions=[1, 3])
+    seeds = {c.messages[-1]["content"]: c.params.seed for c in whole.calls}
+    assert seeds == {"q0": 5, "q1": 1005, "q2": 2005, "q3": 3005}
+    assert {c.messages[-1]["content"]: c.params.seed for c in some.calls} == {"q1": 1005, "q3": 3005}
+
+
 # -- reports -----------------------------------------------------------------------------------
 
 
