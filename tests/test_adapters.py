@@ -200,3 +200,16 @@ def test_moa_models_adapters_lists_each_with_rank_modules_and_fit():
     assert set(rows) == {f"{BASE}:{a}" for a in ADAPTERS}
     assert all(r["ok"] and r["rank"] == 8 and r["engine_lora_bytes"] > 0 for r in rows.values())
     assert rows[f"{BASE}:tagged"]["targets"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+def test_serving_every_pipeline_leaves_out_one_whose_adapters_are_not_made_yet(tmp_path, monkeypatch, registry):
+    """A fresh machine (no adapters trained): `moa serve` still starts, without lora-moa, and says why; named
+    explicitly, lora-moa fails before anything starts, naming the adapter and the script that makes it."""
+    from serving.adapters import AdapterError
+    from serving.cli.common import check_adapters, served_targets
+
+    monkeypatch.setenv("MOA_HOME", str(tmp_path))
+    needed, pipelines = served_targets(registry, [], [], [])
+    assert "lora-moa" not in pipelines and BASE not in needed and "moa-lite" in pipelines
+    with pytest.raises(AdapterError, match="adapter 'french'.*scripts/train_adapters.py"):
+        check_adapters(registry, list(registry.pipeline("lora-moa").models()))

@@ -145,21 +145,25 @@ def _adapters_missing(reg: Registry, pipeline: str) -> bool:
 def check_adapters(reg: Registry, names: list[str]) -> None:
     """Every adapter the engines for `names` will load is on disk and fits its base (AdapterError naming it), so a
     command fails before it binds a port or starts an engine. An engine loads all of its base's adapters."""
-    from serving.adapters import AdapterError, read_adapters
+    from serving.adapters import AdapterError, adapter_dir, read_adapters
     from serving.store import resolve
 
+    hint = "python scripts/train_adapters.py makes the embedded ones"
     for name in reg.engine_names(names):
         spec = reg.get(name)
+        for adapter, source in spec.adapters.items():
+            if not (path := adapter_dir(name, adapter, source) / "adapter_config.json").is_file():
+                raise AdapterError(f"model {name!r}, adapter {adapter!r}: {path} does not exist ({hint})")
         if not spec.adapters:
             continue
         try:
             base = resolve(spec).path
         except ModelNotAvailable:
-            continue  # pulled next (ensure_local); the engine start checks the adapters then
+            continue  # pulled next (ensure_local); the engine start checks the fit then
         try:
             read_adapters(spec, base)
         except AdapterError as exc:
-            raise AdapterError(f"{exc} (python scripts/train_adapters.py makes the embedded ones)") from None
+            raise AdapterError(f"{exc} ({hint})") from None
 
 
 def parse_swap(text: str) -> tuple[str, str]:
