@@ -178,6 +178,8 @@ async def test_an_unknown_adapter_is_refused_naming_it_and_the_server_lists_the_
         for name in ADAPTERS:
             entry = listed[f"{BASE}:{name}"]
             assert entry["parent"] == BASE and entry["moa"]["kind"] == "adapter" and entry["moa"]["ready"]
+        health = (await http.get("/health")).json()["engines"]  # engines, each with the adapters it serves
+        assert list(health) == [BASE] and health[BASE]["adapters"] == [f"{BASE}:{a}" for a in ADAPTERS]
         unknown = await http.post("/v1/chat/completions", json={"model": f"{BASE}:nope", "messages": FRANCE})
         assert unknown.status_code == 404 and f"{BASE}:nope" in unknown.json()["error"]["message"]
         french = (await http.post("/v1/chat/completions", json={"model": f"{BASE}:french", "messages": FRANCE,

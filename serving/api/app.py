@@ -100,8 +100,10 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
 
     @app.get("/health")
     async def health() -> dict:
+        # Engines only: an adapter (BASE:ADAPTER) is listed under the engine that serves it.
         return {"status": "ok", "engines": {name: _engine_health(registry, name, engine)
-                                            for name, engine in state.engines.items()}}
+                                            for name, engine in state.engines.items()
+                                            if registry.adapter_of(name) is None}}
 
     @app.get("/ready", responses=documented_errors(404, 503))
     async def ready(target: str | None = None) -> JSONResponse:
@@ -117,8 +119,9 @@ def create_app(registry: Registry, *, models: list[str], pipelines: Mapping[str,
             return JSONResponse({"status": "ready", "target": target, "models": list(models)})
         if not state.ready:
             started = state.engine_states()
+            engines = {m: s for m, s in started.items() if registry.adapter_of(m) is None}
             message = (f"the engines failed to start: {state.start_error}" if state.start_error else
-                       f"engines are starting ({sum(s == 'up' for s in started.values())} of {len(started)} up); "
+                       f"engines are starting ({sum(s == 'up' for s in engines.values())} of {len(engines)} up); "
                        "models that are up answer already (GET /ready?target=NAME)")
             failed = body(503, message, code="engines_failed" if state.start_error else "not_ready")
             return JSONResponse({**failed, "engines": started}, status_code=503,
@@ -213,7 +216,9 @@ def _engine_health(registry: Registry, name: str, engine: Engine) -> dict:
     """An engine and where it runs: a Ray node, or this machine (local devices, or a remote server's client)."""
     where = getattr(engine, "node", None) or {}
     inside = getattr(engine, "running_requests", None)  # vLLM's own count of unfinished requests (in-process)
+    adapters = list(getattr(engine, "adapters", None) or {})
     return {"backend": registry.get(name).backend, "placement": "ray" if where else "local",
+            **({"adapters": [f"{name}:{a}" for a in adapters]} if adapters else {}),
             **({"node_id": where.get("node_id"), "host": where.get("host")} if where else {}),
             "state": getattr(engine, "state", "ready"), "running": engine.stats.running,
             "restarts": engine.stats.restarts,
