@@ -61,7 +61,7 @@ def adapter_dir(model: str, name: str, source: HFDirSource | HubSource) -> Path:
 
 def read_adapters(spec: ModelSpec, base_path: Path) -> list[Adapter]:
     """Every adapter of `spec`, checked against the base weights in `base_path`."""
-    shapes = _base_shapes(base_path) if spec.adapters else {}
+    shapes = base_shapes(base_path) if spec.adapters else {}
     return [read_adapter(spec.name, name, adapter_dir(spec.name, name, source), shapes)
             for name, source in spec.adapters.items()]
 
@@ -91,7 +91,7 @@ def read_adapter(model: str, name: str, path: Path, base_shapes: dict[str, tuple
     return Adapter(name, path, rank, float(config.get("lora_alpha") or rank), targets, weights.stat().st_size)
 
 
-def _base_shapes(base_path: Path) -> dict[str, tuple[int, ...]]:
+def base_shapes(base_path: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     shapes: dict[str, tuple[int, ...]] = {}

@@ -170,8 +170,7 @@ def list_adapters(
     whether each fits its base (checked against the base weights, as an engine start checks it)."""
     import json
 
-    from serving.adapters import AdapterError, adapter_dir, read_adapter, target
-    from serving.adapters import _base_shapes as base_shapes
+    from serving.adapters import AdapterError, adapter_dir, base_shapes, read_adapter, target
     from serving.planning import lora_bytes
     from serving.store import ModelNotAvailable, resolve
 
