@@ -57,6 +57,7 @@ def running_on_server(base: str) -> float:
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
+COUNT = [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]
 
 
 async def test_greedy_is_deterministic_with_counts(remote):
@@ -102,12 +103,19 @@ async def test_cancel_closes_the_connection_and_the_server_aborts(remote, vllm_s
     got_token = asyncio.Event()
 
     async def consume():
-        async for event in remote.stream(FRANCE, SamplingParams(temperature=1.0, max_tokens=2000, seed=1)):
+        # A counting prompt, greedy: the tiny model counts on for hundreds of tokens in every dtype, so the
+        # request is still running when it is cancelled (a sampled answer may end at EOS within a second).
+        async for event in remote.stream(COUNT, SamplingParams(temperature=0, max_tokens=2000)):
             if isinstance(event, Delta) and event.text:
                 got_token.set()
 
     task = asyncio.create_task(consume())
     await asyncio.wait_for(got_token.wait(), 30)
+    for _ in range(25):  # the server's gauge is updated once per scheduler step
+        if running_on_server(vllm_server) == 1 or task.done():
+            break
+        await asyncio.sleep(0.2)
+    assert not task.done(), "the request ended by itself before it could be cancelled"
     assert running_on_server(vllm_server) == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
