@@ -22,6 +22,8 @@ from serving.registry import Registry, load_registry  # noqa: E402
 SMALL = "smollm2-135m"
 QWEN_SMALL = "qwen2.5-coder-0.5b"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+# A prompt a tiny model answers at length in every dtype: for tests that need a request still running.
+COUNT = [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]
 
 
 @pytest.fixture(scope="session")

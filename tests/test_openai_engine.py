@@ -17,7 +17,7 @@ from serving.engines.vllm_server import VLLMServer, free_port
 from serving.known_answer import check_engine, load_reference
 from serving.registry import Endpoint, ModelSpec
 from serving.store import resolve
-from tests.conftest import FRANCE, SMALL
+from tests.conftest import COUNT, FRANCE, SMALL
 
 pytestmark = pytest.mark.vllm
 
@@ -57,7 +57,6 @@ def running_on_server(base: str) -> float:
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
-COUNT = [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]
 
 
 async def test_greedy_is_deterministic_with_counts(remote):

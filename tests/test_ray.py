@@ -17,7 +17,7 @@ from moa.steps import Aggregate, Propose
 from serving.engines.pool import EnginePool
 from serving.registry import load_registry
 from serving.store import resolve
-from tests.conftest import FRANCE, QWEN_SMALL, SMALL
+from tests.conftest import COUNT, FRANCE, QWEN_SMALL, SMALL
 
 pytestmark = pytest.mark.vllm
 ray = pytest.importorskip("ray")
@@ -44,7 +44,7 @@ def ray_registry(tmp_path_factory, registry, local_model):
 
     def pinned(node: str, core: int) -> dict:
         return {"backend": "vllm", "placement": "ray", "source": {"kind": "hf-dir", "path": str(path)},
-                "engine": {"dtype": "bfloat16", "max_model_len": 4096, "cpu_kv_cache_gib": 0.25},
+                "engine": {"dtype": "auto", "max_model_len": 4096, "cpu_kv_cache_gib": 0.25},
                 "ray": {"resources": {node: 1}, "env": {"VLLM_CPU_OMP_THREADS_BIND": str(core)}}}
 
     qwen = registry.get(QWEN_SMALL).model_dump(mode="json", exclude={"name"}, exclude_defaults=True)
@@ -102,12 +102,11 @@ async def test_health_lists_each_engine_with_its_node(ray_registry, ray_pool):
     assert engines["smol-a"]["node_id"] == ray_pool["smol-a"].node["node_id"] != engines["smol-b"]["node_id"]
 
 
-async def test_a_pipeline_mixing_ray_and_in_process_engines(ray_registry, ray_pool):
+async def test_a_pipeline_mixing_ray_and_in_process_engines(ray_pool, small_pool):
     pipeline = Pipeline("mixed", (Propose(models=("smol-a", "smol-b", QWEN_SMALL), max_tokens=12),
                                   Aggregate(model=QWEN_SMALL, max_tokens=12)))
-    async with EnginePool(ray_registry, [QWEN_SMALL]) as local:
-        engines = {**ray_pool.engines, **local.engines}
-        result = await run(pipeline, FRANCE, engines, seed=1)
+    engines = {**ray_pool.engines, QWEN_SMALL: small_pool[QWEN_SMALL]}  # the shared in-process engine
+    result = await run(pipeline, FRANCE, engines, seed=1)
     assert [(c.model, c.status) for c in result.trace.calls][:3] == [("smol-a", "ok"), ("smol-b", "ok"),
                                                                      (QWEN_SMALL, "ok")]
     assert result.answer and result.usage.engine_calls == 4
@@ -117,7 +116,7 @@ async def test_disconnect_aborts_inside_both_actors(ray_pool):
     started = asyncio.Event()
 
     async def consume(engine):
-        async for event in engine.stream(FRANCE, SamplingParams(temperature=1.0, max_tokens=2000, seed=5)):
+        async for event in engine.stream(COUNT, SamplingParams(temperature=1.0, max_tokens=2000, seed=5)):
             if isinstance(event, Delta) and event.text:
                 started.set()
 

@@ -13,16 +13,15 @@ import pytest
 
 from moa.engine import Delta, Generation, InvalidRequest, SamplingParams
 from serving.engines.pool import EnginePool
-from tests.conftest import FRANCE, QWEN_SMALL, SMALL
+from tests.conftest import COUNT, FRANCE, SMALL
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-async def smol(registry, local_model):
-    local_model(SMALL)
-    async with EnginePool(registry, [SMALL]) as pool:
-        yield pool[SMALL]
+def smol(small_pool):
+    """The shared SmolLM2 engine: one start fewer; the test that kills it kills only its own processes."""
+    return small_pool[SMALL]
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
@@ -96,7 +95,7 @@ async def test_cancelled_request_leaves_no_running_request(smol):
     first_token = asyncio.Event()
 
     async def consume():
-        async for event in smol.stream(FRANCE, SamplingParams(temperature=1.0, max_tokens=2000, seed=3)):
+        async for event in smol.stream(COUNT, SamplingParams(temperature=1.0, max_tokens=2000, seed=3)):
             if isinstance(event, Delta) and event.text:
                 first_token.set()
 
@@ -120,7 +119,7 @@ async def test_cancelled_request_leaves_no_running_request(smol):
 async def test_closing_a_stream_aborts_its_samples_in_the_engine_before_aclose_returns(smol):
     """What a quorum relies on: closing an n=k stream aborts every sample at once, not when collected."""
     aborted = smol.stats.aborted
-    stream = smol.stream(FRANCE, SamplingParams(n=3, temperature=1.0, max_tokens=2000, seed=5))
+    stream = smol.stream(COUNT, SamplingParams(n=3, temperature=1.0, max_tokens=2000, seed=5))
     async for event in stream:
         if isinstance(event, Delta) and event.text:
             break
@@ -147,46 +146,28 @@ async def test_prompt_beyond_context_is_an_invalid_request(smol):
         await smol.generate([{"role": "robot", "content": "hi"}], SamplingParams())
 
 
-async def test_qwen_half_billion_answers_and_leaves_no_orphan_process(registry, local_model):
+def _alive(pids) -> list[int]:
     import psutil
 
-    local_model(QWEN_SMALL)
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    async with EnginePool(registry, [QWEN_SMALL]) as pool:
-        # multiprocessing's resource tracker is one helper per Python process, not an engine's.
-        during = {p.pid for p in psutil.Process().children(recursive=True)
-                  if "resource_tracker" not in " ".join(p.cmdline())} - before
-        result = await pool[QWEN_SMALL].generate(FRANCE, GREEDY)
-    assert result.texts[0].strip() and result.completion_tokens > 0
-    assert during, "the engine runs in its own processes"
-    for _ in range(100):
-        alive = [pid for pid in during if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-        if not alive:
-            break
-        await asyncio.sleep(0.1)
-    assert alive == [], [psutil.Process(pid).cmdline()[:4] for pid in alive]
-
-
-def _live_engine_cores() -> list:
-    """EngineCore processes under this one; exited children not yet reaped (zombies) have no cmdline to read."""
-    import psutil
-
-    cores = []
-    for proc in psutil.Process().children(recursive=True):
+    alive = []
+    for pid in pids:
         try:
-            if proc.status() != psutil.STATUS_ZOMBIE and "EngineCore" in " ".join(proc.cmdline() + [proc.name()]):
-                cores.append(proc)
-        except psutil.Error:  # gone or a zombie between the listing and the read
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.Error:  # gone, or gone between the check and the read
             continue
-    return cores
+    return alive
 
 
 async def test_dead_engine_core_is_detected_and_restarted(smol):
+    import psutil
+
     before = (await smol.generate(FRANCE, GREEDY)).texts
-    cores = _live_engine_cores()
+    restarts = smol.stats.restarts
+    cores = _alive(smol.core_pids)  # this engine's processes only: the shared pool's other engine lives on
     assert cores, "no EngineCore process found"
-    for proc in cores:
-        proc.kill()
+    for pid in cores:
+        psutil.Process(pid).kill()
     for _ in range(100):  # vLLM's monitor notices the dead process and marks the client errored
         if smol._llm.errored:
             break
@@ -195,18 +176,22 @@ async def test_dead_engine_core_is_detected_and_restarted(smol):
     # Three requests at once: the first restarts the engine, the others wait for it instead of failing.
     results = await asyncio.gather(*(smol.generate(FRANCE, GREEDY) for _ in range(3)))
     assert [r.texts for r in results] == [before] * 3  # the restarted engine answers the same way
-    assert smol.stats.restarts == 1 and smol.state == "ready"
+    assert smol.stats.restarts == restarts + 1 and smol.state == "ready"
 
 
-async def test_priority_scheduling_serves_a_later_layers_call_before_an_earlier_arrival(registry, local_model):
+async def test_priority_scheduling_serves_a_later_layers_call_first_and_leaves_no_orphan_process(
+        registry, local_model):
     """The mechanism behind "later layers first": with `scheduling_policy: priority` and room for one sequence,
     a call at priority -2 (layer 2) queued after one at -1 (layer 1) is served first; vLLM orders its waiting
-    queue by (priority, arrival). The runner gives every call priority -layer (tests/test_runner.py)."""
+    queue by (priority, arrival). The runner gives every call priority -layer (tests/test_runner.py).
+    The engine of its own that this needs also shows that closing a pool leaves none of its processes behind."""
     local_model(SMALL)
     one_at_a_time = registry.with_engine_args(scheduling_policy="priority", max_num_seqs=1)
     finished: list[str] = []
     async with EnginePool(one_at_a_time, [SMALL]) as pool:
         engine = pool[SMALL]
+        spawned = list(engine.core_pids)
+        assert _alive(spawned), "the engine runs in processes of its own"
 
         async def call(name: str, priority: int) -> None:
             await engine.generate(FRANCE, SamplingParams(temperature=0, max_tokens=8, priority=priority))
@@ -223,3 +208,8 @@ async def test_priority_scheduling_serves_a_later_layers_call_before_an_earlier_
         finished.append("holder")
         await asyncio.gather(layer1, layer2)
     assert finished == ["holder", "layer 2", "layer 1"]
+    for _ in range(100):
+        if not _alive(spawned):
+            break
+        await asyncio.sleep(0.1)
+    assert _alive(spawned) == []

@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 import time
+from contextlib import AsyncExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -182,17 +183,28 @@ async def _evaluate(reg, suite, systems, tasks, concurrency, seed, pairwise, jud
 
     results = {}
     checks_sandbox = check_sandbox()  # moa eval turns code execution on for its own run (pipelines with `check`)
-    for group in group_by_models(systems):
-        async with EnginePool(reg, group[0].pipeline.models()) as pool:
-            for system in group:
-                results[system.label] = await answer_tasks(
-                    system, tasks, pool.engines, concurrency=concurrency, seed=seed, prices=reg.prices(),
-                    scorers=reg.scorers(), suite=suite, code_runner=checks_sandbox, positions=positions,
-                    on_done=progress(f"{system.label} · {len(tasks)} {suite.name}", len(tasks)))
-    rows = [accuracy_row(results[s.label], tasks, _published(suite, s)) for s in systems]
-    pairs, voted = [], []
-    if pairwise is not None or human:
-        async with EnginePool(reg, [judge]) as pool:
+    judging = pairwise is not None or bool(human)
+    groups = group_by_models(systems)
+    if judging:  # the group whose engines include the judge runs last: its pool stays up for the judging
+        groups.sort(key=lambda g: judge in g[0].pipeline.models())
+    async with AsyncExitStack() as stack:
+        judge_pool = None
+        for i, group in enumerate(groups):
+            models = group[0].pipeline.models()
+            keep = judging and i == len(groups) - 1 and judge in models
+            async with AsyncExitStack() as this_group:
+                # A kept pool closes with the outer stack, after the judging; any other at the end of its group.
+                pool = await (stack if keep else this_group).enter_async_context(EnginePool(reg, models))
+                judge_pool = pool if keep else None
+                for system in group:
+                    results[system.label] = await answer_tasks(
+                        system, tasks, pool.engines, concurrency=concurrency, seed=seed, prices=reg.prices(),
+                        scorers=reg.scorers(), suite=suite, code_runner=checks_sandbox, positions=positions,
+                        on_done=progress(f"{system.label} · {len(tasks)} {suite.name}", len(tasks)))
+        rows = [accuracy_row(results[s.label], tasks, _published(suite, s)) for s in systems]
+        pairs, voted = [], []
+        if judging:
+            pool = judge_pool or await stack.enter_async_context(EnginePool(reg, [judge]))
             for s in systems if pairwise is not None else []:
                 if s.label == pairwise:
                     continue

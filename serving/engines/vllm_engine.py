@@ -85,9 +85,18 @@ def check_fits(name: str, prompt_ids: Sequence[int], params: SamplingParams, max
 
 
 def _children() -> set[int]:
+    """This process's descendants, less multiprocessing's resource tracker: it is started by the first engine
+    build but serves the whole process, so it is no engine's."""
     import psutil
 
-    return {p.pid for p in psutil.Process().children(recursive=True)}
+    pids = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(proc.cmdline()):
+                pids.add(proc.pid)
+        except psutil.Error:  # exited between the listing and the read
+            continue
+    return pids
 
 
 class VLLMEngine(StreamingEngine):
