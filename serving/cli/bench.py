@@ -18,6 +18,7 @@ from serving.cli.common import (
     CompileOption,
     ConfigOption,
     ProgressBars,
+    SpeculativeOption,
     ensure_local,
     err,
     exit_cleanly_on_sigterm,
@@ -56,6 +57,7 @@ def bench(
     ray_address: str | None = typer.Option(None, "--ray-address", help="Run the pipelines' engines in Ray actors "
                                            "on this cluster (auto, ray://HOST:10001): Ray vs in-process."),
     compile: bool = CompileOption,
+    speculative: str | None = SpeculativeOption,
     config: Path | None = ConfigOption,
 ) -> None:
     """Measure pipelines at several concurrency levels against the baselines (a) raw engine batch,
@@ -107,9 +109,11 @@ def bench(
                                              seed))
             data = {"meta": meta, "pipelines": results}
         else:
-            reg = registry(config, compile=compile)
+            reg = registry(config, compile=compile, speculative=speculative)
             if compile:
                 meta["compile"] = True
+            if speculative is not None:
+                meta["speculative"] = speculative
             if scheduling is not None:
                 if scheduling not in ("fcfs", "priority"):
                     raise ValueError(f"--scheduling must be fcfs or priority, got {scheduling!r}")

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from moa.engine import EngineError
 from moa.pipeline import engines_needed
-from serving.registry import ModelSpec, Registry, RegistryError, load_registry
+from serving.registry import ModelSpec, Registry, RegistryError, Speculative, load_registry
 from serving.store import ModelNotAvailable
 
 
@@ -57,12 +57,21 @@ CompileOption = typer.Option(
 )
 
 
-def registry(config: Path | None, *, compile: bool = False) -> Registry:
+SpeculativeOption = typer.Option(
+    None, "--speculative", help="Prompt-lookup speculation in every vLLM engine: `ngram` (vLLM's n-gram drafts, 4 "
+    "tokens, 2-4-grams; per model: engine.speculative in models.yaml, docs/ENGINES.md), or `off`.")
+
+
+def registry(config: Path | None, *, compile: bool = False, speculative: str | None = None) -> Registry:
     try:
         reg = load_registry(config)
     except RegistryError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    if speculative is not None:
+        if speculative not in ("ngram", "off"):
+            raise typer.BadParameter(f"{speculative!r}: give ngram or off", param_hint="--speculative")
+        reg = reg.with_engine_args(speculative=Speculative() if speculative == "ngram" else None)
     return reg.with_engine_args(enforce_eager=False) if compile else reg
 
 

@@ -13,6 +13,7 @@ import typer
 
 from serving.cli.common import (
     ConfigOption,
+    SpeculativeOption,
     ensure_local,
     err,
     out,
@@ -46,10 +47,11 @@ def run(
                                               "run the responses' code, and the question's own examples and "
                                               "asserts, in bubblewrap's sandbox (no network, read-only files, "
                                               "CPU/memory/time limits; refused where bwrap cannot start)."),
+    speculative: str | None = SpeculativeOption,
     config: Path | None = ConfigOption,
 ) -> None:
     """Answer QUESTION with a pipeline (--pipeline) or one local model, streaming the answer to stdout."""
-    reg = registry(config)
+    reg = registry(config, speculative=speculative)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     with user_errors():
         if pipeline and model:

@@ -10,6 +10,7 @@ import typer
 from serving.cli.common import (
     CompileOption,
     ConfigOption,
+    SpeculativeOption,
     check_adapters,
     ensure_local,
     err,
@@ -52,6 +53,7 @@ def serve(
                                               "asserts in bubblewrap's sandbox (never without it) [server: "
                                               "code_execution, off]; without it they answer 400."),
     compile: bool = CompileOption,
+    speculative: str | None = SpeculativeOption,
     config: Path | None = ConfigOption,
 ) -> None:
     """Serve models and pipelines over an OpenAI-compatible API, and the playground page at /playground.
@@ -64,7 +66,7 @@ def serve(
     from serving.api.app import ServerSettings, create_app
     from serving.store import moa_home
 
-    reg = registry(config, compile=compile)
+    reg = registry(config, compile=compile, speculative=speculative)
     if ray_address:
         os.environ["MOA_RAY_ADDRESS"] = ray_address  # the engine pool reads it
     with user_errors():

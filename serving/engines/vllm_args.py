@@ -54,6 +54,8 @@ def build_engine_args(spec: ModelSpec, model_path: Path, *, gpu_memory_utilizati
     }
     if e.max_num_seqs is not None:
         args["max_num_seqs"] = e.max_num_seqs
+    if e.speculative is not None:
+        args["speculative_config"] = e.speculative.model_dump()
     if e.quantization is not None:
         if e.quantization == "bitsandbytes-8bit":
             raise EngineConfigError(
