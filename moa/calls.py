@@ -147,6 +147,8 @@ class EngineCalls:
             record.prompt_tokens = generation.prompt_tokens
             record.completion_tokens = generation.completion_tokens
             record.cached_prompt_tokens = generation.cached_prompt_tokens
+            record.draft_tokens = sum(c.draft_tokens for c in generation.completions)
+            record.accepted_draft_tokens = sum(c.accepted_draft_tokens for c in generation.completions)
             prompt_price, completion_price = self.prices.get(model, (0.0, 0.0))
             record.cost_usd = (generation.prompt_tokens * prompt_price
                                + generation.completion_tokens * completion_price) / 1e6

@@ -64,6 +64,9 @@ class Completion:
     finish_reason: FinishReason
     logprob: float | None = None  # sum over the sampled tokens, when asked for (SamplingParams.logprobs)
     min_logprob: float | None = None  # the least likely token chosen: one unsure step in a confident answer
+    # Speculative decoding, where the engine runs it: draft tokens proposed for this completion, and accepted.
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     @property
     def mean_logprob(self) -> float | None:

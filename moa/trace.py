@@ -32,6 +32,9 @@ class CallRecord:
     temperature: float | None = None
     seed: int | None = None
     aborted_samples: int = 0
+    # Speculative decoding (engine.speculative): draft tokens the engine proposed for this call, and accepted.
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
 
 @dataclass(slots=True)

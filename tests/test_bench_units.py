@@ -6,11 +6,12 @@ The real-engine runs of `moa bench` and `moa eval` are in test_bench_real.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
 
-from moa.engine import SamplingParams
+from moa.engine import Generation, SamplingParams
 from moa.pipeline import Pipeline
 from moa.runner import run
 from moa.steps import Aggregate, Propose
@@ -119,6 +120,34 @@ async def test_run_level_serves_each_request_once_within_the_concurrency():
     assert set(level.samples[0].layers) == {"L1 propose", "L2 aggregate"}
     assert samples_in_one_request(SELF_MOA)
     assert not samples_in_one_request(Pipeline("x", (Propose(models=("a", "b")),)))
+
+
+class Drafting(ScriptedEngine):
+    """Speculates as a vLLM engine with engine.speculative reports it: per completion, drafts made and accepted
+    (here 4/1 for each proposal sample, 8/6 for the aggregate)."""
+
+    async def stream(self, messages, params, *, request_id=None):
+        async for event in super().stream(messages, params, request_id=request_id):
+            if isinstance(event, Generation):
+                drafted, accepted = (4, 1) if params.n > 1 else (8, 6)
+                event = dataclasses.replace(event, completions=tuple(
+                    dataclasses.replace(c, draft_tokens=drafted, accepted_draft_tokens=accepted)
+                    for c in event.completions))
+            yield event
+
+
+async def test_draft_acceptance_is_traced_per_call_and_summarised_per_layer():
+    async def request(i, t0):
+        return await pipeline_request(SELF_MOA, Q, {"a": Drafting("a")}, i, t0, seed=i)
+
+    level = await run_level("moa", "self", request, concurrency=2, requests=2)
+    assert level.samples[0].drafts == {"L1 propose": [12, 3], "L2 aggregate": [8, 6]}  # 3 samples, then 1
+    assert summarize(level)["draft_acceptance"] == {"L1 propose": 0.25, "L2 aggregate": 0.75}
+    result = await run(SELF_MOA, Q, {"a": Drafting("a")})
+    assert [(c.draft_tokens, c.accepted_draft_tokens) for c in result.trace.calls] == [(12, 3), (8, 6)]
+    row = dict(zip([c[0] for c in report.LEVEL_COLUMNS], [f(summarize(level)) for _, f in report.LEVEL_COLUMNS],
+                   strict=True))
+    assert row["drafts accepted"] == "propose 25% · aggregate 75%"
 
 
 def test_summarize_computes_throughput_and_percentiles():

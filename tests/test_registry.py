@@ -121,6 +121,7 @@ def test_speculative_is_vllms_speculative_config_per_model_or_for_all_from_the_c
         num_speculative_tokens=3, prompt_lookup_max=5)})})
     assert build_engine_args(fast, Path("/models/tiny"), cpu=True)["speculative_config"] == {
         "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    assert build_engine_args(fast, Path("/models/tiny"), cpu=True)["per_request_spec_decode_metrics"] == "summary"
     command = server_command(fast, Path("/models/tiny"))
     assert json.loads(command[command.index("--speculative-config") + 1])["num_speculative_tokens"] == 3
     with pytest.raises(ValueError, match="prompt_lookup_min 5 is above prompt_lookup_max 4"):

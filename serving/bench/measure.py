@@ -39,6 +39,8 @@ class RequestSample:
     cost_usd: float = 0.0
     critical_path_s: float | None = None  # the engine calls' own chain (in-process runs, from the trace)
     layers: dict[str, float] = field(default_factory=dict)  # "L1 propose" -> seconds
+    # "L2 aggregate" -> [draft tokens proposed, accepted], where the engines speculate (engine.speculative)
+    drafts: dict[str, list[int]] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)  # "model xn" per engine call, in order (who routing asked)
     notes: list[str] = field(default_factory=list)  # the steps' decisions (routing, escalation, skipped layers)
     answer: str = ""
@@ -100,6 +102,11 @@ async def pipeline_request(pipeline: Pipeline, messages: Sequence[ChatMessage], 
     for step in result.trace.steps:
         if step.end_s is not None and step.step in llm_kinds:
             sample.layers[f"L{step.layer} {step.step}"] = step.end_s - step.start_s
+    for call in result.trace.calls:
+        if call.draft_tokens:
+            counts = sample.drafts.setdefault(f"L{call.layer} {call.step}", [0, 0])
+            counts[0] += call.draft_tokens
+            counts[1] += call.accepted_draft_tokens
     sample.calls = [f"{c.model} x{c.n}" for c in result.trace.calls if c.status != "skipped"]
     sample.notes = [note for step in result.trace.steps for note in step.notes]
     sample.answer = result.answer
@@ -216,4 +223,16 @@ def summarize(level: LevelResult) -> dict:
         # One request's latency over its critical path (Trace.critical_path_s): 1.0 is no orchestration overhead.
         "critical_path_ratio": mean([s.latency_s / s.critical_path_s for s in ok if s.critical_path_s]),
         "layer_latency_s": {name: mean([s.layers[name] for s in ok if name in s.layers]) for name in layer_names},
+        # Per layer, the share of the engines' draft tokens accepted (speculative decoding; absent without it).
+        "draft_acceptance": _acceptance(ok),
     }
+
+
+def _acceptance(samples: Sequence[RequestSample]) -> dict[str, float]:
+    totals: dict[str, list[int]] = {}
+    for sample in samples:
+        for name, (drafted, accepted) in sample.drafts.items():
+            counts = totals.setdefault(name, [0, 0])
+            counts[0] += drafted
+            counts[1] += accepted
+    return {name: accepted / drafted for name, (drafted, accepted) in totals.items() if drafted}

@@ -124,6 +124,8 @@ LEVEL_COLUMNS = [
     ("cost $/req", lambda lv: _f(lv["per_request"]["cost_usd"], 5)),
     ("latency ÷ crit. path", lambda lv: _f(lv.get("critical_path_ratio"), 3)),
     ("layers s", lambda lv: " · ".join(f"{_f(v, 1)}" for v in lv["layer_latency_s"].values()) or "–"),
+    ("drafts accepted", lambda lv: " · ".join(f"{name.split(' ', 1)[1]} {v:.0%}"
+                                              for name, v in lv.get("draft_acceptance", {}).items()) or "–"),
 ]
 
 # The terminal gets the columns that decide a comparison; summary.md has all of them.
@@ -150,7 +152,9 @@ def rich_tables(report: dict) -> list[Table]:
     tables = []
     for entry in report["pipelines"]:
         table = Table(title=f"{entry['name']} ({', '.join(entry['models'])})", title_justify="left")
-        columns = [(name, fn) for name, fn in LEVEL_COLUMNS if name in TERMINAL_COLUMNS]
+        speculating = any(level.get("draft_acceptance") for level in entry["levels"])
+        columns = [(name, fn) for name, fn in LEVEL_COLUMNS
+                   if name in TERMINAL_COLUMNS or (speculating and name in ("layers s", "drafts accepted"))]
         for name, _ in columns:
             table.add_column(name, justify="left" if name == "system" else "right", no_wrap=True)
         for level in entry["levels"]:

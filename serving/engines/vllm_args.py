@@ -56,6 +56,7 @@ def build_engine_args(spec: ModelSpec, model_path: Path, *, gpu_memory_utilizati
         args["max_num_seqs"] = e.max_num_seqs
     if e.speculative is not None:
         args["speculative_config"] = e.speculative.model_dump()
+        args["per_request_spec_decode_metrics"] = "summary"  # each call's drafted and accepted tokens, for traces
     if e.quantization is not None:
         if e.quantization == "bitsandbytes-8bit":
             raise EngineConfigError(

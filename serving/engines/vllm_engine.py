@@ -397,6 +397,7 @@ class VLLMEngine(StreamingEngine):
         reasons: list[str | None] = [None] * params.n
         logprobs: list[float | None] = [0.0 if params.logprobs else None] * params.n
         lowest = [0.0] * params.n
+        drafted, accepted = [0] * params.n, [0] * params.n
         cached = 0
         started = time.perf_counter()
         ttft: float | None = None
@@ -422,6 +423,10 @@ class VLLMEngine(StreamingEngine):
                             lowest[piece.index] = min([lowest[piece.index], *chosen])
                         if piece.finish_reason is not None:
                             reasons[piece.index] = piece.finish_reason
+                        if piece.spec_decode_metrics is not None:  # set once, on the sequence's last output
+                            drafted[piece.index] = piece.spec_decode_metrics.num_draft_tokens
+                            accepted[piece.index] = sum(j * count for j, count in
+                                                        enumerate(piece.spec_decode_metrics.histogram))
                         if piece.text or piece.finish_reason is not None:
                             yield Delta(piece.index, piece.text, finish_reason(piece.finish_reason))
             outcome = "finished"
@@ -440,7 +445,7 @@ class VLLMEngine(StreamingEngine):
             model=self.name,
             completions=tuple(
                 Completion(i, texts[i], tokens[i], finish_reason(reasons[i]) or "stop", logprobs[i],
-                           lowest[i] if params.logprobs else None)
+                           lowest[i] if params.logprobs else None, drafted[i], accepted[i])
                 for i in range(params.n)
             ),
             prompt_tokens=len(prompt_ids),
