@@ -12,6 +12,8 @@
 # 5. A short `moa bench --url` on the first pipeline.
 # 6. The same pipeline in process under vLLM's fcfs and priority scheduling (issue: later layers first).
 # 7. LoRA: the adapter tests and scripts/bench_lora.py on the GPU (three adapters, the base unchanged beside them).
+# 8. Prompt-lookup speculation: the first pipeline in process with and without --speculative ngram (acceptance
+#    per layer, aggregation-layer latency, p50/p90) at 1 and 8 clients.
 # Exit status: non-zero if any step failed; the report says which.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -119,6 +121,16 @@ step "7. LoRA: three adapters and the base in one batch on one GPU engine"
 .venv/bin/python scripts/train_adapters.py >> "$report" 2>&1 || fail "train adapters"
 .venv/bin/python -m pytest -q tests/test_adapters.py >> "$report" 2>&1 || fail "LoRA adapters on the GPU"
 .venv/bin/python scripts/bench_lora.py --clients 1 8 --json "$out/lora.json" >> "$report" 2>&1 || fail "bench_lora"
+
+step "8. prompt-lookup speculation (ngram) against none, in process"
+if grep -q "^pipelines:" "$config" && "$moa" plan -c "$config" -p "$first" >/dev/null 2>&1; then
+  for mode in off ngram; do
+    "$moa" bench -c "$config" -p "$first" --systems moa --requests 16 --concurrency 1,8 --max-tokens 256 \
+      --speculative "$mode" -o "$out/speculative-$mode" >> "$report" 2>&1 || fail "moa bench --speculative $mode"
+  done
+  echo "compare $out/speculative-off/summary.md with $out/speculative-ngram/summary.md (layers s, drafts accepted)" \
+    >> "$report"
+fi
 
 echo >> "$report"
 [ $failed -eq 0 ] && echo "RESULT: all steps passed" | tee -a "$report" || echo "RESULT: some steps failed" | tee -a "$report"
