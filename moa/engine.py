@@ -138,7 +138,12 @@ class EngineError(RuntimeError):
 
 
 class InvalidRequest(ValueError):
-    """The request itself is wrong (bad messages, prompt beyond the context): the caller's fault, a 4xx."""
+    """The request itself is wrong (bad messages, prompt beyond the context): the caller's fault, a 4xx.
+    `param`: the request field at fault, for the API's error body."""
+
+    def __init__(self, message: str, *, param: str = "max_tokens") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @runtime_checkable

@@ -8,6 +8,7 @@ import json
 
 import httpx
 import openai
+import pytest
 
 from moa.pipeline import Pipeline
 from moa.steps import Aggregate, MajorityVote, Propose
@@ -426,3 +427,24 @@ async def test_an_engine_that_fails_to_start_stops_the_server_serving_and_every_
             assert "out of memory while loading" in r.json()["error"]["message"]
         ready = await http.get("/ready")
         assert ready.status_code == 503 and ready.json()["engines"] == {SMALL: "failed", QWEN_SMALL: "failed"}
+
+
+def test_an_engine_refusal_names_the_parameter_at_fault():
+    """A speculating CPU engine refuses a sampled request: the 400 says `temperature`, not the default field."""
+    from moa.engine import InvalidRequest, SamplingParams
+    from serving.api.errors import APIError
+    from serving.api.jobs import _validate
+
+    class Refusing:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def validate_request(self, prompt, params):
+            raise self.exc
+
+    with pytest.raises(APIError) as caught:
+        _validate(Refusing(InvalidRequest("samples garbage here", param="temperature")), [], SamplingParams())
+    assert caught.value.status == 400 and caught.value.param == "temperature"
+    with pytest.raises(APIError) as caught:
+        _validate(Refusing(InvalidRequest("beyond the context")), [], SamplingParams())
+    assert caught.value.param == "max_tokens"

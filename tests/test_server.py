@@ -58,7 +58,8 @@ async def test_health_ready_and_models(server):
     async with httpx.AsyncClient(base_url=url) as http:
         health = (await http.get("/health")).json()
         assert health["status"] == "ok" and set(health["engines"]) == {QWEN_SMALL, SMALL}
-        assert health["engines"][SMALL]["placement"] == "local" and health["engines"][SMALL]["restarts"] == 0
+        engine = health["engines"][SMALL]
+        assert engine["placement"] == "local" and isinstance(engine["restarts"], int)  # shared: others restart it
         assert (await http.get("/ready")).status_code == 200
     models = await openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x").models.list()
     ids = {m.id: m for m in models.data}

@@ -288,7 +288,7 @@ def _validate(engine: Engine, prompt: list | str, params: SamplingParams) -> Non
         try:
             check(prompt, params)
         except InvalidRequest as exc:
-            raise APIError(400, str(exc), param="max_tokens") from None
+            raise APIError(400, str(exc), param=getattr(exc, "param", "max_tokens")) from None
 
 
 def _sampling(req: ChatCompletionRequest | CompletionRequest, json_schema: dict | None = None) -> SamplingParams:

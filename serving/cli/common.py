@@ -60,7 +60,8 @@ CompileOption = typer.Option(
 SpeculativeOption = typer.Option(
     None, "--speculative", help="Prompt-lookup speculation in every vLLM engine: `ngram` (vLLM's n-gram drafts, 4 "
     "tokens, 2-4-grams; per model: engine.speculative in models.yaml), or `off`. On a CPU it serves greedy "
-    "requests only (vLLM-CPU samples garbage under it; sampled ones get a 400): docs/ENGINES.md.")
+    "requests only (vLLM-CPU samples garbage under it): a sampled model request gets a 400, a sampled pipeline "
+    "call fails; docs/ENGINES.md.")
 
 
 def registry(config: Path | None, *, compile: bool = False, speculative: str | None = None) -> Registry:

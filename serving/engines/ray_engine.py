@@ -181,8 +181,11 @@ class RayEngine(StreamingEngine):
         """As VLLMEngine's, with the model's tokenizer on this side (the actor's vLLM templates the same way):
         a request beyond the context is a 400 before any byte of a stream. None where the weights are not on
         this machine (the actor still refuses it, as an error inside the stream)."""
+        from serving.engines.vllm_args import speculation_refusal
         from serving.engines.vllm_engine import check_fits, template_ids
 
+        if (refusal := speculation_refusal(self.spec, params.temperature)) is not None:
+            raise InvalidRequest(refusal, param="temperature")
         if self._tokenizer is None:
             return None
         ids = template_ids(self._tokenizer, messages)
@@ -280,7 +283,7 @@ def _translate(name: str, exc: BaseException) -> Exception:
 
     cause = _cause(exc)
     if isinstance(cause, InvalidRequest):
-        return InvalidRequest(str(cause))
+        return InvalidRequest(str(cause), param=getattr(cause, "param", "max_tokens"))
     if isinstance(cause, EngineError):
         return EngineError(str(cause))
     if isinstance(exc, RayActorError):

@@ -382,7 +382,7 @@ class VLLMEngine(StreamingEngine):
     def validate_request(self, messages: Sequence[ChatMessage], params: SamplingParams) -> list[int]:
         """The prompt's token ids, or InvalidRequest if it cannot be served (a server checks before answering)."""
         if (refusal := speculation_refusal(self.spec, params.temperature)) is not None:
-            raise InvalidRequest(refusal)
+            raise InvalidRequest(refusal, param="temperature")
         prompt_ids = self.prompt_token_ids(messages)
         check_fits(self.name, prompt_ids, params, self.max_model_len)
         return prompt_ids
