@@ -33,12 +33,11 @@ from serving.api.errors import (
     validation_handler,
     without_422,
 )
-from serving.api.jobs import chat_job, text_job
 from serving.api.playground import playground_routes
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest
 from serving.api.state import RETRY_AFTER_S, ServerSettings, ServerState
-from serving.api.targets import describe
-from serving.registry import Registry
+from serving.api.targets import chat_job, describe, text_job
+from serving.models.registry import Registry
 
 __all__ = ["ServerSettings", "create_app"]
 log = logging.getLogger(__name__)
