@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server: base models and MoA pipelines behind /v1/chat/completions.
 
-How a request flows (docs/ARCHITECTURE.md): route → job (serving/api/jobs.py) →
+How a request flows (docs/ARCHITECTURE.md): route → job (serving/api/targets.py, serving/api/jobs.py) →
 delivery under a slot, a timeout and the client's presence (serving/api/delivery.py)
 → engine or pipeline run (moa/runner.py). The routes here only check and dispatch.
 """
