@@ -30,7 +30,13 @@ from serving.bench.evaluate import (
 from serving.bench.measure import LevelResult, RequestSample, pipeline_request, replay, run_level, summarize
 from serving.bench.scoring import chosen_letter, score_choice, score_exact, score_numeric, score_regex
 from serving.bench.stats import percentile, wilson_interval
-from serving.bench.suite import PipelineBench, parse_levels, samples_in_one_request, sequential_engines
+from serving.bench.suite import (
+    PipelineBench,
+    level_requests,
+    parse_levels,
+    samples_in_one_request,
+    sequential_engines,
+)
 
 Q = [{"role": "user", "content": "What is 2 + 2?"}]
 SELF_MOA = Pipeline("self", (Propose(models=("a",), samples=3, temperature=0.7, max_tokens=16),
@@ -181,6 +187,23 @@ def test_parse_levels():
 
 
 # -- scoring ---------------------------------------------------------------------------------
+
+
+def test_levels_default_to_a_steady_state_and_the_report_says_which_are_not():
+    assert [level_requests(None, c) for c in (1, 4, 8, 16)] == [16, 16, 24, 48]
+    assert level_requests(10, 16) == 10  # as asked
+    level = {"system": "moa", "latency_s": {"p90": 1.0}}
+    entry = {"levels": [{**level, "concurrency": 4, "requests": 12}, {**level, "concurrency": 8, "requests": 16},
+                        {"system": "sequential", "concurrency": 1, "requests": 2}],
+             "comparison": [{"concurrency": 4, "efficiency_same_in_flight": None},
+                            {"concurrency": 8, "efficiency_same_in_flight": 0.93}]}
+    lines = report.target_lines(entry)
+    assert lines[0] == "Efficiency (a′) at 8 clients: 0.93 — target ≥ 0.95: missed."
+    assert "moa c=8 (16 requests)" in lines[1] and "c=4" not in lines[1] and "sequential" not in lines[1]
+    entry["comparison"][1]["efficiency_same_in_flight"] = 0.97
+    entry["levels"][1]["requests"] = 24
+    assert report.target_lines(entry) == ["Efficiency (a′) at 8 clients: 0.97 — target ≥ 0.95: met.",
+                                          "Every level ran at a steady state (≥ 3 requests per client)."]
 
 
 def test_numeric_takes_the_final_answer_not_a_number_on_the_way():

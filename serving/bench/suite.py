@@ -33,11 +33,25 @@ class BenchPlan:
     pipelines: list[Pipeline]
     prompts: list[list[ChatMessage]]
     concurrency: list[int]
-    requests: int
+    requests: int | None  # per level; None: level_requests' steady-state default
     sequential_requests: int
     systems: set[str]
     seed: int | None
     log_dir: Path
+
+
+# The targets are judged at a steady state: every client sends at least this many requests, so the first round
+# (all clients starting together, a batch no later round sees) is at most a third of the samples.
+STEADY_REQUESTS_PER_CLIENT = 3
+
+
+def level_requests(requests: int | None, concurrency: int) -> int:
+    """Requests at one level: as asked, else a steady state (3 per client, at least 16)."""
+    return requests or max(16, STEADY_REQUESTS_PER_CLIENT * concurrency)
+
+
+def is_steady(requests: int, concurrency: int) -> bool:
+    return requests >= STEADY_REQUESTS_PER_CLIENT * concurrency
 
 
 @dataclass
@@ -115,7 +129,7 @@ class Bench:
                     await reset_caches(engines)
                     used = ({n: Recording(e, recorded, in_flight) for n, e in engines.items()} if c == top
                             else engines)
-                    out.levels.append(await self.level("moa", pipeline, used, c, self.plan.requests))
+                    out.levels.append(await self.level("moa", pipeline, used, c, level_requests(self.plan.requests, c)))
                 out.in_flight = in_flight.mean
             if "raw" in systems:
                 await reset_caches(engines)
@@ -130,7 +144,8 @@ class Bench:
                     split = {n: SplitN(e) for n, e in engines.items()}
                     for c in self.plan.concurrency:
                         await reset_caches(engines)
-                        out.levels.append(await self.level("split-n", pipeline, split, c, self.plan.requests))
+                        out.levels.append(await self.level("split-n", pipeline, split, c,
+                                                           level_requests(self.plan.requests, c)))
                 else:
                     out.skipped["split-n"] = "no step sends one model k > 1 times"
             if "sequential" in systems:
@@ -166,7 +181,7 @@ class Bench:
             fan_out = {n: SplitN(e) for n, e in engines.items()}
             for c in self.plan.concurrency:
                 await asyncio.gather(*(asyncio.to_thread(s.reset_prefix_cache) for s in servers))
-                out.levels.append(await self.level("http", pipeline, fan_out, c, self.plan.requests))
+                out.levels.append(await self.level("http", pipeline, fan_out, c, level_requests(self.plan.requests, c)))
         finally:
             for engine in engines.values():
                 await engine.close()

@@ -40,7 +40,9 @@ def bench(
     max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Cap every step's max_tokens."),
     prompts: Path | None = typer.Option(None, "--prompts", help="JSONL prompt set: {\"prompt\": ...} or "
                                         "{\"messages\": [...]} per line (default: the built-in set of 24)."),
-    requests: int = typer.Option(16, "--requests", "-n", min=1, help="Requests per system and concurrency level."),
+    requests: int | None = typer.Option(None, "--requests", "-n", min=1, help="Requests per system and concurrency "
+                                        "level [default: 3 per client, at least 16: a steady state, where p90 is "
+                                        "judged]."),
     sequential_requests: int = typer.Option(8, "--sequential-requests", min=1,
                                             help="Requests for the sequential baseline (one at a time, slow)."),
     concurrency: str = typer.Option("1,4,8,16", "--concurrency", help="Concurrent clients, e.g. 1,4,16."),
@@ -98,7 +100,7 @@ def bench(
             "command": "moa bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
             "machine": machine(),
             "prompts": str(prompts or DEFAULT_PROMPTS.name),
-            "requests": requests,
+            "requests": requests or "3 per client, at least 16",
             "sequential_requests": sequential_requests,
             "concurrency": levels,
             "seed": seed,
@@ -154,6 +156,7 @@ async def _bench_url(url, api_key, models, conversations, levels, requests, max_
 
     from serving.bench.http_client import discover, http_request
     from serving.bench.measure import run_level, summarize
+    from serving.bench.suite import level_requests
 
     client = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, max_retries=0, timeout=3600)
     try:
@@ -173,8 +176,9 @@ async def _bench_url(url, api_key, models, conversations, levels, requests, max_
                                               max_tokens=max_tokens, seed=seed + 1000 * i,
                                               pipeline=kinds[model] == "pipeline")
 
-                level = await run_level("endpoint", model, request, concurrency=c, requests=requests,
-                                        on_done=progress(f"{model} · endpoint · c={c}", requests))
+                n = level_requests(requests, c)
+                level = await run_level("endpoint", model, request, concurrency=c, requests=n,
+                                        on_done=progress(f"{model} · endpoint · c={c}", n))
                 entry["levels"].append({**summarize(level), "samples": [asdict(s) for s in level.samples]})
             measured.append(entry)
     await client.close()
@@ -188,6 +192,9 @@ def _publish(data: dict, out_dir: Path, *, write_json: bool = True) -> None:
         for column in table.columns[1:]:  # in a narrow terminal, headers and cells wrap rather than end in "…"
             column.no_wrap = False
         show(table)
+    for entry in data["pipelines"]:
+        for line in rpt.target_lines(entry):
+            err.print(f"{entry['name']}: {line}", highlight=False, soft_wrap=True)
     if write_json:
         (out_dir / "results.json").write_text(json.dumps(data, indent=1))
     (out_dir / "summary.md").write_text(rpt.markdown(data))

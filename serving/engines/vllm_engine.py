@@ -35,6 +35,7 @@ from moa.engine import (
     validate_messages,
 )
 from serving.engines.vllm_args import build_engine_args, speculation_refusal
+from serving.engines.vllm_logging import engine_logging_env
 from serving.models.adapters import ZERO, Adapter, AdapterError, lora_engine_args, read_adapters, target, zero_adapter
 from serving.models.registry import ModelSpec
 from serving.models.store import LocalModel
@@ -218,7 +219,8 @@ class VLLMEngine(StreamingEngine):
         kwargs.setdefault("disable_log_stats", True)  # moa keeps its own metrics; vLLM's periodic log is noise
         # MOA_ENGINE names the model in its processes' environment (/proc/PID/environ): scripts/gpu_smoke.sh
         # maps each GPU process to its engine through it.
-        env = {"VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP", "127.0.0.1"), "MOA_ENGINE": self.name}
+        env = {"VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP", "127.0.0.1"), "MOA_ENGINE": self.name,
+               **engine_logging_env()}
         if machine.on_cpu() and self._cpu_threads_bind:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_threads_bind
         if self._cuda_visible_devices is not None:

@@ -19,6 +19,7 @@ import httpx
 
 from moa.engine import EngineError
 from serving.engines.vllm_args import server_command
+from serving.engines.vllm_logging import engine_logging_env
 from serving.models.checked_dtype import checked_spec
 from serving.models.registry import Endpoint, ModelSpec
 from serving.models.store import resolve
@@ -58,7 +59,7 @@ class VLLMServer:
     def start(self) -> None:
         cmd = self.command()
         # Dev mode exposes POST /reset_prefix_cache, so benchmarks can start every run from a cold cache.
-        env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_SERVER_DEV_MODE": "1"}
+        env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_SERVER_DEV_MODE": "1", **engine_logging_env()}
         if self.cpu_threads_bind and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_threads_bind
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
