@@ -20,13 +20,13 @@ log.warning("kept: any other warning")
 """
 
 
-def _child_stderr(env: dict[str, str]) -> str:
+def _child_output(env: dict[str, str]) -> str:
     import os
 
     done = subprocess.run([sys.executable, "-c", CHILD], env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return done.stderr
+    return done.stdout + done.stderr  # vLLM logs to stdout by default (VLLM_LOGGING_STREAM)
 
 
 def test_the_engine_config_drops_only_the_preload_advice(monkeypatch):
@@ -35,12 +35,12 @@ def test_the_engine_config_drops_only_the_preload_advice(monkeypatch):
     env = engine_logging_env()
     config = json.loads(open(env["VLLM_LOGGING_CONFIG_PATH"]).read())
     assert config["handlers"]["vllm"]["filters"] == ["moa_drop_preload_advice"]
-    err = _child_stderr(env)
-    assert "is not found in LD_PRELOAD" not in err
-    assert "kept: any other warning" in err and "[" in err  # vLLM's own format: "(pid) WARNING date [file:line]"
-    assert "Speculative decoding on CPU without Intel OpenMP" in err  # actionable: it stays
+    out = _child_output(env)
+    assert "is not found in LD_PRELOAD" not in out
+    assert "kept: any other warning" in out and "[" in out  # vLLM's own format: "(pid) WARNING date [file:line]"
+    assert "Speculative decoding on CPU without Intel OpenMP" in out  # actionable: it stays
     # Without it, vLLM's default prints the advice (so the assertion above can fail).
-    assert "is not found in LD_PRELOAD" in _child_stderr({})
+    assert "is not found in LD_PRELOAD" in _child_output({})
 
 
 def test_a_users_own_vllm_logging_wins(monkeypatch, tmp_path):
