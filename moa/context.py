@@ -1,7 +1,7 @@
 """What a step handler sees, and the one table from step class to handler.
 
 A handler is `async (ctx, step, responses) -> responses`. It is registered with
-`@handles(StepClass)` next to its code (moa/handlers.py for LLM steps,
+`@handles(StepClass)` next to its code (moa/handlers.py and moa/cascade.py for LLM steps,
 moa/transforms.py for the rest); the runner looks it up, nothing else dispatches
 on step types.
 """

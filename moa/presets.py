@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+import moa.transform_steps  # noqa: F401 - registers the transform step kinds
 from moa.pipeline import Pipeline
 from moa.steps import STEP_TYPES, LLMStep, Step
 

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import aclosing
 from dataclasses import dataclass
 
+import moa.cascade  # noqa: F401 - registers the adaptive and route handlers
 import moa.code_checks  # noqa: F401 - registers the check step's handler
 import moa.handlers  # noqa: F401 - registers the LLM step handlers
 import moa.transforms  # noqa: F401 - registers the transform handlers

@@ -2,18 +2,18 @@
 
 A step class is registered once, under the kind name YAML, traces, events, `/v1/models`
 and the benchmark all use (`@step_kind("aggregate-seq")`); its handler is registered
-beside the runner (`moa/handlers.py`, `moa/transforms.py`). Values are checked when a
+beside the runner (`moa/handlers.py`, `moa/cascade.py`, `moa/transforms.py`). Values are checked when a
 step is built, so a bad preset fails when models.yaml loads, not per request.
 
-LLM steps call engines; transforms reshape the current list of responses without a call.
+LLM steps call engines (here); transforms reshape the current list of responses without a call
+(moa/transform_steps.py, registered in the same table).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Literal, TypeVar
+from typing import ClassVar, TypeVar
 
 from moa.prompts import Layout, ReferenceBudget, StrategyName
 from moa.votes import Normalize
@@ -277,81 +277,6 @@ class Vote(LLMStep):
     model: str = ""
     temperature: float = 0.0
     max_tokens: int = 64
-
-
-# -- transforms (no LLM call) -------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Transform(Step):
-    """Reshapes the list of responses without an engine call (moa/transforms.py)."""
-
-
-@step_kind("shuffle")
-@dataclass(frozen=True, slots=True)
-class Shuffle(Transform):
-    seed: int | None = None
-
-
-@step_kind("dropout")
-@dataclass(frozen=True, slots=True)
-class Dropout(Transform):
-    """Drop each response with probability `rate` (never all of them)."""
-
-    rate: float = 0.2
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        Step.__post_init__(self)
-        _require(0 <= self.rate <= 1, f"rate must be between 0 and 1, got {self.rate}")
-
-
-@step_kind("sample")
-@dataclass(frozen=True, slots=True)
-class Sample(Transform):
-    k: int = 3
-    seed: int | None = None
-
-
-@step_kind("take")
-@dataclass(frozen=True, slots=True)
-class Take(Transform):
-    k: int = 1
-
-
-@step_kind("filter")
-@dataclass(frozen=True, slots=True)
-class Filter(Transform):
-    """Keep responses with at least `min_chars` characters that match `pattern` (a regex), if given, and
-    (after a `check`) that passed `all` of their checks or `any` one."""
-
-    min_chars: int = 1
-    pattern: str | None = None
-    passed_checks: Literal["all", "any"] | None = None
-
-    def __post_init__(self) -> None:
-        Step.__post_init__(self)
-        if self.pattern is not None:
-            try:
-                re.compile(self.pattern)
-            except re.error as exc:
-                raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression: {exc}") from None
-
-
-@step_kind("map")
-@dataclass(frozen=True, slots=True)
-class Map(Transform):
-    """Rewrite each response: strip | first_line | final_answer (the text after the last 'answer:')."""
-
-    op: Literal["strip", "first_line", "final_answer"] = "strip"
-
-
-@step_kind("majority-vote")
-@dataclass(frozen=True, slots=True)
-class MajorityVote(Transform):
-    """Self-consistency without an LLM call: keep one response carrying the most common normalised answer."""
-
-    normalize: Normalize = "text"
 
 
 def writes_answer(step: Step) -> bool:

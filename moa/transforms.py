@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 
 from moa.context import Response, StepContext, handles
-from moa.steps import Dropout, Filter, MajorityVote, Map, Sample, Shuffle, Take, Transform
+from moa.transform_steps import Dropout, Filter, MajorityVote, Map, Sample, Shuffle, Take, Transform
 from moa.votes import majority
 
 Pure = Callable[[Transform, list[Response], random.Random, list[str]], list[Response]]  # notes appended to the list

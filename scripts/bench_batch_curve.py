@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from serving.engines.pool import split_cores  # noqa: E402
 from serving.engines.vllm_args import build_engine_args  # noqa: E402
-from serving.registry import load_registry  # noqa: E402
-from serving.store import resolve  # noqa: E402
+from serving.models.registry import load_registry  # noqa: E402
+from serving.models.store import resolve  # noqa: E402
 
 BATCHES = (1, 4, 8, 16, 24, 32, 48, 64)
 PREFILL_LENGTHS = (32, 64, 128, 256, 512)

@@ -48,7 +48,7 @@ async def main() -> None:
     from serving.engines.openai_engine import OpenAIEngine
     from serving.engines.pool import EnginePool, split_cores
     from serving.engines.vllm_server import VLLMServer
-    from serving.registry import load_registry
+    from serving.models.registry import load_registry
 
     registry = load_registry()
     async with EnginePool(registry, [args.model]) as pool:

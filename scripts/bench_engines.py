@@ -71,7 +71,7 @@ class MemorySampler:
 async def measure(name: str, max_tokens: int, registry) -> dict:
     from moa.engine import SamplingParams
     from serving.engines.pool import EnginePool
-    from serving.pull import pull
+    from serving.models.pull import pull
 
     pull(registry.get(name))
     result: dict = {"model": name, "prompts": len(PROMPTS), "max_tokens": max_tokens}
@@ -145,7 +145,7 @@ async def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from serving.registry import load_registry
+    from serving.models.registry import load_registry
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", default=["smollm2-135m", "qwen2.5-coder-0.5b"])

@@ -66,10 +66,10 @@ async def load(targets: list[tuple], clients: int, rounds: int, max_tokens: int)
 
 
 async def configuration(kind: str, registry, clients: list[int], rounds: int, max_tokens: int) -> dict:
-    from serving.checked_dtype import checked_spec
     from serving.engines.pool import split_cores
     from serving.engines.vllm_engine import VLLMEngine
-    from serving.store import resolve
+    from serving.models.checked_dtype import checked_spec
+    from serving.models.store import resolve
 
     if kind == "engines":
         specs = [registry.get(BASE).model_copy(update={"name": f"{BASE}-{a}"}) for a in ADAPTERS]
@@ -101,8 +101,8 @@ async def configuration(kind: str, registry, clients: list[int], rounds: int, ma
 
 
 async def main() -> None:
-    from serving.cpu import cpu_summary
-    from serving.registry import load_registry
+    from serving.models.registry import load_registry
+    from serving.placement.machine import cpu_summary
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])

@@ -14,7 +14,7 @@ import time
 
 from moa.engine import Completion, Generation, SamplingParams, StreamingEngine
 from moa.runner import run
-from serving.registry import load_registry
+from serving.models.registry import load_registry
 
 TEXT = "Paris is the capital of France. " * 20  # ~120 words per response, like a short real answer
 
@@ -48,7 +48,7 @@ async def main() -> None:
     if args.tokenizer:
         from transformers import AutoTokenizer
 
-        from serving.store import resolve
+        from serving.models.store import resolve
 
         tokenizer = AutoTokenizer.from_pretrained(str(resolve(registry.get(args.tokenizer)).path))
     names = args.pipeline or ["moa-lite", "together-moa", "self-moa", "self-moa-seq", "pyramid", "council"]

@@ -53,8 +53,8 @@ class StageClock:
 def run(mode: str, names: list[str]) -> dict:
     home = Path(tempfile.mkdtemp(prefix=f"moa-home-{mode}-"))
     os.environ["MOA_HOME"] = str(home)
-    from serving.pull import pull, pull_many
-    from serving.registry import load_registry
+    from serving.models.pull import pull, pull_many
+    from serving.models.registry import load_registry
 
     specs = [load_registry().get(name) for name in names]
     clock = StageClock()

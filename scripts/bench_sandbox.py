@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from serving import sandbox  # noqa: E402
 from serving.bench.eval_suites.humaneval import HumanEval  # noqa: E402
-from serving.cpu import cpu_summary  # noqa: E402
+from serving.placement.machine import cpu_summary  # noqa: E402
 
 
 async def score_all(suite: HumanEval, concurrency: int) -> dict:

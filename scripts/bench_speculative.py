@@ -29,7 +29,7 @@ async def one_mode(mode: str, model: str, batches: list[int], max_tokens: int, p
     from moa.engine import InvalidRequest, SamplingParams
     from moa.prompts import build_messages, strategy
     from serving.engines.pool import EnginePool
-    from serving.registry import Speculative, load_registry
+    from serving.models.registry import Speculative, load_registry
 
     registry = load_registry().with_engine_args(speculative=Speculative() if mode == "ngram" else None)
     async with EnginePool(registry, [model], verify=False) as pool:
@@ -68,7 +68,7 @@ async def one_mode(mode: str, model: str, batches: list[int], max_tokens: int, p
 
 
 async def main() -> None:
-    from serving.cpu import cpu_summary
+    from serving.placement.machine import cpu_summary
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")

@@ -47,7 +47,7 @@ from serving.bench.datasets import load_prompts  # noqa: E402
 from serving.bench.measure import RequestFn, RequestSample, pipeline_request, run_level, summarize  # noqa: E402
 from serving.engines.pool import EnginePool, split_cores  # noqa: E402
 from serving.engines.vllm_server import VLLMServer  # noqa: E402
-from serving.registry import load_registry  # noqa: E402
+from serving.models.registry import load_registry  # noqa: E402
 
 MIXTURE_LLM_TEMPERATURE = 0.7
 

@@ -19,7 +19,7 @@ from moa.engine import SamplingParams
 from serving.bench.datasets import Task, load_tasks
 from serving.bench.scoring import answer_spans, normalize, score
 from serving.engines.pool import EnginePool
-from serving.registry import load_registry
+from serving.models.registry import load_registry
 
 
 def comparable(task: Task, text: str) -> str | None:

@@ -47,8 +47,8 @@ def paths(config: dict, dtype: torch.dtype, amx: bool) -> dict[str, str]:
 
 
 def main() -> None:
-    from serving.registry import load_registry
-    from serving.store import resolve
+    from serving.models.registry import load_registry
+    from serving.models.store import resolve
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="+")

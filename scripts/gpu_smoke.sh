@@ -7,7 +7,7 @@
 # 2. `moa serve` with that config; waits for GET /ready (engines loaded and known-answer checked).
 # 3. For every EngineCore process: its CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER (from /proc/PID/environ)
 #    against the plan; then every process nvidia-smi lists, mapped to its engine (MOA_ENGINE): its
-#    memory must be on a GPU the plan gave that engine (serving/placement_check.py).
+#    memory must be on a GPU the plan gave that engine (serving/placement/check.py).
 # 4. One request per served model and per pipeline through the OpenAI API.
 # 5. A short `moa bench --url` on the first pipeline.
 # 6. The same pipeline in process under vLLM's fcfs and priority scheduling (issue: later layers first).
@@ -63,7 +63,7 @@ step "3. placement as applied"
 .venv/bin/python - "$out/plan.json" "$server" >> "$report" <<'PY' || fail "engine environments do not match the plan"
 import json, sys
 import psutil
-from serving.placement_check import environ_of
+from serving.placement.check import environ_of
 
 plan = json.load(open(sys.argv[1]))["gpu"]
 server = psutil.Process(int(sys.argv[2]))
@@ -78,7 +78,7 @@ planned = {name: (e["cuda_visible_devices"], "PCI_BUS_ID") for name, e in plan["
 print(f"- planned: {planned}")
 sys.exit(0 if seen == planned else 1)
 PY
-.venv/bin/python -m serving.placement_check "$out/plan.json" >> "$report" \
+.venv/bin/python -m serving.placement.check "$out/plan.json" >> "$report" \
   || fail "an engine's GPU memory is not on the GPU the plan gave it (nvidia-smi per process)"
 
 step "4. one request per model and pipeline"

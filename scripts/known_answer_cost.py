@@ -3,7 +3,7 @@
     .venv/bin/python scripts/known_answer_cost.py qwen2.5-coder-1.5b [--dtype float32] [--runs 2]
 
 Starts the model's engine alone (without the pool's own check), then times the two halves of
-serving/known_answer.py's check against the stored float32 reference, and the whole check.
+serving/models/known_answer.py's check against the stored float32 reference, and the whole check.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import time
 
 async def main(name: str, dtype: str | None, runs: int) -> None:
     from serving.engines.pool import EnginePool
-    from serving.float32_reference import load_reference
-    from serving.known_answer import check_engine, compare, decode_case
-    from serving.registry import load_registry
-    from serving.store import resolve
+    from serving.models.float32_reference import load_reference
+    from serving.models.known_answer import check_engine, compare, decode_case
+    from serving.models.registry import load_registry
+    from serving.models.store import resolve
 
     registry = load_registry()
     if dtype:

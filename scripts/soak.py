@@ -31,7 +31,7 @@ async def in_process(args) -> dict:
     from serving.api.app import ServerSettings, create_app
     from serving.bench.soak import soak
     from serving.engines.vllm_server import free_port
-    from serving.registry import load_registry
+    from serving.models.registry import load_registry
 
     registry = load_registry()
     pipelines = {n: registry.pipeline(n).with_models(SWAP) for n in ("moa-lite", "self-moa")}

@@ -111,8 +111,8 @@ def up_to_date(out: Path, name: str, model_name: str) -> bool:
 
 
 def main() -> None:
-    from serving.registry import load_registry
-    from serving.store import moa_home, resolve
+    from serving.models.registry import load_registry
+    from serving.models.store import moa_home, resolve
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="a models.yaml entry, pulled (default: %(default)s)")

@@ -17,7 +17,7 @@ os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-from serving.registry import Registry, load_registry  # noqa: E402
+from serving.models.registry import Registry, load_registry  # noqa: E402
 
 SMALL = "smollm2-135m"
 QWEN_SMALL = "qwen2.5-coder-0.5b"
@@ -34,7 +34,7 @@ def registry() -> Registry:
 @pytest.fixture(scope="session")
 def local_model(registry):
     """Return a function that makes a model's weights available (pulling them once if needed)."""
-    from serving.pull import pull
+    from serving.models.pull import pull
 
     def ensure(name: str):
         spec = registry.get(name)

@@ -11,7 +11,7 @@ import httpx
 
 from serving.api.access import RateLimiter, accepted
 from serving.api.app import ServerSettings, create_app
-from serving.registry import load_registry
+from serving.models.registry import load_registry
 from tests.conftest import SMALL, uvicorn_serving
 
 BODY = {"model": SMALL, "messages": [{"role": "user", "content": "hi"}]}

@@ -1,5 +1,6 @@
 """LoRA adapters as models of their own (BASE:ADAPTER): the registry, the fit check, and one real vLLM engine
-serving three trained adapters and its base in one batch (serving/adapters.py, serving/engines/adapter_engine.py).
+serving three trained adapters and its base in one batch (serving/models/adapters.py,
+serving/engines/adapter_engine.py).
 
 The adapters are real: scripts/train_adapters.py trains them on the embedded SmolLM2 (scripts/test.sh runs it;
 kept when up to date), each to one fixed reply, which `behaviour.json` in its directory names.
@@ -18,8 +19,8 @@ import httpx
 import pytest
 
 from moa.engine import InvalidRequest, SamplingParams
-from serving.adapters import AdapterError, lora_engine_args, read_adapter, read_adapters
-from serving.registry import RegistryError, load_registry
+from serving.models.adapters import AdapterError, lora_engine_args, read_adapter, read_adapters
+from serving.models.registry import RegistryError, load_registry
 from tests.conftest import FRANCE, SMALL, uvicorn_serving
 
 BASE = "smollm2-135m-lora"
@@ -49,7 +50,7 @@ def test_adapters_are_targets_named_base_colon_adapter(tmp_path, monkeypatch):
     assert reg.get("tiny:fr") is reg.get("tiny")  # the base's engine serves it
     assert reg.engine_names(["tiny:fr", "tiny", "tiny:hub"]) == ["tiny"]
     assert reg.with_adapters(["tiny"]) == ["tiny", "tiny:fr", "tiny:hub"]
-    from serving.adapters import adapter_dir
+    from serving.models.adapters import adapter_dir
 
     assert adapter_dir("tiny", "fr", reg.get("tiny").adapters["fr"]) == tmp_path / "home" / "adapters" / "fr"
     with pytest.raises(KeyError, match="tiny:nope"):
@@ -112,7 +113,7 @@ def test_an_adapter_that_does_not_fit_its_base_is_refused_naming_it_and_why(tmp_
 def train_adapters() -> dict[str, dict]:
     """The embedded adapters (trained once; up to date ones are kept), with the behaviour each learned."""
     subprocess.run([sys.executable, str(ROOT / "scripts" / "train_adapters.py")], check=True, timeout=1800)
-    from serving.store import moa_home
+    from serving.models.store import moa_home
 
     return {name: json.loads((moa_home() / "adapters" / SMALL / name / "behaviour.json").read_text())
             for name in ADAPTERS}
@@ -207,8 +208,8 @@ def test_moa_models_adapters_lists_each_with_rank_modules_and_fit():
 def test_serving_every_pipeline_leaves_out_one_whose_adapters_are_not_made_yet(tmp_path, monkeypatch, registry):
     """A fresh machine (no adapters trained): `moa serve` still starts, without lora-moa, and says why; named
     explicitly, lora-moa fails before anything starts, naming the adapter and the script that makes it."""
-    from serving.adapters import AdapterError
     from serving.cli.common import check_adapters, served_targets
+    from serving.models.adapters import AdapterError
 
     monkeypatch.setenv("MOA_HOME", str(tmp_path))
     needed, pipelines = served_targets(registry, [], [], [])

@@ -11,11 +11,12 @@ import openai
 import pytest
 
 from moa.pipeline import Pipeline
-from moa.steps import Aggregate, MajorityVote, Propose
+from moa.steps import Aggregate, Propose
 from moa.testing import ScriptedEngine
+from moa.transform_steps import MajorityVote
 from serving.api.app import ServerSettings, create_app
-from serving.known_answer import CaseResult, CheckResult
-from serving.registry import load_registry
+from serving.models.known_answer import CaseResult, CheckResult
+from serving.models.registry import load_registry
 from tests.conftest import QWEN_SMALL, SMALL, uvicorn_serving
 
 Q = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -433,7 +434,7 @@ def test_an_engine_refusal_names_the_parameter_at_fault():
     """A speculating CPU engine refuses a sampled request: the 400 says `temperature`, not the default field."""
     from moa.engine import InvalidRequest, SamplingParams
     from serving.api.errors import APIError
-    from serving.api.jobs import _validate
+    from serving.api.targets import _validate
 
     class Refusing:
         def __init__(self, exc):

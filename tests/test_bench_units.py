@@ -461,7 +461,7 @@ async def test_http_request_scores_the_fallback_a_broken_off_pipeline_answer_is_
 
     from serving.api.app import ServerSettings, create_app
     from serving.bench.http_client import http_request
-    from serving.registry import load_registry
+    from serving.models.registry import load_registry
     from tests.conftest import QWEN_SMALL, SMALL, uvicorn_serving
 
     engines = {SMALL: ScriptedEngine(SMALL), QWEN_SMALL: ScriptedEngine(QWEN_SMALL, fail="connection lost",

@@ -14,11 +14,12 @@ import httpx
 import pytest
 
 from moa.pipeline import Pipeline
-from moa.steps import Adaptive, Aggregate, Dropout, Propose, Sample, Shuffle
+from moa.steps import Adaptive, Aggregate, Propose
 from moa.testing import ScriptedEngine
+from moa.transform_steps import Dropout, Sample, Shuffle
 from serving.api.app import ServerSettings, create_app
 from serving.api.cache import DISK_BYTES_PER_ENTRY, ResponseCache
-from serving.registry import load_registry
+from serving.models.registry import load_registry
 from tests.conftest import QWEN_SMALL, SMALL, uvicorn_serving
 
 Q = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -158,7 +159,7 @@ def test_a_cache_path_that_is_a_file_is_refused_by_name(tmp_path):
 def test_a_pipeline_that_runs_code_is_never_stored():
     """A check's verdict depends on its time limit under the machine's load, which no trace records."""
     from moa.steps import Check
-    from serving.api.cache import may_be_fixed
+    from serving.api.cache_policy import may_be_fixed
 
     assert may_be_fixed(Pipeline("greedy", GREEDY), seed=None)
     checked = Pipeline("checked", (Propose(models=(SMALL,), temperature=0), Check()))

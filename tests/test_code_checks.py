@@ -13,7 +13,7 @@ from moa.presets import parse_pipeline
 from moa.runner import run
 from moa.testing import ScriptedEngine
 from serving.api.app import ServerSettings, create_app
-from serving.registry import load_registry
+from serving.models.registry import load_registry
 from serving.sandbox import check_sandbox
 from tests.conftest import uvicorn_serving
 

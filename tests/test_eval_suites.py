@@ -302,7 +302,7 @@ def test_the_pass_at_k_table_fits_80_columns_and_the_summary_has_every_column(mo
 def humaneval_server():
     """moa serve on scripted engines that answer HumanEval: SMALL solves every problem, QWEN_SMALL none."""
     from serving.api.app import ServerSettings, create_app
-    from serving.registry import load_registry
+    from serving.models.registry import load_registry
 
     engines = {SMALL: ScriptedEngine(SMALL, reply=lambda m, p, i: solved(problem_in(m))),
                QWEN_SMALL: ScriptedEngine(QWEN_SMALL, reply=lambda m, p, i: wrong(problem_in(m)))}

@@ -13,12 +13,12 @@ import pytest
 
 from moa.engine import Generation, SamplingParams
 from moa.testing import ScriptedEngine
-from serving.checked_dtype import checked_spec, recorded
 from serving.engines.pool import EnginePool
-from serving.float32_reference import Reference, ReferenceCase, load_reference, reference_path
-from serving.known_answer import DECISIVE_MARGIN, CheckResult, check_engine, compare, verify
-from serving.registry import load_registry
-from serving.store import resolve
+from serving.models.checked_dtype import checked_spec, recorded
+from serving.models.float32_reference import Reference, ReferenceCase, load_reference, reference_path
+from serving.models.known_answer import DECISIVE_MARGIN, CheckResult, check_engine, compare, verify
+from serving.models.registry import load_registry
+from serving.models.store import resolve
 from tests.conftest import QWEN_SMALL, SMALL
 
 CASE = ReferenceCase(prompt="q", prompt_ids=[1, 2, 3], tokens=[10, 11, 12, 13], margins=[5.0, 0.1, 2.0, 1.0],
@@ -173,7 +173,7 @@ async def test_pool_restarts_a_wrong_16_bit_engine_in_float32_and_records_it(tmp
 
 
 def test_the_record_is_per_cpu_vllm_weights_and_configured_dtype(tmp_path, monkeypatch):
-    from serving import checked_dtype
+    from serving.models import checked_dtype
 
     monkeypatch.setenv("MOA_HOME", str(tmp_path / "home"))
     spec = registry_of(tmp_path, tmp_path).get("tiny")

@@ -14,9 +14,9 @@ import pytest
 from moa.engine import Delta, EngineError, InvalidRequest, SamplingParams
 from serving.engines.openai_engine import OpenAIEngine
 from serving.engines.vllm_server import VLLMServer, free_port
-from serving.known_answer import check_engine, load_reference
-from serving.registry import Endpoint, ModelSpec
-from serving.store import resolve
+from serving.models.known_answer import check_engine, load_reference
+from serving.models.registry import Endpoint, ModelSpec
+from serving.models.store import resolve
 from tests.conftest import COUNT, FRANCE, SMALL
 
 pytestmark = pytest.mark.vllm

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from moa.engine import EngineError, SamplingParams
 from serving.engines.openai_engine import OpenAIEngine
-from serving.registry import ModelSpec
+from serving.models.registry import ModelSpec
 from tests.conftest import uvicorn_serving
 
 Q = [{"role": "user", "content": "hi"}]

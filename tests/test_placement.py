@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.placement import (
+from serving.placement.devices import (
     GB,
     Demand,
     Gpu,
@@ -41,7 +41,7 @@ def test_parameter_counts_match_the_published_ones(config, published):
 def test_parameter_counts_match_the_embedded_checkpoints_tensors(local_model, name):
     from safetensors import safe_open
 
-    from serving.store import resolve
+    from serving.models.store import resolve
 
     path = resolve(local_model(name)).path
     counted = 0
@@ -206,7 +206,7 @@ def test_the_machine_report_names_gpus_through_nvml_without_touching_cuda(monkey
 def test_visible_devices_are_read_in_nvml_order_and_a_conflicting_cuda_order_is_refused(monkeypatch):
     import sys
 
-    from serving.placement import detect_gpus
+    from serving.placement.devices import detect_gpus
 
     monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(MIXED))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
@@ -229,7 +229,7 @@ def engine_core_env(engine) -> dict[str, str]:
              if psutil.pid_exists(pid) and "EngineCore" in " ".join([psutil.Process(pid).name(),
                                                                       *psutil.Process(pid).cmdline()])]
     assert len(cores) == 1, engine.core_pids
-    from serving.placement_check import environ_of
+    from serving.placement.check import environ_of
 
     return environ_of(cores[0])
 
@@ -263,7 +263,7 @@ async def test_cpu_engines_are_spawned_with_the_planned_core_binds(small_pool, r
     """Each EngineCore really received its plan's core list (the arithmetic: the tests above)."""
     import os
 
-    from serving.planning import plan_engines
+    from serving.placement.plan import plan_engines
     from tests.conftest import QWEN_SMALL
 
     if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from serving.placement_check import GpuProcess, engine_of, problems
+from serving.placement.check import GpuProcess, engine_of, problems
 
 PLAN = {"gpu": {"engines": {"big": {"cuda_visible_devices": "0,1"}, "small": {"cuda_visible_devices": "2"}}}}
 OWNERS = {100: "big", 101: "big", 200: "small", 300: None}

@@ -18,12 +18,13 @@ import httpx
 import pytest
 
 from moa.pipeline import Pipeline
-from moa.steps import Aggregate, Check, Propose, Take
+from moa.steps import Aggregate, Check, Propose
 from moa.testing import ScriptedEngine
+from moa.transform_steps import Take
 from serving.api.app import ServerSettings, create_app
 from serving.api.votes import read_votes
 from serving.bench.human_votes import judge_votes
-from serving.registry import load_registry
+from serving.models.registry import load_registry
 from tests.conftest import QWEN_SMALL, SMALL, uvicorn_serving
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"

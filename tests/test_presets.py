@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from moa.presets import PresetError, parse_pipeline, parse_pipelines
-from moa.steps import Aggregate, AggregateSeq, Dropout, Propose, Shuffle, Synthesize
-from serving.registry import RegistryError, load_registry
+from moa.steps import Aggregate, AggregateSeq, Propose, Synthesize
+from moa.transform_steps import Dropout, Shuffle
+from serving.models.registry import RegistryError, load_registry
 
 REQUIRED = {"together-moa", "moa-lite", "self-moa", "self-moa-seq", "robust-moa", "pyramid", "council",
             "consensus", "best-of", "chain", "moa"}

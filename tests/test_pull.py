@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from serving import pull as pull_module
-from serving.pull import PullError, pull
-from serving.registry import load_registry
-from serving.store import ModelNotAvailable, converted_dir, is_pulled, models_dir, resolve
+from serving.models import pull as pull_module
+from serving.models.pull import PullError, pull
+from serving.models.registry import load_registry
+from serving.models.store import ModelNotAvailable, converted_dir, is_pulled, models_dir, resolve
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_pulls_run_at_once_with_their_cpu_stages_one_at_a_time_and_a_failure_doe
     ones are what scripts/test.sh's `moa models pull` runs). One source's file is corrupt."""
     import threading
 
-    from serving.pull import pull_many
+    from serving.models.pull import pull_many
 
     path = tmp_path / "models.yaml"
     entries = []

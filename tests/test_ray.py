@@ -15,8 +15,8 @@ from moa.pipeline import Pipeline
 from moa.runner import run
 from moa.steps import Aggregate, Propose
 from serving.engines.pool import EnginePool
-from serving.registry import load_registry
-from serving.store import resolve
+from serving.models.registry import load_registry
+from serving.models.store import resolve
 from tests.conftest import COUNT, FRANCE, QWEN_SMALL, SMALL
 
 pytestmark = pytest.mark.vllm

@@ -11,7 +11,7 @@ import typer
 
 from serving.engines.pool import split_cores
 from serving.engines.vllm_args import EngineConfigError, build_engine_args, server_command, speculation_refusal
-from serving.registry import PyPIGGUFSource, RegistryError, Speculative, load_registry
+from serving.models.registry import PyPIGGUFSource, RegistryError, Speculative, load_registry
 
 GOOD = """
 default_model: tiny
@@ -142,8 +142,8 @@ def test_speculative_is_vllms_speculative_config_per_model_or_for_all_from_the_c
 def test_auto_dtype_on_a_cpu_is_float32_only_without_bf16_hardware_and_where_it_fits(tmp_path, monkeypatch):
     import json
 
-    from serving import cpu
     from serving.engines import pool as pool_module
+    from serving.placement import machine as cpu
 
     model = tmp_path / "m"
     model.mkdir()
@@ -159,7 +159,7 @@ def test_auto_dtype_on_a_cpu_is_float32_only_without_bf16_hardware_and_where_it_
         assert build_engine_args(spec, model, cpu=True)["dtype"] == expected, name
         assert build_engine_args(spec, model, cpu=False)["dtype"] == "auto"  # a GPU: vLLM's own choice
         # No float32 retry where auto already runs float32; a 16-bit auto falls back to float32.
-        monkeypatch.setattr("serving.engines.vllm_args.on_cpu", lambda: True)
+        monkeypatch.setattr("serving.placement.machine.on_cpu", lambda: True)
         fallback = pool_module.fallback_spec(spec)
         assert (fallback is None) if expected == "float32" else fallback.engine.dtype == "float32", name
     monkeypatch.setattr(cpu, "cpu_model_and_flags", lambda: ("a CPU", flags["avx2"]))
@@ -259,8 +259,8 @@ def test_placement_fields_are_validated_with_the_model_named(tmp_path):
 
 def test_gpu_example_plans_on_any_machine():
     """examples/models.gpu.yaml: four in-process engines, sized by `size:` blocks when the weights are absent."""
-    from serving.placement import parse_gpus
-    from serving.planning import plan_engines
+    from serving.placement.devices import parse_gpus
+    from serving.placement.plan import plan_engines
 
     reg = load_registry(Path(__file__).resolve().parent.parent / "examples" / "models.gpu.yaml")
     names = list(reg.models)
@@ -291,8 +291,8 @@ def test_an_unset_max_model_len_is_the_planned_one_on_every_device(tmp_path):
     load. A model whose own context is shorter gets that (vLLM refuses more)."""
     import json
 
-    from serving.placement import DEFAULT_MAX_MODEL_LEN
-    from serving.planning import demand_for
+    from serving.placement.devices import DEFAULT_MAX_MODEL_LEN
+    from serving.placement.plan import demand_for
 
     text = GOOD.replace("max_model_len: 2048, ", "")
     spec = load_registry(write(tmp_path, text)).get("tiny").model_copy(update={"size": None})

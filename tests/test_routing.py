@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moa.routing import choose
-from serving.registry import RegistryError, load_registry
+from serving.models.registry import RegistryError, load_registry
 from serving.routing.fit import Outcomes, fit_router, read_outcomes
 from serving.routing.router_file import read_router
 from serving.routing.scorer import EmbeddingScorer

@@ -14,23 +14,17 @@ from moa.steps import (
     Adaptive,
     Aggregate,
     AggregateSeq,
-    Dropout,
-    Filter,
-    MajorityVote,
-    Map,
     Propose,
     Rank,
     ReferenceBudget,
     Refine,
     Route,
-    Sample,
-    Shuffle,
     Synthesize,
-    Take,
     Vote,
 )
 from moa.testing import ScriptedEngine
 from moa.trace import AnswerDelta, AnswerRestarted, CallFinished, StepFinished, StepNote, StepStarted
+from moa.transform_steps import Dropout, Filter, MajorityVote, Map, Sample, Shuffle, Take
 
 Q = [{"role": "user", "content": "What is 2 + 2?"}]
 

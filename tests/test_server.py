@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from serving.api.app import ServerSettings, create_app
-from serving.registry import load_registry
+from serving.models.registry import load_registry
 from tests.conftest import QWEN_SMALL, SMALL, uvicorn_serving
 
 pytestmark = pytest.mark.vllm

@@ -11,9 +11,10 @@ from moa.context import HANDLERS, Response, StepContext, handles
 from moa.pipeline import Pipeline
 from moa.presets import PresetError, parse_pipeline
 from moa.runner import iter_run, run
-from moa.steps import STEP_TYPES, Aggregate, Dropout, LLMStep, Map, Propose, llm_step_kinds, step_kind
+from moa.steps import STEP_TYPES, Aggregate, LLMStep, Propose, llm_step_kinds, step_kind
 from moa.testing import ScriptedEngine
 from moa.trace import AnswerDelta, CallFinished, StepStarted
+from moa.transform_steps import Dropout, Map
 from serving.api.targets import describe
 
 Q = [{"role": "user", "content": "What is 2 + 2?"}]

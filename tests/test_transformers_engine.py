@@ -28,8 +28,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
 
 async def test_greedy_is_deterministic_and_agrees_with_float32(hf, registry):
-    from serving.known_answer import check_engine, load_reference
-    from serving.store import resolve
+    from serving.models.known_answer import check_engine, load_reference
+    from serving.models.store import resolve
 
     result = await hf.generate(FRANCE, GREEDY)
     assert result.texts[0].strip() and result.prompt_tokens > 5 and result.completions[0].completion_tokens > 0
@@ -129,7 +129,7 @@ async def test_bad_input_is_an_invalid_request(hf):
                          [("bitsandbytes", "Linear4bit"), ("bitsandbytes-8bit", "Linear8bitLt")])
 async def test_bitsandbytes_configs_quantize_and_answer(registry, local_model, quantization, layer):
     from serving.engines.transformers_engine import TransformersEngine
-    from serving.store import resolve
+    from serving.models.store import resolve
 
     base = local_model(NAME)
     spec = base.model_copy(update={"engine": base.engine.model_copy(update={"quantization": quantization})})

@@ -12,7 +12,7 @@ from moa.testing import ScriptedEngine
 from serving.api.app import ServerSettings, create_app
 from serving.api.errors import APIError
 from serving.api.votes import Completions, Produced, VotedCompletion, read_votes
-from serving.registry import load_registry
+from serving.models.registry import load_registry
 from tests.conftest import QWEN_SMALL, SMALL, uvicorn_serving
 
 Q = [{"role": "user", "content": "What is 2 + 2?"}]

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server: base models and MoA pipelines behind /v1/chat/completions.
 
-How a request flows (docs/ARCHITECTURE.md): route → job (serving/api/jobs.py) →
+How a request flows (docs/ARCHITECTURE.md): route → job (serving/api/targets.py, serving/api/jobs.py) →
 delivery under a slot, a timeout and the client's presence (serving/api/delivery.py)
 → engine or pipeline run (moa/runner.py). The routes here only check and dispatch.
 """
@@ -33,12 +33,11 @@ from serving.api.errors import (
     validation_handler,
     without_422,
 )
-from serving.api.jobs import chat_job, text_job
 from serving.api.playground import playground_routes
 from serving.api.schemas import ChatCompletionRequest, CompletionRequest
 from serving.api.state import RETRY_AFTER_S, ServerSettings, ServerState
-from serving.api.targets import describe
-from serving.registry import Registry
+from serving.api.targets import chat_job, describe, text_job
+from serving.models.registry import Registry
 
 __all__ = ["ServerSettings", "create_app"]
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from contextlib import aclosing
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from serving.api.cache import cache_key, replayed, traced
+from serving.api.cache_policy import cache_key, offer, replayed, traced
 from serving.api.errors import APIError, as_api_error, body, error_response
 from serving.api.jobs import Job
 from serving.api.state import ServerState
@@ -70,7 +70,7 @@ async def _complete(state: ServerState, job: Job, request: Request, cache_as: st
         if (failure := task.exception()) is not None:
             raise _logged(failure)
         state.metrics.latency.labels(job.model).observe(time.perf_counter() - started)
-        result = task.result() if cache_as is None else state.cache.offer(cache_as, job, task.result())
+        result = task.result() if cache_as is None else offer(state.cache, cache_as, job, task.result())
         remember(state, job, result, time.perf_counter() - started)
         return JSONResponse(result)
     except APIError as exc:

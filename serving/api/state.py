@@ -14,7 +14,7 @@ from moa.engine import Engine
 from moa.pipeline import Pipeline
 from serving.api.errors import APIError
 from serving.api.metrics import Metrics
-from serving.registry import Registry
+from serving.models.registry import Registry
 
 if TYPE_CHECKING:
     from serving.api.cache import ResponseCache

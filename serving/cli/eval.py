@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from serving.bench.environment import engine_version, machine
+from serving.bench.environment import machine
 from serving.cli import eval_passk
 from serving.cli.common import (
     ConfigOption,
@@ -29,6 +29,7 @@ from serving.cli.common import (
     show,
     user_errors,
 )
+from serving.placement.machine import engine_version
 
 DEFAULT_SYSTEMS = ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "self-moa"]
 

@@ -18,8 +18,8 @@ from serving.cli.common import (
     show,
     user_errors,
 )
-from serving.registry import ModelSpec
-from serving.store import converted_dir, is_pulled, models_dir
+from serving.models.registry import ModelSpec
+from serving.models.store import converted_dir, is_pulled, models_dir
 
 app = typer.Typer(help="List the registry's models, pull local copies, check their engines' answers.",
                   no_args_is_help=True)
@@ -82,7 +82,7 @@ def pull_models(
                       highlight=False, soft_wrap=True)
         else:
             todo.append(spec)
-    from serving.pull import pull_many
+    from serving.models.pull import pull_many
 
     with user_errors(), pull_progress() as progress_for:  # all at once: downloads overlap conversions
         paths = pull_many(todo, progress_for=progress_for, force=force)
@@ -111,7 +111,8 @@ def check_models(
     import json
     import os
 
-    from serving.known_answer import DECISIVE_MARGIN, MIN_AGREEMENT, check_model
+    from serving.engines.pool import check_model
+    from serving.models.known_answer import DECISIVE_MARGIN, MIN_AGREEMENT
 
     reg = registry(config)
     with user_errors():
@@ -170,9 +171,9 @@ def list_adapters(
     whether each fits its base (checked against the base weights, as an engine start checks it)."""
     import json
 
-    from serving.adapters import AdapterError, adapter_dir, base_shapes, read_adapter, target
-    from serving.planning import lora_bytes
-    from serving.store import ModelNotAvailable, resolve
+    from serving.models.adapters import AdapterError, adapter_dir, base_shapes, read_adapter, target
+    from serving.models.store import ModelNotAvailable, resolve
+    from serving.placement.plan import lora_bytes
 
     reg = registry(config)
     with user_errors():

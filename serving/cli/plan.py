@@ -28,9 +28,9 @@ def plan(
     every pipeline's models) and uses the same planner, so a plan that fails here fails there,
     before any weights load. Exit 1 when the models do not fit, naming the model and the shortfall.
     """
-    from serving import planning
-    from serving.placement import GB, parse_gpus
-    from serving.planning import plan_engines
+    from serving.placement import plan as planning
+    from serving.placement.devices import GB, parse_gpus
+    from serving.placement.plan import plan_engines
 
     reg = registry(config)
     with user_errors():
@@ -88,7 +88,7 @@ def _ray_nodes(reg, names: list[str], address: str) -> dict[str, dict]:
     """Per Ray-placed model: its resource demand and the alive nodes that can hold it."""
     import ray
 
-    from serving.planning import ray_candidates, ray_demand
+    from serving.placement.plan import ray_candidates, ray_demand
 
     ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     try:

@@ -62,9 +62,9 @@ def serve(
     """
     import uvicorn
 
-    from serving import planning
     from serving.api.app import ServerSettings, create_app
-    from serving.store import moa_home
+    from serving.models.store import moa_home
+    from serving.placement import plan as planning
 
     reg = registry(config, compile=compile, speculative=speculative)
     if ray_address:

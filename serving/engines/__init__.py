@@ -1,4 +1,5 @@
-"""Engines: one per model, built from its models.yaml entry.
+"""Engines: one per model, built from its models.yaml entry; the pool starts them where the plan says and checks them.
+Imports moa/, serving.models and serving.placement; never serving.bench, serving.api or serving.cli.
 
 Backends are imported lazily so that, say, the openai backend works on a machine
 without torch or vLLM installed.
@@ -7,8 +8,8 @@ without torch or vLLM installed.
 from __future__ import annotations
 
 from moa.engine import Engine
-from serving.registry import ModelSpec
-from serving.store import resolve
+from serving.models.registry import ModelSpec
+from serving.models.store import resolve
 
 
 def create_engine(spec: ModelSpec, *, cpu_threads_bind: str | None = None,
@@ -18,11 +19,11 @@ def create_engine(spec: ModelSpec, *, cpu_threads_bind: str | None = None,
 
     A vLLM model goes into a Ray actor when its entry says `placement: ray`, or when a Ray
     address is given for all (`moa serve --ray-address`). On a CPU it runs in the dtype that
-    passed its known-answer check here (serving/checked_dtype.py) unless `as_checked=False`
+    passed its known-answer check here (serving/models/checked_dtype.py) unless `as_checked=False`
     (`moa models check`, which re-decides).
     """
-    from serving.checked_dtype import checked_spec
-    from serving.planning import in_ray
+    from serving.models.checked_dtype import checked_spec
+    from serving.placement.plan import in_ray
 
     if as_checked:
         spec = checked_spec(spec)

@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from moa.engine import ChatMessage, EngineStats, Generation, SamplingParams, StreamEvent, StreamingEngine
-from serving.adapters import target
+from serving.models.adapters import target
 
 
 class AdapterEngine(StreamingEngine):

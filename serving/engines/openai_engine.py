@@ -30,7 +30,7 @@ from moa.engine import (
     finish_reason,
     validate_messages,
 )
-from serving.registry import ModelSpec
+from serving.models.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 

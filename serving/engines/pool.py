@@ -1,6 +1,6 @@
 """Start the engines a run needs, one after another, where the plan puts them; check their answers.
 
-The plan (serving/planning.py) comes first and refuses models that do not fit before
+The plan (serving/placement/plan.py) comes first and refuses models that do not fit before
 anything loads. On GPUs each engine gets its device set (CUDA_VISIBLE_DEVICES for its
 EngineCore) and memory fraction; on a CPU its own cores, weighted by model size.
 Sequential start matters: vLLM measures free memory when it starts, and the engine
@@ -10,11 +10,12 @@ Every engine whose model has a float32 known-answer reference is checked right a
 starts (a few prefills and a short greedy decode). A vLLM engine on a CPU whose bf16/fp16
 kernels disagree with the reference is restarted in float32, with a warning: right answers
 first, speed second. The verdict is recorded per model, CPU and vLLM version
-(serving/checked_dtype.py), so the next start anywhere goes straight to the dtype that passed.
+(serving/models/checked_dtype.py), so the next start anywhere goes straight to the dtype that passed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -22,15 +23,16 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 
 from moa.engine import Engine
-from serving import planning
-from serving.checked_dtype import checked_spec, record
 from serving.engines import create_engine
 from serving.engines.adapter_engine import AdapterEngine
-from serving.known_answer import CheckResult, verify
-from serving.placement import Gpu, plan_cores
-from serving.planning import EnginePlacement, Plan, plan_engines
-from serving.registry import ModelSpec, Registry
-from serving.store import resolve
+from serving.models.checked_dtype import checked_spec, record
+from serving.models.float32_reference import ensure_reference
+from serving.models.known_answer import CheckError, CheckResult, check_engine, engine_dtype, verify
+from serving.models.registry import ModelSpec, Registry
+from serving.models.store import resolve
+from serving.placement import plan as planning
+from serving.placement.devices import Gpu, plan_cores
+from serving.placement.plan import EnginePlacement, Plan, plan_engines
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def split_cores(count: int, cores: list[int] | None = None) -> list[str]:
     core: "auto" keeps one core back for the scheduler, which mostly waits on the
     worker; on 2 cores, binding the worker to both gave SmolLM2 +18% (n=1) and
     +29% (n=4) output tokens/s (scripts/bench_engines.py). The pool itself weights
-    the split by model size (serving/planning.py).
+    the split by model size (serving/placement/plan.py).
     """
     names = [str(i) for i in range(count)]
     split = plan_cores(sorted(cores if cores is not None else os.sched_getaffinity(0)), dict.fromkeys(names, 1.0))
@@ -56,7 +58,8 @@ def fallback_spec(spec: ModelSpec) -> ModelSpec | None:
     running a 16-bit dtype (vLLM-CPU's bf16 kernels differ by CPU generation; float32 takes none of them)."""
     if spec.backend != "vllm" or spec.engine.dtype == "float32":
         return None
-    from serving.engines.vllm_args import auto_dtype_on_cpu, on_cpu
+    from serving.engines.vllm_args import auto_dtype_on_cpu
+    from serving.placement.machine import on_cpu
 
     if not on_cpu():
         return None
@@ -191,3 +194,35 @@ class EnginePool:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.close()
+
+
+async def check_model(registry: Registry, name: str) -> list[CheckResult]:
+    """`moa models check NAME`: the configured dtype, and float32 too where that is the fallback.
+
+    The engine starts alone, in the configured dtype whatever was recorded, and without the pool's
+    own check and fallback, so the result says what that dtype really does on this machine; the
+    verdict is recorded for every later engine start (serving/models/checked_dtype.py).
+    """
+    spec = registry.get(name)
+    if spec.source is None:
+        raise CheckError(f"model {name!r} has no local weights (backend {spec.backend}, no source) to make a "
+                         "float32 reference from; run the check on the machine that holds them")
+    reference = await asyncio.to_thread(ensure_reference, resolve(spec))
+    results, tried = [], []
+    for candidate in (spec, fallback_spec(spec)):
+        if candidate is None:
+            break
+        tried.append(candidate.engine.dtype)
+        engine = create_engine(candidate, cpu_threads_bind=split_cores(1)[0], as_checked=False)
+        await engine.start()
+        try:
+            results.append(await check_engine(engine, reference, dtype=engine_dtype(engine, candidate),
+                                              always_answer=True))
+        finally:
+            await engine.close()
+        if results[-1].ok:
+            break
+    if len(results) > 1:
+        results[-1].replaced = results[0]
+    record(spec, tried[-1] if results[-1].ok else None, results)  # the dtype as models.yaml spells it
+    return results

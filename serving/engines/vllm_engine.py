@@ -34,11 +34,12 @@ from moa.engine import (
     finish_reason,
     validate_messages,
 )
-from serving.adapters import ZERO, Adapter, AdapterError, lora_engine_args, read_adapters, target, zero_adapter
-from serving.engines.vllm_args import build_engine_args, on_cpu, speculation_refusal
+from serving.engines.vllm_args import build_engine_args, speculation_refusal
 from serving.engines.vllm_logging import engine_logging_env
-from serving.registry import ModelSpec
-from serving.store import LocalModel
+from serving.models.adapters import ZERO, Adapter, AdapterError, lora_engine_args, read_adapters, target, zero_adapter
+from serving.models.registry import ModelSpec
+from serving.models.store import LocalModel
+from serving.placement import machine
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -129,7 +130,7 @@ class VLLMEngine(StreamingEngine):
         self._loras: dict[str, Any] = {}  # adapter name -> vLLM LoRARequest
         self._base_lora: Any = None  # the zero adapter base-model requests carry on an engine with adapters
 
-    # On an engine with adapters, base-model requests carry the zero adapter (serving/adapters.py): off, they run
+    # On an engine with adapters, base-model requests carry the zero adapter (serving/models/adapters.py): off, they run
     # without LoRA beside adapter requests in one batch, which decoded garbage on an Intel AMX CPU (issue 26).
     base_requests_carry_zero_adapter: bool = True
 
@@ -180,7 +181,7 @@ class VLLMEngine(StreamingEngine):
             return
         from vllm.lora.request import LoRARequest
 
-        from serving.store import moa_home
+        from serving.models.store import moa_home
 
         self._loras = {a.name: LoRARequest(target(self.name, a.name), i, str(a.path))
                        for i, a in enumerate(adapters, 1)}
@@ -220,7 +221,7 @@ class VLLMEngine(StreamingEngine):
         # maps each GPU process to its engine through it.
         env = {"VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP", "127.0.0.1"), "MOA_ENGINE": self.name,
                **engine_logging_env()}
-        if on_cpu() and self._cpu_threads_bind:
+        if machine.on_cpu() and self._cpu_threads_bind:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_threads_bind
         if self._cuda_visible_devices is not None:
             # The EngineCore child inherits this at spawn: the engine sees only its planned GPUs

@@ -18,11 +18,11 @@ from types import TracebackType
 import httpx
 
 from moa.engine import EngineError
-from serving.checked_dtype import checked_spec
 from serving.engines.vllm_args import server_command
 from serving.engines.vllm_logging import engine_logging_env
-from serving.registry import Endpoint, ModelSpec
-from serving.store import resolve
+from serving.models.checked_dtype import checked_spec
+from serving.models.registry import Endpoint, ModelSpec
+from serving.models.store import resolve
 
 
 def free_port() -> int:

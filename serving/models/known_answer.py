@@ -6,7 +6,7 @@ embedded SmolLM2 answered "L'Étoile, la Marseillaise, ..." where every other pa
 "The capital of France is Paris." Nothing failed; the answers were just wrong. This check
 makes that loud.
 
-The reference (serving/float32_reference.py) is made once per set of weights: transformers
+The reference (serving/models/float32_reference.py) is made once per set of weights: transformers
 in float32, greedy, on a few fixed prompts, with how decisively float32 preferred each
 token (the gap between its top two log-probabilities). The check feeds the engine each prompt *plus the reference
 continuation* in one request and reads the engine's own top-1 token at every position
@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from moa.engine import SamplingParams
-from serving.cpu import cpu_summary
-from serving.float32_reference import PROMPTS, Reference, ReferenceCase, ensure_reference, load_reference
-from serving.registry import ModelSpec, Registry
-from serving.store import resolve
+from serving.models.float32_reference import PROMPTS, Reference, ReferenceCase, load_reference
+from serving.models.registry import ModelSpec
+from serving.models.store import resolve
+from serving.placement.machine import cpu_summary
 
 log = logging.getLogger(__name__)
 
@@ -250,38 +250,3 @@ async def verify(spec: ModelSpec, engine: Any) -> CheckResult | None:
         return None
     return await check_engine(engine, reference, dtype=engine_dtype(engine, spec))
 
-
-async def check_model(registry: Registry, name: str) -> list[CheckResult]:
-    """`moa models check NAME`: the configured dtype, and float32 too where that is the fallback.
-
-    The engine starts alone, in the configured dtype whatever was recorded, and without the pool's
-    own check and fallback, so the result says what that dtype really does on this machine; the
-    verdict is recorded for every later engine start (serving/checked_dtype.py).
-    """
-    from serving.checked_dtype import record
-    from serving.engines import create_engine
-    from serving.engines.pool import fallback_spec, split_cores
-
-    spec = registry.get(name)
-    if spec.source is None:
-        raise CheckError(f"model {name!r} has no local weights (backend {spec.backend}, no source) to make a "
-                         "float32 reference from; run the check on the machine that holds them")
-    reference = await asyncio.to_thread(ensure_reference, resolve(spec))
-    results, tried = [], []
-    for candidate in (spec, fallback_spec(spec)):
-        if candidate is None:
-            break
-        tried.append(candidate.engine.dtype)
-        engine = create_engine(candidate, cpu_threads_bind=split_cores(1)[0], as_checked=False)
-        await engine.start()
-        try:
-            results.append(await check_engine(engine, reference, dtype=engine_dtype(engine, candidate),
-                                              always_answer=True))
-        finally:
-            await engine.close()
-        if results[-1].ok:
-            break
-    if len(results) > 1:
-        results[-1].replaced = results[0]
-    record(spec, tried[-1] if results[-1].ok else None, results)  # the dtype as models.yaml spells it
-    return results

@@ -79,7 +79,7 @@ class Demand:
     max_num_seqs: int | None = None
     devices: tuple[str, ...] | None = None  # explicit placement
     gpu_memory_utilization: float | None = None  # explicit fraction of each of its devices
-    lora_bytes: float = 0.0  # the LoRA slots vLLM preallocates for the entry's adapters (serving/adapters.py)
+    lora_bytes: float = 0.0  # the LoRA slots vLLM preallocates for the entry's adapters (serving/models/adapters.py)
 
     @property
     def world(self) -> int:

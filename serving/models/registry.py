@@ -209,7 +209,7 @@ class ModelSpec(_Strict):
     price: Price = Price()
     tags: list[str] = Field(default_factory=list)
     description: str = ""
-    # A failed known-answer check (serving/known_answer.py): "require" keeps the server from serving the model
+    # A failed known-answer check (serving/models/known_answer.py): "require" keeps the server from serving the model
     # (/ready and its requests answer 503); "warn" serves it anyway, knowingly, with the failure in /ready.
     known_answer: Literal["require", "warn"] = "require"
     # LoRA adapters served by this model's one engine, in one batch (vLLM multi-LoRA); addressed BASE:ADAPTER.
@@ -383,7 +383,7 @@ class RegistryError(ValueError):
     """models.yaml could not be loaded; the message names the file, the entry and the field."""
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "models.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "models.yaml"
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:

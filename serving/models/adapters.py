@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.registry import ADAPTER_SEPARATOR, HFDirSource, HubSource, ModelSpec
+from serving.models.registry import ADAPTER_SEPARATOR, HFDirSource, HubSource, ModelSpec
 
 # vLLM's allowed max_lora_rank values (vllm/config/lora.py, MaxLoRARanks).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -53,7 +53,7 @@ def adapter_dir(model: str, name: str, source: HFDirSource | HubSource) -> Path:
             raise AdapterError(f"model {model!r}, adapter {name!r}: {source.repo_id} is not in the local Hugging "
                                f"Face cache ({type(exc).__name__}); download it once with `huggingface-cli "
                                f"download {source.repo_id}`") from exc
-    from serving.store import moa_home
+    from serving.models.store import moa_home
 
     text = source.path.replace("${MOA_HOME}", str(moa_home())).replace("$MOA_HOME", str(moa_home()))
     return Path(os.path.expandvars(text)).expanduser()

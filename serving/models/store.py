@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.registry import GGUFSource, HFDirSource, HubSource, ModelSpec, PyPIGGUFSource
+from serving.models.registry import GGUFSource, HFDirSource, HubSource, ModelSpec, PyPIGGUFSource
 
 MARKER = "moa-source.json"
 

@@ -7,7 +7,7 @@ engine through MOA_ENGINE in its environment (serving/engines/vllm_engine.py set
 it), and fails when memory sits on a GPU the plan did not give that engine, or a planned engine holds
 none.
 
-    python -m serving.placement_check PLAN.json    # exit 1 on a mismatch; prints what it saw
+    python -m serving.placement.check PLAN.json    # exit 1 on a mismatch; prints what it saw
 """
 
 from __future__ import annotations
