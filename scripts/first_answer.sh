@@ -9,6 +9,7 @@ set -euo pipefail
 src="${1:-$(cd "$(dirname "$0")/.." && pwd)}"
 work="$(mktemp -d /tmp/first-answer.XXXX)"
 port="${PORT:-8765}"
+deadline=$(( $(date +%s) + ${TIMEOUT:-3600} ))  # a model refused by its check keeps /ready 503
 git clone -q "$src" "$work/clone"
 export MOA_HOME="$work/home" UV_CACHE_DIR="$work/uv-cache" PIP_CACHE_DIR="$work/pip-cache"
 model="$(awk '/^default_model:/ {print $2}' "$work/clone/models.yaml")"
@@ -20,7 +21,7 @@ pid=$!
 cleanup() { kill -TERM -- "-$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }
 trap cleanup EXIT
 venv="" pulled="" first="" ready=""
-while kill -0 "$pid" 2>/dev/null; do
+while kill -0 "$pid" 2>/dev/null && (( $(date +%s) < deadline )); do
   [[ -z "$venv" ]] && compgen -G ".venv/.moa-setup-*" >/dev/null && venv=$(since) && echo "venv ready: ${venv} s"
   if [[ -z "$pulled" ]] && grep -q "engine 1 of" "$work/serve.log" 2>/dev/null; then
     pulled=$(since); echo "models pulled, first engine starting: ${pulled} s"
@@ -37,7 +38,7 @@ while kill -0 "$pid" 2>/dev/null; do
   fi
   sleep 2
 done
-[[ -n "$ready" ]] || { echo "the server stopped before /ready; its log: $work/serve.log"; tail -20 "$work/serve.log"; exit 1; }
+[[ -n "$ready" ]] || { echo "no /ready 200 (the server stopped, or TIMEOUT passed); its log: $work/serve.log"; tail -20 "$work/serve.log"; exit 1; }
 echo "{\"venv_s\": ${venv:-null}, \"pulled_s\": ${pulled:-null}, \"first_answer_s\": $first, \"ready_s\": $ready}" \
   | tee "$work/first_answer.json"
 echo "log: $work/serve.log"

@@ -16,12 +16,6 @@ from rich.table import Table
 from serving.bench.measure import summarize
 from serving.bench.suite import STEADY_REQUESTS_PER_CLIENT, PipelineBench, is_steady
 
-TARGETS = {
-    "efficiency": 0.9,  # pipeline tokens/s / raw batch tokens/s
-    "vs_sequential": 3.0,  # at concurrency 8
-    "vs_http": 1.3,  # with lower p90 latency
-}
-
 
 def to_json(results: list[PipelineBench], meta: dict[str, Any]) -> dict[str, Any]:
     pipelines = []

@@ -37,7 +37,8 @@ from serving.models.store import LocalModel
 
 _ids = itertools.count()
 log = logging.getLogger(__name__)
-FORWARDED_ENV = ("VLLM_HOST_IP", "HF_HUB_OFFLINE", "VLLM_LOGGING_LEVEL", "HF_HOME", "MOA_HOME")
+FORWARDED_ENV = ("VLLM_HOST_IP", "HF_HUB_OFFLINE", "VLLM_LOGGING_LEVEL", "VLLM_LOGGING_CONFIG_PATH",
+                 "VLLM_CONFIGURE_LOGGING", "HF_HOME", "MOA_HOME")
 
 
 class EngineActor:

@@ -18,6 +18,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from serving.models.store import moa_home
+
+log = logging.getLogger(__name__)
+
 PRELOAD_ADVICE = "is not found in LD_PRELOAD"
 
 
@@ -34,6 +38,9 @@ def engine_logging_config() -> dict:
 
     config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
     handler = config["handlers"]["vllm"]
+    # vLLM decides colour per process from its stream's tty; a file is written for many processes (and a
+    # `vllm serve` log is a file), so colour only where the user forces it.
+    handler["formatter"] = "vllm_color" if envs.VLLM_LOGGING_COLOR == "1" or envs.FORCE_COLOR else "vllm"
     handler["level"] = envs.VLLM_LOGGING_LEVEL
     handler["stream"] = envs.VLLM_LOGGING_STREAM
     for formatter in config["formatters"].values():
@@ -46,13 +53,22 @@ def engine_logging_config() -> dict:
 
 def engine_logging_env() -> dict[str, str]:
     """VLLM_LOGGING_CONFIG_PATH for an engine spawned on this machine ({} where the user configures vLLM's
-    logging). The file is named by its content, so engines with the same settings share one."""
+    logging, or where the file cannot be written: a log filter is never worth an engine).
+
+    The file lives in this user's $MOA_HOME/logs (vLLM's dictConfig can call any importable function, so never
+    a file another user could have placed in a shared /tmp), named by its content and written atomically."""
     if os.environ.get("VLLM_LOGGING_CONFIG_PATH") or os.environ.get("VLLM_CONFIGURE_LOGGING", "1") == "0":
         return {}
     text = json.dumps(engine_logging_config(), indent=1, sort_keys=True)
-    path = Path(tempfile.gettempdir()) / f"moa-vllm-logging-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
-    if not path.exists():
-        staged = path.with_suffix(f".{os.getpid()}.tmp")
-        staged.write_text(text)
-        staged.replace(path)  # atomic: a concurrent start never reads half a file
+    path = moa_home() / "logs" / f"vllm-logging-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    try:
+        if not path.is_file() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as staged:
+                staged.write(text)
+            Path(staged.name).replace(path)  # atomic: a concurrent start never reads half a file
+    except OSError as exc:
+        log.warning("vLLM's logging config for the engines could not be written to %s (%s); "
+                    "their output keeps vLLM's default", path, exc)
+        return {}
     return {"VLLM_LOGGING_CONFIG_PATH": str(path)}
